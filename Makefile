@@ -1,0 +1,27 @@
+# Two commands on a fresh machine: `make run` and `make test`.
+# EXTRA=gpu installs TensorFlow with CUDA instead of the CPU-only wheel.
+PYTHON ?= python3
+VENV ?= .venv
+EXTRA ?= cpu
+ARGS ?=
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-$(EXTRA)
+
+.PHONY: run test setup clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e ".[$(EXTRA),dev]"
+	touch $(STAMP)
+
+run: $(STAMP)
+	$(BIN)/emnist-cnn run $(ARGS)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest $(ARGS)
+
+clean:
+	rm -rf $(VENV) build src/*.egg-info

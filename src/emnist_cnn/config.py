@@ -1,0 +1,134 @@
+"""One typed configuration for a run: augmentation, model, training."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import ConfigError
+
+DATASETS = (
+    "emnist-digits",
+    "emnist-mnist",
+    "emnist-letters",
+    "emnist-balanced",
+    "emnist-byclass",
+    "emnist-bymerge",
+    "mnist",
+)
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    """The reference's Keras 2.0.8 ImageDataGenerator settings, one affine warp per image."""
+
+    enabled: bool = True
+    rotation_deg: float = 12.0  # max rotation, degrees, drawn uniformly in [-r, r]
+    shift_frac: float = 0.1  # max shift, fraction of width (x) and of height (y), drawn separately
+    shear_rad: float = 0.3  # max shear angle, radians (Keras 2.0.x unit; Keras >= 2.1 read it as degrees)
+    zoom_min: float = 0.9  # scale factor range, drawn separately for x and y
+    zoom_max: float = 1.1
+    fill_mode: str = "nearest"  # how pixels outside the source are filled
+    # The reference resampled with order-0 (nearest) splines; bilinear keeps strokes smooth.
+    interpolation: str = "bilinear"
+
+    def __post_init__(self) -> None:
+        _check(self.rotation_deg >= 0, "--rotation", "must be >= 0 degrees", self.rotation_deg)
+        _check(0 <= self.shift_frac < 1, "--shift", "must be in [0, 1)", self.shift_frac)
+        _check(0 <= self.shear_rad < math.pi / 2, "--shear", "must be in [0, pi/2) radians", self.shear_rad)
+        _check(0 < self.zoom_min <= self.zoom_max, "--zoom", "needs 0 < min <= max", (self.zoom_min, self.zoom_max))
+        _check(self.fill_mode in ("nearest", "constant", "reflect", "wrap"), "fill_mode",
+               "must be nearest, constant, reflect or wrap", self.fill_mode)
+        _check(self.interpolation in ("bilinear", "nearest"), "interpolation",
+               "must be bilinear or nearest", self.interpolation)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The reference CNN's fixed hyperparameters (dropout is set per ensemble)."""
+
+    leaky_slope: float = 0.3  # LeakyReLU negative slope
+    bn_momentum: float = 0.99  # BatchNormalization moving-average momentum (Keras default)
+    bn_epsilon: float = 1e-3  # BatchNormalization epsilon (Keras default)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything that defines an experiment; stored as RUN/config.json."""
+
+    dataset: str = "emnist-digits"
+    dropouts: tuple[float, ...] = (0.2, 0.3, 0.4, 0.5)  # one ensemble per dropout rate
+    models: int = 10  # ensemble members per dropout rate
+    epochs: int = 256  # total epochs per member (raise it to continue a finished run)
+    checkpoint_every: int = 16  # epochs between weight checkpoints and ensemble evaluations
+    batch_size: int = 512  # images per optimizer step
+    lr: float = 1e-3  # Adam learning rate (the reference used Adam's default)
+    val_fraction: float = 0.1  # held out of the training set for every choice; 0 = reference protocol
+    seed: int = 0  # seeds the split, every member's init, shuffling, augmentation and dropout
+    limit_train: int | None = None  # stratified subset of the training set (before the validation split)
+    # Images used to recompute BatchNormalization statistics before every evaluation
+    # and checkpoint; 0 keeps Keras' moving averages (the reference's behaviour).
+    bn_recalibration_images: int = 10_000
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+
+    def __post_init__(self) -> None:
+        _check(self.dataset in DATASETS, "--dataset", f"must be one of {', '.join(DATASETS)}", self.dataset)
+        _check(len(self.dropouts) > 0, "--dropout", "needs at least one rate", self.dropouts)
+        for d in self.dropouts:
+            _check(0 <= d < 1, "--dropout", "must be in [0, 1)", d)
+        _check(len(set(self.dropouts)) == len(self.dropouts), "--dropout", "has a repeated rate", self.dropouts)
+        _check(self.models >= 1, "--models", "must be >= 1", self.models)
+        _check(self.epochs >= 1, "--epochs", "must be >= 1", self.epochs)
+        _check(self.checkpoint_every >= 1, "--checkpoint-every", "must be >= 1", self.checkpoint_every)
+        _check(self.batch_size >= 1, "--batch-size", "must be >= 1", self.batch_size)
+        _check(self.lr > 0 and math.isfinite(self.lr), "--lr", "must be a positive number", self.lr)
+        _check(0 <= self.val_fraction < 1, "--val-fraction", "must be in [0, 1)", self.val_fraction)
+        _check(self.seed >= 0, "--seed", "must be >= 0", self.seed)
+        _check(self.limit_train is None or self.limit_train >= 10, "--limit-train", "must be >= 10",
+               self.limit_train)
+        _check(self.bn_recalibration_images >= 0, "--bn-recalibration", "must be >= 0",
+               self.bn_recalibration_images)
+
+    def checkpoint_epochs(self) -> list[int]:
+        """Epochs at which weights are saved and the ensemble evaluated (always the last)."""
+        epochs = list(range(self.checkpoint_every, self.epochs + 1, self.checkpoint_every))
+        if not epochs or epochs[-1] != self.epochs:
+            epochs.append(self.epochs)
+        return epochs
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["dropouts"] = list(self.dropouts)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
+        d = dict(d)
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ConfigError(f"config has unknown settings: {', '.join(sorted(unknown))}")
+        d["augment"] = AugmentConfig(**d.get("augment", {}))
+        d["model"] = ModelConfig(**d.get("model", {}))
+        d["dropouts"] = tuple(float(x) for x in d.get("dropouts", ()))
+        return cls(**d)
+
+    def replace(self, **changes: Any) -> "TrainConfig":
+        return dataclasses.replace(self, **changes)
+
+
+# Settings that may change when a run is resumed; everything else defines the experiment.
+RESUMABLE_CHANGES = ("epochs", "checkpoint_every")
+
+
+def _check(ok: bool, flag: str, rule: str, value: Any) -> None:
+    if not ok:
+        raise ConfigError(f"{flag} {rule}, got {value!r}")
+
+
+def dropout_dirname(rate: float) -> str:
+    """Folder name per dropout rate, as the reference named it: dropout_0.2."""
+    return f"dropout_{rate:g}"

@@ -8,6 +8,7 @@ import logging
 import sys
 from pathlib import Path
 
+from . import __version__
 from .config import DATASETS, AugmentConfig, TrainConfig
 from .errors import ConfigError, EmnistCnnError
 
@@ -45,7 +46,7 @@ def _add_train_args(p: argparse.ArgumentParser, run_dir_required: bool) -> None:
     g = p.add_argument_group("run directory")
     g.add_argument("--run-dir", type=Path, required=run_dir_required, default=None,
                    help="where config, weights, state and histories live"
-                   + ("" if run_dir_required else " (default: runs/<preset>-<dataset>)"))
+                   + (" (required, no default)" if run_dir_required else " (default: runs/<preset>-<dataset>)"))
     _add_data_args(p)
     t = p.add_argument_group(
         "training",
@@ -74,12 +75,14 @@ def _add_train_args(p: argparse.ArgumentParser, run_dir_required: bool) -> None:
                    help="training images used to recompute BatchNormalization statistics before each "
                         "evaluation; 0 keeps Keras' moving averages like the reference (default: 10000)")
     t.add_argument("--no-augment", action="store_true", help="train without augmentation (default: augment)")
-    t.add_argument("--quiet", action="store_true", help="no progress bars, only one line per epoch")
+    t.add_argument("--quiet", action="store_true", help="no progress bars, only one line per epoch (default: progress bars)")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="emnist-cnn", description=__doc__)
     parser.add_argument("--verbose", "-v", action="store_true", help="debug logging (default: info)")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}",
+                        help="print the version and exit (default: off)")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     p = sub.add_parser("run", help="train, then print per-member and ensemble errors (what `make run` runs)",

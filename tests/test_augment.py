@@ -395,11 +395,6 @@ def test_shear_alone_slants_a_long_bar_by_several_pixels():
     assert np.median(slant) > 1.0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="augment.py shears along x (italic slant); Keras 2.0.8 applies [[1,-sin],[0,cos]] "
-    "to (row, col) indices, i.e. it shears along y: vertical strokes stay vertical",
-)
 def test_shear_axis_matches_keras_2_reference(warp_with):
     # Reference: input_row = row - sin(s) * col, input_col = cos(s) * col (about
     # the centre). Content above the centre stays put; content right of the

@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from emnist_cnn import download as dl
+from emnist_cnn.data import default_data_dir
 from emnist_cnn.errors import ConfigError, DownloadError
 
 IDX_PARTS = (
@@ -374,13 +375,13 @@ def test_data_dir_from_env(server, emnist, tmp_path, monkeypatch):
 def test_default_data_dir(monkeypatch, tmp_path):
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
-    assert dl._default_data_dir() == tmp_path / "home" / ".cache" / "emnist-cnn" / "data"
+    assert default_data_dir() == tmp_path / "home" / ".cache" / "emnist-cnn" / "data"
     monkeypatch.setenv("XDG_CACHE_HOME", "relative/ignored")
-    assert dl._default_data_dir() == tmp_path / "home" / ".cache" / "emnist-cnn" / "data"
+    assert default_data_dir() == tmp_path / "home" / ".cache" / "emnist-cnn" / "data"
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-    assert dl._default_data_dir() == tmp_path / "xdg" / "emnist-cnn" / "data"
+    assert default_data_dir() == tmp_path / "xdg" / "emnist-cnn" / "data"
     monkeypatch.setenv(dl.DATA_ENV, "~/emnist")
-    assert dl._default_data_dir() == tmp_path / "home" / "emnist"
+    assert default_data_dir() == tmp_path / "home" / "emnist"
 
 
 def test_resolve_mirror(monkeypatch):

@@ -241,11 +241,6 @@ def test_recalibration_with_no_images_changes_nothing():
         np.testing.assert_array_equal(w0, w1)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="model.py recalibrate_batchnorm: with a single BatchNormalization layer Keras returns "
-    "the probe's one output unwrapped, so probe(x)[k] indexes the first image, not the output list",
-)
 def test_recalibration_of_a_model_with_a_single_batchnorm_layer():
     keras.utils.set_random_seed(7)
     inputs = keras.Input((28, 28, 1))

@@ -38,7 +38,9 @@ def build_affine_transforms(params: dict[str, np.ndarray], height: int = 28, wid
     n = theta.shape[0]
     c, s = np.cos(theta), np.sin(theta)
     rot = _stack(c, -s, 0 * c, s, c, 0 * c)
-    shr = _stack(1 + 0 * c, -np.sin(shear), 0 * c, 0 * c, np.cos(shear), 0 * c)
+    # Keras 2 sheared (row, col) indices with [[1, -sin], [0, cos]]; in (x, y) = (col, row)
+    # that is this matrix: vertical strokes stay vertical, horizontal ones tilt.
+    shr = _stack(np.cos(shear), 0 * c, 0 * c, -np.sin(shear), 1 + 0 * c, 0 * c)
     zoom = _stack(params["zx"], 0 * c, 0 * c, 0 * c, params["zy"], 0 * c)
     # Map about the centre: output -> centred -> inverse warp -> input.
     cx, cy = (width - 1) / 2.0, (height - 1) / 2.0

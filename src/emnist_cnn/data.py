@@ -96,7 +96,9 @@ def _env_path(var: str) -> Path | None:
 
 
 def _xdg_cache_home() -> Path:
-    return _env_path("XDG_CACHE_HOME") or Path.home() / ".cache"
+    xdg = _env_path("XDG_CACHE_HOME")
+    # The XDG spec says to ignore relative values.
+    return xdg if xdg is not None and xdg.is_absolute() else Path.home() / ".cache"
 
 
 def default_data_dir() -> Path:

@@ -20,6 +20,7 @@ from types import MappingProxyType
 from tqdm import tqdm
 
 from emnist_cnn import __version__
+from emnist_cnn.data import default_data_dir
 from emnist_cnn.errors import ConfigError, DownloadError
 
 logger = logging.getLogger(__name__)
@@ -159,7 +160,7 @@ def download_emnist(
         raise ConfigError(f"unknown EMNIST split {split!r}; choose one of: {', '.join(SPLITS)}")
     if archive not in ARCHIVES:
         raise ConfigError(f"unknown EMNIST archive {archive!r}; choose one of: {', '.join(ARCHIVES)}")
-    data_dir = Path(data_dir) if data_dir is not None else _default_data_dir()
+    data_dir = Path(data_dir) if data_dir is not None else default_data_dir()
     members = _needed_members(split, archive)
     targets = [data_dir / name.rsplit("/", 1)[-1] for name in members]
     if all(t.is_file() for t in targets):
@@ -190,18 +191,6 @@ def download_emnist(
         except OSError as exc:
             logger.warning("could not delete %s: %s", archive_path, _why(exc))
     return targets
-
-
-def _default_data_dir() -> Path:
-    """$EMNIST_CNN_DATA, else $XDG_CACHE_HOME/emnist-cnn/data, else ~/.cache/emnist-cnn/data."""
-    env = os.environ.get(DATA_ENV)
-    if env:
-        return Path(env).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    # The XDG spec says to ignore empty or relative values.
-    if xdg and os.path.isabs(xdg):
-        return Path(xdg) / "emnist-cnn" / "data"
-    return Path.home() / ".cache" / "emnist-cnn" / "data"
 
 
 def _needed_members(split: str, archive: str) -> list[str]:

@@ -91,7 +91,9 @@ def recalibrate_batchnorm(model: keras.Model, images: np.ndarray, batch_size: in
         total, total_sq, count = 0.0, 0.0, 0
         for start in range(0, len(images), batch_size):
             x = _to_float(images[start : start + batch_size])
-            feats = probe(x, training=False)[k]
+            outs = probe(x, training=False)
+            # A one-output model returns its tensor unwrapped, not a one-element list.
+            feats = outs[k] if isinstance(outs, (list, tuple)) else outs
             f = keras.ops.convert_to_numpy(feats).astype(np.float64)
             f = f.reshape(-1, f.shape[-1])
             total = total + f.sum(axis=0)

@@ -183,9 +183,14 @@ def test_damaged_latest_state_falls_back_to_previous(tmp_path, tiny, caplog):
     train_and_evaluate(cfg, run, dataset=tiny, verbose=0)
     state = state_path(run, 0.2, 0)
     state.write_bytes(state.read_bytes()[:100])  # a torn write
+    # Temp files a killed process left mid-write are swept, never read.
+    stale = [state.parent / ".model_0.npz.x1y2.tmp", run / "dropout_0.2" / "weights" / ".tmp-99-a.weights.h5"]
+    for path in stale:
+        path.write_bytes(b"half")
     with caplog.at_level(logging.WARNING):
         train_and_evaluate(cfg, run, dataset=tiny, verbose=0)
     assert "unreadable state" in caplog.text and "model_0.npz" in caplog.text
+    assert not any(path.exists() for path in stale)
     hist = read_csv(run / "dropout_0.2" / "history" / "model_0.csv")
     assert [int(r["epoch"]) for r in hist] == [1, 2]  # epoch 2 was retrained, recorded once
 

@@ -379,6 +379,7 @@ def train_ensembles(config: TrainConfig, run_dir, data: PreparedData, *, fixed_l
     """
     run_dir = Path(run_dir)
     with RunLock(run_dir):
+        _remove_stale_temporaries(run_dir)
         config = open_run(run_dir, config, data)
         _append_invocation(run_dir, {"time": _now(), "argv": sys.argv, "epochs": config.epochs,
                                      "fixed_lr": fixed_lr})
@@ -410,6 +411,14 @@ def train_ensembles(config: TrainConfig, run_dir, data: PreparedData, *, fixed_l
                            if int(r["epoch"]) == last]
             del members
         return final_rows
+
+
+def _remove_stale_temporaries(run_dir: Path) -> None:
+    """Delete temp files a killed process left mid-write (we hold the lock, so none is live)."""
+    for pattern in (".tmp-*", ".*.tmp"):
+        for path in run_dir.rglob(pattern):
+            log.debug("removing %s, left by an interrupted write", path)
+            path.unlink(missing_ok=True)
 
 
 def _has_all_weights(run_dir: Path, config: TrainConfig, dropout: float, epoch: int) -> bool:

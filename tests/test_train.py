@@ -51,6 +51,9 @@ def test_run_directory_layout_and_tables(tmp_path, tiny):
                                  "seconds"]
         assert float(hist[1]["loss"]) < float(hist[0]["loss"])
         assert float(hist[0]["learning_rate"]) == pytest.approx(1e-3)
+    # Every member draws its own stream (init, shuffling, augmentation, dropout).
+    losses = [read_csv(d / "history" / f"model_{i}.csv")[0]["loss"] for i in (0, 1)]
+    assert losses[0] != losses[1]
     errors = read_csv(d / "history" / "errors.csv")
     keys = [(r["epoch"], r["model"], r["split"]) for r in errors]
     assert len(keys) == len(set(keys)) == 2 * 3 * 2  # epochs x (2 members + ensemble) x (val, test)

@@ -28,19 +28,11 @@ from typing import Any
 
 import numpy as np
 
+from .config import DATASETS  # noqa: F401  (re-exported: the names load_dataset accepts)
 from .errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 
-DATASETS: tuple[str, ...] = (
-    "emnist-digits",
-    "emnist-mnist",
-    "emnist-letters",
-    "emnist-balanced",
-    "emnist-byclass",
-    "emnist-bymerge",
-    "mnist",
-)
 DEFAULT_DATASET = "emnist-digits"
 FORMATS: tuple[str, ...] = ("idx", "mat")
 

@@ -96,6 +96,38 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Train or resume ensembles; defaults are the reference protocol.")
     _add_train_args(p, run_dir_required=True)
 
+    p = sub.add_parser("evaluate", help="errors of members, ensemble and best-k ensembles at a checkpoint",
+                       description="Evaluate a run's checkpoint (choices made on validation), or weight files.")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--run-dir", type=Path, default=None, help="a run directory to evaluate (default: none)")
+    src.add_argument("--weights", type=Path, nargs="+", default=None, metavar="FILE",
+                     help="weight files evaluated as one ensemble: ours (.weights.h5) or the reference's "
+                          "Keras 2 files (default: none)")
+    p.add_argument("--dropout", type=float, nargs="+", default=None, metavar="D",
+                   help="dropout rates to evaluate (default: all of the run's)")
+    p.add_argument("--epoch", default="latest",
+                   help="checkpoint epoch, or 'latest' (default: latest)")
+    p.add_argument("--split", choices=("test", "val"), default="test", help="split to report (default: test)")
+    p.add_argument("--tta", type=int, default=0, metavar="N",
+                   help="average each prediction over N augmented copies too (default: 0, off)")
+    p.add_argument("--dataset", choices=DATASETS, default="emnist-digits",
+                   help="dataset for --weights (default: emnist-digits; a run uses its own)")
+    p.add_argument("--data-dir", type=Path, default=None,
+                   help="dataset folder (default: the run's recorded folder, else $EMNIST_CNN_DATA or "
+                        "~/.cache/emnist-cnn/data)")
+    p.add_argument("--out", type=Path, default=None,
+                   help="with --weights: folder for the confusion matrix and misclassified CSVs "
+                        "(default: none; a run writes into RUN/dropout_X/evaluation/)")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of tables (default: off)")
+
+    # Commands that live with their modules; each sets `func`.
+    from . import export, interop, plots, predict
+
+    plots.register(sub)
+    export.register(sub)
+    predict.register(sub)
+    interop.register(sub)
+
     p = sub.add_parser("download", help="download and unpack an EMNIST split from NIST (or a mirror)")
     _add_data_args(p)
     p.add_argument("--format", choices=("idx", "mat"), default="idx",
@@ -163,10 +195,45 @@ def format_results(rows: list[dict]) -> str:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
+    """Train (or resume), then evaluate the last checkpoint, plot, and write the report page."""
+    from .evaluate import evaluate_run, format_evaluation
+    from .plots import plot_run
+    from .report import write_report
+    from .train import train_and_evaluate
+
     preset = PRESETS[args.preset]
     if args.run_dir is None:
         args.run_dir = Path("runs") / f"{args.preset}-{args.dataset or 'emnist-digits'}"
-    return _cmd_train(args, preset)
+    if args.lr is not None and not args.lr > 0:
+        raise ConfigError(f"--lr must be a positive number, got {args.lr!r}")
+    config = config_from_args(args, preset)
+    train_and_evaluate(config, args.run_dir, data_dir=args.data_dir, mirror=args.mirror, fixed_lr=args.lr,
+                       download=not args.no_download, verbose=0 if args.quiet else 1)
+    result = evaluate_run(args.run_dir, data_dir=args.data_dir)
+    pngs = plot_run(args.run_dir, data_dir=args.data_dir)
+    report = write_report(args.run_dir, pngs)
+    print(format_evaluation(result))
+    print(f"\nrun directory: {args.run_dir}")
+    print(f"plots: {Path(next(iter(pngs.values()))).parent}/ ({len(pngs)} PNG files)")
+    print(f"report: {report}")
+    return 0
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from .evaluate import evaluate_run, evaluate_weights, format_evaluation
+
+    if args.tta < 0:
+        raise ConfigError(f"--tta must be >= 0, got {args.tta}")
+    if args.epoch != "latest" and not str(args.epoch).isdigit():
+        raise ConfigError(f"--epoch must be a checkpoint epoch number or 'latest', got {args.epoch!r}")
+    if args.run_dir is not None:
+        result = evaluate_run(args.run_dir, dropouts=args.dropout, epoch=args.epoch, split=args.split,
+                              tta=args.tta, data_dir=args.data_dir)
+    else:
+        result = evaluate_weights(args.weights, dataset=args.dataset, data_dir=args.data_dir, split=args.split,
+                                  tta=args.tta, out_dir=args.out)
+    print(json.dumps(result, indent=2) if args.json else format_evaluation(result))
+    return 0
 
 
 def _cmd_download(args: argparse.Namespace) -> int:
@@ -186,9 +253,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s",
                         stream=sys.stderr)
-    commands = {"run": _cmd_run, "train": _cmd_train, "download": _cmd_download}
+    commands = {"run": _cmd_run, "train": _cmd_train, "evaluate": _cmd_evaluate, "download": _cmd_download}
     try:
-        return commands[args.command](args)
+        func = commands.get(args.command) or args.func
+        return func(args)
     except EmnistCnnError as exc:
         print(f"emnist-cnn: error: {exc}", file=sys.stderr)
         return exc.exit_code

@@ -54,6 +54,7 @@ class PreparedData:
     std: float  # training-split pixel standard deviation in [0, 1]
     fingerprint: str
     source: str
+    data_dir: str | None = None  # where the files were found, so a run can reopen its data
 
     @property
     def num_classes(self) -> int:
@@ -62,13 +63,17 @@ class PreparedData:
     def describe(self) -> dict:
         return {
             "name": self.name, "fingerprint": self.fingerprint, "source": self.source,
+            "data_dir": self.data_dir,
             "n_train": int(len(self.y_train)), "n_val": int(len(self.y_val)), "n_test": int(len(self.y_test)),
             "classes": "".join(self.classes), "mean": self.mean, "std": self.std,
         }
 
 
 def load_or_download(name: str, data_dir=None, *, mirror=None, download: bool = True):
-    """`load_dataset`, downloading an EMNIST split first when its files are absent."""
+    """`load_dataset`, downloading an EMNIST split first when its files are absent.
+
+    Returns the dataset and the folder it was read from.
+    """
     from .data import default_data_dir, find_dataset_files, load_dataset
 
     data_dir = Path(data_dir) if data_dir else default_data_dir()
@@ -77,7 +82,31 @@ def load_or_download(name: str, data_dir=None, *, mirror=None, download: bool = 
 
         log.info("%s not found in %s: downloading it", name, data_dir)
         download_emnist(name[len("emnist-"):], data_dir, mirror=mirror)
-    return load_dataset(name, data_dir)
+    return load_dataset(name, data_dir), data_dir
+
+
+def load_run_data(run_dir, data_dir=None, *, download: bool = False) -> tuple[TrainConfig, PreparedData]:
+    """Reopen a run's config and exactly the splits it trained on (checked by fingerprint).
+
+    `data_dir` defaults to the folder recorded in RUN/config.json.
+    """
+    path = Path(run_dir) / "config.json"
+    try:
+        saved = json.loads(path.read_text())
+        config = TrainConfig.from_dict(saved["config"])
+        fingerprint = saved["data"]["fingerprint"]
+    except FileNotFoundError as exc:
+        raise RunDirError(f"{path}: not found; is {run_dir} a run directory?") from exc
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise RunDirError(f"{path}: unreadable run configuration ({exc})") from exc
+    data_dir = data_dir or saved["data"].get("data_dir")
+    dataset, data_dir = load_or_download(config.dataset, data_dir, download=download)
+    if dataset.fingerprint != fingerprint:
+        raise DataError(f"{data_dir}: {config.dataset} files differ from the ones {run_dir} was trained on "
+                        f"(fingerprint {dataset.fingerprint[:12]} vs {fingerprint[:12]})")
+    data = prepare_data(config, dataset)
+    data.data_dir = str(Path(data_dir).resolve())
+    return config, data
 
 
 def prepare_data(config: TrainConfig, dataset) -> PreparedData:
@@ -433,10 +462,12 @@ def train_and_evaluate(config: TrainConfig, run_dir, *, data_dir=None, mirror=No
                        dataset=None, download: bool = True, verbose: int = 1) -> list[dict]:
     """Load (or download) the data, then train and evaluate every ensemble in `run_dir`."""
     if dataset is None:
-        dataset = load_or_download(config.dataset, data_dir, mirror=mirror, download=download)
+        dataset, data_dir = load_or_download(config.dataset, data_dir, mirror=mirror, download=download)
     if dataset.name != config.dataset:
         raise DataError(f"dataset {dataset.name} given for a run configured with {config.dataset}")
     data = prepare_data(config, dataset)
+    if data_dir is not None:
+        data.data_dir = str(Path(data_dir).resolve())
     log.info("data: %s, %d train / %d val / %d test images, %d classes", data.name, len(data.y_train),
              len(data.y_val), len(data.y_test), data.num_classes)
     return train_ensembles(config, run_dir, data, fixed_lr=fixed_lr, verbose=verbose)

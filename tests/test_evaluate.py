@@ -1,0 +1,184 @@
+"""Evaluation numbers against hand-built probability arrays, and `emnist-cnn evaluate` on a tiny run."""
+
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from emnist_cnn.evaluate import (
+    confusion_matrix,
+    ensemble_probabilities,
+    evaluate_ensemble,
+    evaluate_error,
+    misclassified_rows,
+)
+
+
+def onehot(labels, n_classes=3, p=0.8):
+    out = np.full((len(labels), n_classes), (1 - p) / (n_classes - 1))
+    out[np.arange(len(labels)), labels] = p
+    return out
+
+
+def test_error_counts_and_ensemble_mean():
+    labels = np.array([0, 1, 2, 0])
+    a = np.array([[0.6, 0.4, 0.0], [0.6, 0.4, 0.0], [0.0, 0.1, 0.9], [0.2, 0.8, 0.0]])
+    b = np.array([[0.5, 0.1, 0.4], [0.1, 0.9, 0.0], [0.6, 0.0, 0.4], [0.4, 0.5, 0.1]])
+    assert evaluate_error(a, labels).n_errors == 2  # samples 1 and 3
+    assert evaluate_error(b, labels).n_errors == 2  # samples 2 and 3
+    ens = ensemble_probabilities([a, b])
+    np.testing.assert_allclose(ens[1], [0.35, 0.65, 0.0])
+    err = evaluate_error(ens, labels)
+    # Mean: sample 1 -> class 1 (right), sample 2 -> 0.3/0.05/0.65 class 2 (right), sample 3 -> wrong.
+    assert (err.n_errors, err.n) == (1, 4) and err.pct == pytest.approx(25.0)
+
+
+def test_best_member_and_best_k_are_chosen_on_validation_not_test():
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 3, 100)
+    yv = rng.integers(0, 3, 50)
+
+    def with_errors(labels, wrong):
+        p = onehot(labels)
+        p[wrong] = onehot((labels[wrong] + 1) % 3)
+        return p
+
+    # Member 0 is best on test (2 errors) but worst on val; member 2 is best on val.
+    test = [with_errors(y, np.arange(2)), with_errors(y, np.arange(10, 16)), with_errors(y, np.arange(20, 30))]
+    val = [with_errors(yv, np.arange(9)), with_errors(yv, np.arange(4)), with_errors(yv, np.arange(1))]
+    r = evaluate_ensemble(test, y, ["0", "1", "2"], val, yv)
+    assert [m["n_errors"] for m in r["members"]] == [2, 6, 10]
+    assert [m["val_n_errors"] for m in r["members"]] == [9, 4, 1]
+    assert r["best_member"]["name"] == "2" and r["best_member"]["n_errors"] == 10
+    assert [k["members"] for k in r["best_k"]] == [["2"], ["2", "1"], ["2", "1", "0"]]
+    assert r["best_k"][0]["n_errors"] == 10
+    # k = N is the full ensemble.
+    assert r["best_k"][-1]["n_errors"] == r["ensemble"]["n_errors"]
+    assert r["best_k"][-1]["val_n_errors"] == r["ensemble"]["val_n_errors"]
+    # Two members that disagree on their wrong samples: the pair's mean is right on all but ties.
+    pair = evaluate_error(ensemble_probabilities([test[2], test[1]]), y)
+    assert r["best_k"][1]["n_errors"] == pair.n_errors
+    json.dumps(r)  # JSON-ready
+
+
+def test_without_validation_there_is_no_choice():
+    y = np.array([0, 1, 2])
+    r = evaluate_ensemble([onehot(y)], y, ["only"])
+    assert "best_member" not in r and "best_k" not in r
+    assert r["members"][0]["error_pct"] == 0.0
+
+
+def test_confusion_matrix_and_misclassified_rows():
+    labels = np.array([0, 0, 1, 2, 2, 2])
+    preds = np.array([0, 1, 1, 2, 0, 2])
+    cm = confusion_matrix(labels, preds, 3)
+    assert cm.tolist() == [[1, 1, 0], [0, 1, 0], [1, 0, 2]]
+    assert cm.sum() == len(labels) and np.trace(cm) == 4
+    probs = onehot(preds, p=0.7)
+    rows = misclassified_rows(probs, labels)
+    assert [(r["index"], r["label"], r["predicted"]) for r in rows] == [(1, 0, 1), (4, 2, 0)]
+    assert rows[0]["confidence"] == pytest.approx(0.7)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    from conftest import make_tiny_digits, write_mnist_idx
+
+    import emnist_cnn  # noqa: F401
+    from emnist_cnn.config import TrainConfig
+    from emnist_cnn.train import train_and_evaluate
+
+    base = tmp_path_factory.mktemp("evalrun")
+    data = write_mnist_idx(base / "data", *make_tiny_digits())
+    cfg = TrainConfig(dataset="mnist", dropouts=(0.2,), models=2, epochs=2, checkpoint_every=1, batch_size=64,
+                      val_fraction=0.2, bn_recalibration_images=200)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("EMNIST_CNN_CACHE", str(base / "cache"))
+        train_and_evaluate(cfg, base / "run", data_dir=data, verbose=0)
+    return base / "run", data
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "emnist_cnn", *map(str, args)], capture_output=True, text=True,
+                          timeout=600, env=dict(os.environ))
+
+
+def test_evaluate_json_schema_and_files(tiny_run):
+    run, _ = tiny_run
+    r = run_cli("evaluate", "--run-dir", run, "--json")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)  # exactly one JSON object on stdout
+    assert out["dataset"] == "mnist" and out["split"] == "test" and out["n"] == 200
+    assert [m["name"] for m in out["members"]] == ["dropout_0.2/model_0", "dropout_0.2/model_1"]
+    for m in out["members"] + [out["ensemble"]]:
+        assert m["error_pct"] == pytest.approx(100 * m["n_errors"] / 200)
+    [block] = out["ensembles"]
+    assert block["epoch"] == 2 and block["best_member"]["name"] in ("0", "1")
+    assert [k["k"] for k in block["best_k"]] == [1, 2]
+    # Same numbers as the training run's own errors.csv at that checkpoint.
+    with open(run / "dropout_0.2" / "history" / "errors.csv", newline="") as f:
+        rows = [row for row in csv.DictReader(f) if row["epoch"] == "2" and row["split"] == "test"]
+    expected = {row["model"]: int(row["n_errors"]) for row in rows}
+    assert block["ensemble"]["n_errors"] == expected["ensemble"]
+    assert [m["n_errors"] for m in block["members"]] == [expected["0"], expected["1"]]
+    folder = run / "dropout_0.2" / "evaluation" / "test_epoch_002"
+    with open(folder / "confusion_matrix.csv", newline="") as f:
+        cm = list(csv.reader(f))
+    assert cm[0] == ["label", *"0123456789"]
+    assert sum(int(v) for row in cm[1:] for v in row[1:]) == 200
+    wrong = sum(int(v) for i, row in enumerate(cm[1:]) for j, v in enumerate(row[1:]) if i != j)
+    with open(folder / "misclassified.csv", newline="") as f:
+        assert len(list(csv.DictReader(f))) == wrong == block["ensemble"]["n_errors"]
+    assert json.loads((folder / "evaluation.json").read_text())["epoch"] == 2
+
+
+def test_evaluate_tables_epochs_and_errors(tiny_run):
+    run, _ = tiny_run
+    r = run_cli("evaluate", "--run-dir", run, "--epoch", "1", "--split", "val")
+    assert r.returncode == 0, r.stderr
+    assert "dropout 0.2, epoch 1:" in r.stdout and "best-k ensembles" in r.stdout and "ensemble" in r.stdout
+    r = run_cli("evaluate", "--run-dir", run, "--epoch", "7")
+    assert r.returncode == 2 and "available: 1, 2" in r.stderr and "Traceback" not in r.stderr
+    r = run_cli("evaluate", "--run-dir", run, "--dropout", "0.5")
+    assert r.returncode == 2 and "not in this run" in r.stderr
+
+
+def test_evaluate_our_weight_files_outside_the_run(tiny_run, tmp_path):
+    run, data = tiny_run
+    files = sorted((run / "dropout_0.2" / "weights").glob("002epochs_*"))
+    r = run_cli("evaluate", "--weights", *files, "--dataset", "mnist", "--data-dir", data, "--json",
+                "--out", tmp_path / "out")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    with open(run / "dropout_0.2" / "history" / "errors.csv", newline="") as f:
+        ens = next(row for row in csv.DictReader(f)
+                   if row["epoch"] == "2" and row["split"] == "test" and row["model"] == "ensemble")
+    assert out["ensemble"]["n_errors"] == int(ens["n_errors"])  # normalization found via the run's config
+    assert (tmp_path / "out" / "misclassified.csv").exists()
+
+
+def test_test_time_augmentation_runs_and_is_recorded(tiny_run):
+    run, _ = tiny_run
+    r = run_cli("evaluate", "--run-dir", run, "--tta", "2", "--json")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["tta"] == 2 and 0 <= out["ensemble"]["error_pct"] <= 100
+    assert (run / "dropout_0.2" / "evaluation" / "test_epoch_002_tta2" / "evaluation.json").exists()
+
+
+def test_evaluate_the_reference_ensemble_through_the_cli(shared_dir):
+    """The issue's command: the reference's Keras 2 files, evaluated on the real MNIST test set."""
+    weights = sorted((shared_dir / "reference" / "dropout_0.2" / "weights").glob("267epochs_weights_model_*.pkl"))
+    assert len(weights) == 10
+    r = run_cli("evaluate", "--weights", *weights, "--dataset", "mnist", "--data-dir",
+                shared_dir / "data" / "mnist", "--json")
+    assert r.returncode == 0, r.stderr[-2000:]
+    out = json.loads(r.stdout)
+    print(f"reference ensemble on MNIST test: {out['ensemble']['error_pct']:.2f}% ({out['ensemble']['n_errors']})")
+    assert out["n"] == 10_000 and len(out["members"]) == 10
+    assert out["ensemble"]["error_pct"] < 0.5
+    assert all(m["error_pct"] < 0.5 for m in out["members"])

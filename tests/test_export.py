@@ -1,0 +1,181 @@
+"""Export: every format reloads in a fresh process (plain Keras/TF/ONNX Runtime) with the same probabilities."""
+
+import csv
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import emnist_cnn  # noqa: F401  (selects the backend before keras is imported)
+import keras
+from conftest import make_tiny_digits, write_mnist_idx
+from emnist_cnn.config import TrainConfig
+from emnist_cnn.errors import ConfigError
+from emnist_cnn.export import FORMATS, build_ensemble_model, export_model, export_run, load_member, read_run_config
+from emnist_cnn.model import build_model
+from emnist_cnn.train import train_and_evaluate
+
+TOLERANCE = 1e-5  # max abs difference of probabilities, as the issue asks
+
+
+def run_cli(argv: list[str]) -> int:
+    """`emnist-cnn ARGV` in this process (output captured by capsys)."""
+    from emnist_cnn.cli import main
+
+    return main(argv)
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory) -> Path:
+    """A real (tiny) run: 2 members x 2 epochs, checkpoints at 1 and 2, validation and test errors."""
+    root = tmp_path_factory.mktemp("export-run")
+    data = write_mnist_idx(root / "data", *make_tiny_digits(n_train=400, n_test=100))
+    config = TrainConfig(dataset="mnist", dropouts=(0.25,), models=2, epochs=2, checkpoint_every=1, batch_size=128,
+                         val_fraction=0.2, bn_recalibration_images=300)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("EMNIST_CNN_CACHE", str(root / "cache"))
+        train_and_evaluate(config, root / "run", data_dir=data, verbose=0)
+    return root / "run"
+
+
+def _x(n=50, seed=0) -> np.ndarray:
+    return np.random.default_rng(seed).random((n, 28, 28, 1)).astype(np.float32)
+
+
+RELOAD = textwrap.dedent('''
+    import json, sys
+    import numpy as np
+    import keras, tensorflow as tf, onnxruntime as ort
+    x = np.load(sys.argv[1])
+    out = {}
+    for folder in sys.argv[2:]:
+        meta = json.load(open(f"{folder}/metadata.json"))
+        files = meta["files"]
+        model = keras.models.model_from_json(open(f"{folder}/{files['json']}").read())
+        model.load_weights(f"{folder}/{files['weights']}")
+        out[f"{folder}|json_h5"] = model.predict(x, verbose=0)
+        out[f"{folder}|keras"] = keras.saving.load_model(f"{folder}/{files['keras']}").predict(x, verbose=0)
+        served = tf.saved_model.load(f"{folder}/{files['saved_model']}")
+        out[f"{folder}|saved_model"] = served.serve(x).numpy()
+        session = ort.InferenceSession(f"{folder}/{files['onnx']}", providers=["CPUExecutionProvider"])
+        assert [i.name for i in session.get_inputs()] == ["pixels"], session.get_inputs()
+        assert [o.name for o in session.get_outputs()] == ["probabilities"], session.get_outputs()
+        out[f"{folder}|onnx"] = session.run(None, {"pixels": x})[0]
+    assert "emnist_cnn" not in sys.modules  # plain Keras/TF/ONNX Runtime, not our package
+    np.savez(sys.argv[1] + ".out.npz", **out)
+''')
+
+
+def _reload_in_fresh_process(tmp_path: Path, x: np.ndarray, folders: list[Path]) -> dict:
+    pytest.importorskip("onnxruntime")
+    script = tmp_path / "reload.py"
+    script.write_text(RELOAD)
+    np.save(tmp_path / "x.npy", x)
+    env = dict(os.environ, KERAS_BACKEND="tensorflow", TF_CPP_MIN_LOG_LEVEL="3")
+    env.pop("PYTHONPATH", None)
+    proc = subprocess.run([sys.executable, str(script), str(tmp_path / "x.npy"), *map(str, folders)],
+                          capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with np.load(tmp_path / "x.npy.out.npz") as z:
+        return {k: z[k] for k in z.files}
+
+
+def test_best_member_and_ensemble_round_trip_in_every_format(run_dir, tmp_path):
+    config, saved = read_run_config(run_dir)
+    errors = list(csv.DictReader(open(run_dir / "dropout_0.25" / "history" / "errors.csv")))
+    val = {r["model"]: r for r in errors if r["epoch"] == "2" and r["split"] == "val"}
+    test = {r["model"]: r for r in errors if r["epoch"] == "2" and r["split"] == "test"}
+    best = min(("0", "1"), key=lambda m: (float(val[m]["error_pct"]), int(m)))
+
+    meta = export_run(run_dir, model="best", out_dir=tmp_path / "best")
+    assert meta["skipped"] == {} and set(meta["files"]) == {"json", "weights", "keras", "saved_model", "onnx"}
+    assert (meta["model"], meta["members"], meta["epoch"], meta["dropout"]) == ("best", [int(best)], 2, 0.25)
+    assert meta["classes"] == list("0123456789")
+    assert meta["input"]["shape"] == [None, 28, 28, 1] and meta["input"]["range"] == [0.0, 1.0]
+    assert meta["dataset"]["name"] == "mnist" and meta["dataset"]["fingerprint"] == saved["data"]["fingerprint"]
+    assert meta["input"]["image_preprocessing"] == "mnist"  # a model trained on MNIST reads MNIST-style inputs
+    assert meta["validation_error"]["pct"] == pytest.approx(float(val[best]["error_pct"]))
+    assert meta["test_error"]["n_errors"] == int(test[best]["n_errors"])
+    assert json.loads((tmp_path / "best" / "metadata.json").read_text()) == json.loads(json.dumps(meta))
+
+    ens_meta = export_run(run_dir, model="ensemble", out_dir=tmp_path / "ensemble")
+    assert (ens_meta["model"], ens_meta["members"]) == ("ensemble", [0, 1])
+    assert ens_meta["test_error"]["n_errors"] == int(test["ensemble"]["n_errors"])
+
+    # In memory: the member as trained, and the mean of both members' softmax.
+    x = _x()
+    members = [load_member(run_dir, config, saved, 0.25, 2, i) for i in (0, 1)]
+    want = {"best": members[int(best)].predict(x, verbose=0),
+            "ensemble": np.mean([m.predict(x, verbose=0) for m in members], axis=0)}
+    got = _reload_in_fresh_process(tmp_path, x, [tmp_path / "best", tmp_path / "ensemble"])
+    assert len(got) == 2 * len(FORMATS)
+    for key, probs in got.items():
+        which = Path(key.split("|")[0]).name
+        assert np.abs(probs - want[which]).max() <= TOLERANCE, key
+    assert np.abs(want["best"] - want["ensemble"]).max() > 1e-3  # two different models were compared
+
+
+def test_ensemble_model_is_one_model_with_unique_layer_names():
+    keras.utils.set_random_seed(0)
+    members = [build_model(name="emnist_cnn") for _ in range(3)]
+    ensemble = build_ensemble_model(members)
+    names = [layer.name for layer in ensemble.layers]
+    assert len(names) == len(set(names))
+    assert ensemble.count_params() == 3 * members[0].count_params()
+    x = _x(8)
+    want = np.mean([m.predict(x, verbose=0) for m in members], axis=0)
+    np.testing.assert_allclose(ensemble.predict(x, verbose=0), want, atol=1e-6)
+    # Plain Keras can rebuild it from its JSON alone.
+    rebuilt = keras.models.model_from_json(ensemble.to_json())
+    rebuilt.set_weights(ensemble.get_weights())
+    np.testing.assert_allclose(rebuilt.predict(x, verbose=0), want, atol=1e-6)
+    assert build_ensemble_model(members[:1]) is members[0]
+
+
+def test_export_cli_default_folder_member_and_epoch(run_dir, capsys):
+    out = run_dir / "export_json_h5"
+    shutil.rmtree(out, ignore_errors=True)
+    assert run_cli(["export", "--run-dir", str(run_dir), "--model", "1", "--epoch", "1",
+                    "--formats", "json_h5", "keras"]) == 0
+    printed = capsys.readouterr().out
+    meta = json.loads((out / "metadata.json").read_text())
+    assert (meta["model"], meta["members"], meta["epoch"]) == ("member", [1], 1)
+    assert sorted(meta["files"]) == ["json", "keras", "weights"]
+    assert not (out / "saved_model").exists() and not (out / "model.onnx").exists()
+    assert "member 1" in printed and str(out / "model.json") in printed
+
+
+def test_export_refuses_what_the_run_does_not_have(run_dir, tmp_path, capsys):
+    def fails(*args) -> str:
+        assert run_cli(["export", "--run-dir", str(run_dir), "--out", str(tmp_path / "x"), *args]) != 0
+        err = capsys.readouterr().err.strip()
+        assert err.count("\n") == 0 and "Traceback" not in err
+        return err
+
+    assert "members 0..1" in fails("--model", "5")
+    assert "epoch 7" in fails("--epoch", "7")
+    assert "--dropout 0.5" in fails("--dropout", "0.5")
+    assert "best, ensemble or a member index" in fails("--model", "worst")
+    assert "not found" in fails("--run-dir", str(tmp_path / "nothing"))
+    # Without validation errors, "best" cannot be chosen: the message says what to do instead.
+    copy = tmp_path / "noval"
+    shutil.copytree(run_dir, copy, ignore=shutil.ignore_patterns("export*"))
+    table = copy / "dropout_0.25" / "history" / "errors.csv"
+    rows = [r for r in csv.DictReader(open(table)) if r["split"] != "val"]
+    with open(table, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    with pytest.raises(ConfigError, match="--model ensemble"):
+        export_run(copy, model="best", out_dir=tmp_path / "y", formats=["keras"])
+
+
+def test_export_model_rejects_unknown_formats(tmp_path):
+    with pytest.raises(ConfigError, match="unknown format"):
+        export_model(build_model(), tmp_path, formats=["tflite"])

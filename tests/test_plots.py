@@ -1,0 +1,387 @@
+"""`emnist-cnn plot`: every plot written from a tiny run, readable, and faithful to the run's tables."""
+
+import argparse
+import logging
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import make_tiny_digits, write_mnist_idx
+
+from emnist_cnn.config import TrainConfig
+from emnist_cnn.errors import ConfigError, DataError, RunDirError
+from emnist_cnn.plots import (
+    cmd_plot,
+    find_fixed_lr_phase,
+    last_epoch,
+    load_errors,
+    load_histories,
+    load_reference_history,
+    plot_checkpoint_errors,
+    plot_confusion_matrix,
+    plot_ensemble_comparison,
+    plot_fixed_lr_phase,
+    plot_misclassified,
+    plot_run_figures,
+    reference_best_ensemble,
+    register,
+    select_dropout,
+)
+
+TITLE_RE = re.compile(r"^(\w)/(\w)/#(\d+)$")
+DROPOUTS = (0.2, 0.3)
+
+# Built once per session and shared with test_report.py (which imports these helpers):
+# training the tiny run is most of both files' time.
+_CACHE: dict = {}
+
+
+def build_tiny_run(tmp_path_factory) -> Path:
+    """2 dropout rates x 2 members, 3 epochs at the base rate, then 2 at a fixed lr of 1e-5.
+
+    6% of the labels are flipped so that the ensembles make errors to plot.
+    """
+    if "run" in _CACHE:
+        return _CACHE["run"]
+    from emnist_cnn.train import train_and_evaluate
+
+    root = tmp_path_factory.mktemp("plot-run")
+    x_train, y_train, x_test, y_test = make_tiny_digits()
+    rng = np.random.default_rng(1)
+    for y in (y_train, y_test):
+        k = rng.choice(len(y), len(y) * 6 // 100, replace=False)
+        y[k] = (y[k] + rng.integers(1, 10, len(k))) % 10
+    data_dir = write_mnist_idx(root / "data", x_train, y_train, x_test, y_test)
+    config = TrainConfig(dataset="mnist", dropouts=DROPOUTS, models=2, epochs=3, checkpoint_every=1,
+                         batch_size=64, val_fraction=0.2, bn_recalibration_images=200)
+    run_dir = root / "run"
+    with pytest.MonkeyPatch.context() as mp:
+        # The autouse cache fixture is function-scoped; this runs outside any test's scope.
+        mp.setenv("EMNIST_CNN_CACHE", str(root / "cache"))
+        train_and_evaluate(config, run_dir, data_dir=data_dir, verbose=0)
+        train_and_evaluate(config.replace(epochs=5), run_dir, data_dir=data_dir, fixed_lr=1e-5, verbose=0)
+    _CACHE["run"] = run_dir
+    return run_dir
+
+
+def run_cli_plot(tmp_path_factory) -> tuple[Path, str]:
+    """`emnist-cnn plot --run-dir RUN` on the tiny run: (run dir, what it printed)."""
+    if "cli" in _CACHE:
+        return _CACHE["cli"]
+    import contextlib
+    import io
+
+    run_dir = build_tiny_run(tmp_path_factory)
+    out = io.StringIO()
+    with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(out):
+        mp.setenv("EMNIST_CNN_CACHE", str(run_dir.parent / "cache"))
+        args = _parse(["plot", "--run-dir", str(run_dir)])
+        assert args.func(args) == 0
+    _CACHE["cli"] = (run_dir, out.getvalue())
+    return _CACHE["cli"]
+
+
+def _parse(argv):
+    parser = argparse.ArgumentParser(prog="emnist-cnn")
+    register(parser.add_subparsers(dest="command", required=True))
+    return parser.parse_args(argv)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory) -> Path:
+    return build_tiny_run(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def cli_output(tmp_path_factory):
+    return run_cli_plot(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def run_figures(tiny_run):
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("EMNIST_CNN_CACHE", str(tiny_run.parent / "cache"))
+        return plot_run_figures(tiny_run)
+
+
+def _errors(run_dir):
+    return {d: load_errors(run_dir, d) for d in DROPOUTS}
+
+
+def _histories(run_dir):
+    return {d: load_histories(run_dir, d, 2) for d in DROPOUTS}
+
+
+def _line_ys(fig) -> list[np.ndarray]:
+    return [np.asarray(line.get_ydata(), dtype=float) for ax in fig.axes for line in ax.lines]
+
+
+def _contains_series(fig, values) -> bool:
+    values = np.asarray(values, dtype=float)
+    return any(len(y) == len(values) and np.allclose(y, values, equal_nan=True) for y in _line_ys(fig))
+
+
+EXPECTED_PNGS = {
+    "errors_dropout_0.2", "errors_dropout_0.3", "ensembles", "fixed_lr",
+    "training_curves_dropout_0.2", "training_curves_dropout_0.3",
+    "misclassified", "correct", "confusion_matrix", "confusion_matrix_normalized", "augmentation",
+}
+
+
+# ----------------------------------------------------------------------------- the reference's tables
+
+
+def test_load_reference_history_reads_german_headers_and_empty_cells(tmp_path):
+    (tmp_path / "training_history_emnist_dropout_0.3.csv").write_text(
+        "\ufeffModell,16 Epochen,32 Epochen\n"
+        "Modell 0,,0.47\nModell 1,0.5,0.48\nEnsemble,,0.35\nBest single Model,,0.38\n")
+    (tmp_path / "training_history_emnist_manual_lr.csv").write_text(
+        "Modell,256 Epochen,257 Epochen\nModell 0,0.3,0.2\nEnsemble,0.2,0.16\n")
+    ref = load_reference_history(tmp_path)
+    t = ref["dropouts"][0.3]
+    assert t.epochs.tolist() == [16, 32]
+    assert np.isnan(t.members["0"][0]) and t.members["0"][1] == pytest.approx(0.47)
+    assert t.members["1"].tolist() == [0.5, 0.48]
+    assert np.isnan(t.ensemble[0]) and t.best[1] == pytest.approx(0.38)
+    assert ref["fixed_lr"].epochs.tolist() == [256, 257]
+    assert reference_best_ensemble(ref) == (pytest.approx(0.16), 257)
+
+
+def test_load_reference_history_refuses_a_folder_without_tables(tmp_path):
+    with pytest.raises(ConfigError, match="no training_history"):
+        load_reference_history(tmp_path)
+    with pytest.raises(ConfigError, match="not a folder"):
+        load_reference_history(tmp_path / "missing")
+
+
+def test_load_reference_history_real_files(shared_dir):
+    ref = load_reference_history(shared_dir / "reference" / "plot_history")
+    assert sorted(ref["dropouts"]) == [0.2, 0.3, 0.4, 0.5]
+    for t in ref["dropouts"].values():
+        assert t.epochs.tolist() == list(range(16, 289, 16))
+        assert sorted(t.members, key=int) == [str(i) for i in range(10)]
+        assert t.ensemble is not None and t.best is not None
+    assert np.isnan(ref["dropouts"][0.3].ensemble[0])  # the 0.3 table starts at 32 epochs
+    assert ref["fixed_lr"].epochs.tolist() == list(range(256, 273))
+    best, epoch = reference_best_ensemble(ref)
+    assert round(best, 2) == 0.16 and epoch == 267  # the reference's headline: 64 of 40,000 wrong
+
+
+# ----------------------------------------------------------------------------- plot_run on a tiny run
+
+
+def test_plot_run_writes_every_png(cli_output):
+    import matplotlib.image
+
+    run_dir, printed = cli_output
+    out = run_dir / "plot_history"
+    assert {p.stem for p in out.glob("*.png")} == EXPECTED_PNGS
+    assert printed.strip() == str(run_dir / "report.html")
+    for name in EXPECTED_PNGS:
+        path = out / f"{name}.png"
+        assert path.stat().st_size > 15_000, name
+        img = matplotlib.image.imread(path)[..., :3]
+        assert img.shape[0] > 300 and img.shape[1] > 500, name
+        # Not blank: a real share of the pixels is drawn, not background white.
+        assert (img.min(axis=2) < 0.9).mean() > 0.02, name
+
+
+def test_figures_are_titled_labelled_and_have_legends(run_figures):
+    assert set(run_figures) == EXPECTED_PNGS
+    for name, fig in run_figures.items():
+        assert fig.get_suptitle() or fig.axes[0].get_title(), name
+        plotted = [ax for ax in fig.axes if ax.lines]
+        for ax in plotted:
+            assert ax.get_title() and ax.get_xlabel() and ax.get_ylabel(), (name, ax.get_title())
+            if "error" in ax.get_ylabel():
+                assert "%" in ax.get_ylabel(), (name, ax.get_ylabel())
+        labelled = {line.get_label() for ax in plotted for line in ax.lines if not line.get_label().startswith("_")}
+        if len(labelled) > 1:
+            assert fig.legends, name
+            # The legend sits outside every axes, so it never covers data.
+            fig.draw_without_rendering()
+            for leg in fig.legends:
+                box = leg.get_window_extent()
+                assert not any(box.overlaps(ax.get_window_extent()) for ax in fig.axes), name
+
+
+def test_checkpoint_error_plot_draws_every_member_and_a_bold_ensemble(tiny_run, run_figures):
+    rows = load_errors(tiny_run, 0.2)
+    fig = run_figures["errors_dropout_0.2"]
+    test_ax = next(ax for ax in fig.axes if ax.get_title() == "test error")
+    by_label = {line.get_label(): line for line in test_ax.lines}
+    for model in ("0", "1", "ensemble"):
+        expected = [r["error_pct"] for r in rows if r["model"] == model and r["split"] == "test"]
+        line = by_label["ensemble" if model == "ensemble" else f"model {model}"]
+        assert np.allclose(line.get_ydata(), expected)
+        assert list(line.get_xdata()) == [1, 2, 3, 4, 5]
+    assert by_label["ensemble"].get_linewidth() > 2 * by_label["model 0"].get_linewidth()
+
+
+def test_fixed_lr_phase_is_found_and_plotted_per_epoch(tiny_run, run_figures):
+    history = load_histories(tiny_run, 0.2, 2)
+    assert find_fixed_lr_phase(history, 1e-3) == (3, 5, [1e-5])
+    at_base = {k: {**v, "learning_rate": np.full(5, 1e-3)} for k, v in history.items()}
+    assert find_fixed_lr_phase(at_base, 1e-3) is None
+    fig = run_figures["fixed_lr"]
+    ax = next(a for a in fig.axes if a.get_title() == "dropout 0.2: test error")
+    ens = next(line for line in ax.lines if line.get_label() == "ensemble")
+    # x counts epochs since the switch at epoch 3: the two fixed-lr epochs are 1 and 2.
+    assert list(ens.get_xdata()) == [-2, -1, 0, 1, 2]
+    rows = load_errors(tiny_run, 0.2)
+    expected = [r["error_pct"] for r in rows if r["model"] == "ensemble" and r["split"] == "test"]
+    assert np.allclose(ens.get_ydata(), expected)
+    with pytest.raises(DataError, match="base rate"):
+        plot_fixed_lr_phase(_errors(tiny_run), {d: {} for d in DROPOUTS}, 1e-3)
+
+
+def test_misclassified_grid_has_one_titled_subplot_per_error(tiny_run, run_figures):
+    from emnist_cnn.train import load_run_data
+
+    errors = _errors(tiny_run)
+    d = select_dropout(errors)
+    epoch = last_epoch(errors[d])
+    expected = next(r for r in errors[d] if r["epoch"] == epoch and r["model"] == "ensemble" and r["split"] == "test")
+    assert expected["n_errors"] > 0
+    _, data = load_run_data(tiny_run)
+    titles = [ax.get_title() for ax in run_figures["misclassified"].axes if ax.get_title()]
+    # The plot predicted the test set itself (no evaluation tables): it must agree with training's count.
+    assert len(titles) == expected["n_errors"]
+    for t in titles:
+        pred, label, index = TITLE_RE.match(t).groups()
+        assert pred != label and data.classes[data.y_test[int(index)]] == label
+    correct = [TITLE_RE.match(ax.get_title()).groups() for ax in run_figures["correct"].axes if ax.get_title()]
+    assert len(correct) == 40 and all(p == y for p, y, _ in correct)
+
+
+def test_plot_misclassified_titles_pred_label_index():
+    images = np.zeros((3, 28, 28), np.uint8)
+    fig = plot_misclassified(images, [1, 2, 3], [7, 5, 8], [42, 7, 1999], tuple("0123456789"), n_total=2000)
+    assert [ax.get_title() for ax in fig.axes if ax.get_title()] == ["7/1/#42", "5/2/#7", "8/3/#1999"]
+    assert "All 3 misclassified test images of 2,000" in fig._suptitle.get_text()
+    capped = plot_misclassified(np.zeros((5, 28, 28), np.uint8), [0] * 5, [1] * 5, range(5), "01", max_images=2)
+    assert sum(bool(ax.get_title()) for ax in capped.axes) == 2 and "First 2 of 5" in capped._suptitle.get_text()
+
+
+def test_confusion_matrix_counts_and_normalized():
+    cm = np.array([[50, 1, 0], [0, 48, 2], [3, 0, 46]])
+    fig = plot_confusion_matrix(cm, ("a", "b", "c"))
+    ax = fig.axes[0]
+    assert ax.get_xlabel() == "predicted class" and ax.get_ylabel() == "true class"
+    assert "6 errors of 150" in ax.get_title()
+    assert {t.get_text() for t in ax.texts} == {"50", "1", "48", "2", "3", "46"}
+    norm = plot_confusion_matrix(cm, ("a", "b", "c"), normalize=True).axes[0]
+    assert {t.get_text() for t in norm.texts} == {"98.0", "2.0", "96.0", "4.0", "6.1", "93.9"}
+    with pytest.raises(DataError, match="shape"):
+        plot_confusion_matrix(cm, ("a", "b"))
+
+
+def test_plot_run_uses_the_evaluation_tables_when_present(tiny_run, tmp_path):
+    # A copy without weights: the grids must come from misclassified.csv alone.
+    copy = tmp_path / "run"
+    shutil.copytree(tiny_run, copy, ignore=shutil.ignore_patterns("weights", "state", "plot_history", "report.html"))
+    from emnist_cnn.train import load_run_data
+
+    _, data = load_run_data(copy)
+    picked = [3, 17, 150]
+    folder = copy / "dropout_0.3" / "evaluation" / "test_epoch_005"
+    folder.mkdir(parents=True)
+    lines = ["index,label,predicted,confidence"]
+    lines += [f"{i},{data.y_test[i]},{(data.y_test[i] + 1) % 10},0.9" for i in picked]
+    (folder / "misclassified.csv").write_text("\n".join(lines) + "\n")
+    figs = plot_run_figures(copy, dropout=0.3, data=data)
+    titles = [ax.get_title() for ax in figs["misclassified"].axes if ax.get_title()]
+    assert titles == [f"{(data.y_test[i] + 1) % 10}/{data.y_test[i]}/#{i}" for i in picked]
+    assert "3 errors of 200" in figs["confusion_matrix"].axes[0].get_title()
+    assert "dropout 0.3 ensemble, epoch 5" in figs["confusion_matrix"].axes[0].get_title()
+
+
+def test_image_plots_are_skipped_with_a_warning_without_data(tiny_run, tmp_path, caplog):
+    with caplog.at_level(logging.WARNING, logger="emnist_cnn.plots"):
+        figs = plot_run_figures(tiny_run, data_dir=tmp_path)
+    assert "misclassified" not in figs and "augmentation" not in figs and "ensembles" in figs
+    assert "skipping the image plots" in caplog.text
+
+
+def test_plot_run_refuses_bad_input(tiny_run, tmp_path):
+    with pytest.raises(RunDirError, match="not found"):
+        plot_run_figures(tmp_path)
+    with pytest.raises(ConfigError, match="--dropout 0.7 is not in this run"):
+        plot_run_figures(tiny_run, dropout=0.7)
+
+
+# ----------------------------------------------------------------------------- reference overlay
+
+
+def test_reference_overlay_draws_the_reference_values(tiny_run, shared_dir):
+    ref = load_reference_history(shared_dir / "reference" / "plot_history")
+    errors = _errors(tiny_run)
+    t = ref["dropouts"][0.2]
+    fig = plot_checkpoint_errors(errors[0.2], 0.2, t, reference_best_ensemble(ref))
+    assert _contains_series(fig, t.ensemble)
+    for values in t.members.values():
+        assert _contains_series(fig, values)
+    test_ax = next(ax for ax in fig.axes if ax.get_title() == "test error")
+    assert test_ax.get_xscale() == "log"  # 288 reference epochs next to 5: both stay visible
+    assert any(np.allclose(line.get_ydata(), 0.160002708435059) for line in test_ax.lines)
+
+    fig = plot_ensemble_comparison(errors, ref)
+    for table in ref["dropouts"].values():
+        assert _contains_series(fig, table.ensemble) and _contains_series(fig, table.best)
+
+    fig = plot_fixed_lr_phase(errors, _histories(tiny_run), 1e-3, ref)
+    ax = next(a for a in fig.axes if a.get_title() == "dropout 0.2: test error")
+    line = next(ln for ln in ax.lines if ln.get_label().startswith("reference ensemble"))
+    # The same epochs since the switch as this run (0..2): epoch 256 from the dropout-0.2 table
+    # (the manual-lr table's 256 column repeats the 16-epoch one), then 257 and 258.
+    assert list(line.get_xdata()) == [0, 1, 2]
+    assert np.allclose(line.get_ydata(), [0.167500972747803, 0.177502632141113, 0.174999237060547])
+
+
+def test_cli_plot_with_compare_reference(tiny_run, shared_dir, tmp_path, capsys):
+    args = _parse(["plot", "--run-dir", str(tiny_run), "--out-dir", str(tmp_path / "png"), "--report",
+                   str(tmp_path / "r.html"), "--no-images", "--compare-reference",
+                   str(shared_dir / "reference" / "plot_history")])
+    assert cmd_plot(args) == 0
+    assert capsys.readouterr().out.strip() == str(tmp_path / "r.html")
+    assert {p.stem for p in (tmp_path / "png").glob("*.png")} == {
+        "errors_dropout_0.2", "errors_dropout_0.3", "ensembles", "fixed_lr",
+        "training_curves_dropout_0.2", "training_curves_dropout_0.3"}
+    assert "0.160%" in (tmp_path / "r.html").read_text()
+
+
+def test_every_plot_flag_states_its_default():
+    parser = argparse.ArgumentParser(prog="emnist-cnn")
+    sub = parser.add_subparsers(dest="command")
+    p = register(sub)
+    for action in p._actions:
+        if action.option_strings and action.dest != "help":
+            assert "(default:" in action.help or "(required" in action.help, action.dest
+    args = parser.parse_args(["plot", "--run-dir", "r"])
+    assert args.func is cmd_plot and args.compare_reference is None and args.dropout is None
+
+
+def test_sample_grid_and_class_balance():
+    from conftest import make_tiny_digits
+
+    from emnist_cnn.plots import plot_class_balance, plot_samples
+
+    x, y, xt, yt = make_tiny_digits(200, 50)
+    classes = tuple("0123456789")
+    fig = plot_samples(x, y, classes, per_class=4)
+    axes = fig.get_axes()
+    assert len(axes) == 40 and fig._suptitle.get_text().startswith("4 random training images")
+    assert [axes[4 * c].get_ylabel() for c in range(10)] == list(classes)
+    # Every shown image is a training image of the row's class.
+    for c in range(10):
+        shown = axes[4 * c].get_images()[0].get_array()
+        assert any(np.array_equal(shown, img) for img in x[y == c])
+    fig = plot_class_balance(y[:150], y[150:], yt, classes)
+    ax = fig.get_axes()[0]
+    heights = [p.get_height() for p in ax.patches]
+    assert sum(heights) == len(y) + len(yt)
+    assert heights[:10] == list(np.bincount(y[:150], minlength=10))
+    assert ax.get_title() and ax.get_xlabel() == "class" and ax.get_ylabel() == "images"
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["train (150)", "validation (50)", "test (50)"]

@@ -41,6 +41,7 @@ def error_lines(stderr: str) -> list[str]:
     (["--batch-size", "0"], "--batch-size"),
     (["--val-fraction", "1"], "--val-fraction"),
     (["--lr", "0"], "--lr"),
+    (["--lr", "inf"], "--lr"),
     (["--models", "two"], "--models"),
     (["--dataset", "cifar10"], "--dataset"),
     (["--checkpoint-every", "0"], "--checkpoint-every"),
@@ -167,8 +168,11 @@ def test_resume_with_changed_experiment_is_refused(tmp_path, tiny_mnist_dir):
     assert r.returncode == 2 and "Traceback" not in r.stderr
     [line] = error_lines(r.stderr)
     assert "models" in line and "different experiment" in line
-    # Unset flags take the run's saved values: only --epochs and --lr given continues the run.
-    r = cli("train", "--run-dir", run, "--data-dir", tiny_mnist_dir, "--epochs", "2", "--lr", "1e-5", "--quiet")
+    # Refused before any data is loaded: no download is attempted for the other dataset.
+    r = cli("train", "--run-dir", run, "--dataset", "emnist-letters", "--data-dir", tmp_path / "nowhere")
+    assert r.returncode == 2 and "different experiment" in r.stderr and "download" not in r.stderr
+    # Unset flags take the run's saved values, the data folder included: --epochs and --lr continue it.
+    r = cli("train", "--run-dir", run, "--epochs", "2", "--lr", "1e-5", "--quiet")
     assert r.returncode == 0, r.stderr
     hist = read_csv(run / "dropout_0.2" / "history" / "model_0.csv")
     assert [float(row["learning_rate"]) for row in hist] == [pytest.approx(1e-3), pytest.approx(1e-5)]

@@ -89,6 +89,9 @@ def test_resume_recomputes_nothing_and_raising_epochs_continues(tmp_path, tiny):
     assert sorted({int(r["epoch"]) for r in errors}) == [1, 2, 3]
     with pytest.raises(ConfigError, match="--epochs 2 is lower than the 3 epochs"):
         train_and_evaluate(TINY, run, dataset=tiny, verbose=0)
+    # The refused command left the run as it was: a plain resume still works.
+    assert json.loads((run / "config.json").read_text())["config"]["epochs"] == 3
+    train_and_evaluate(TINY.replace(epochs=3), run, dataset=tiny, verbose=0)
 
 
 def test_interrupted_resume_matches_uninterrupted_run(tmp_path, tiny):

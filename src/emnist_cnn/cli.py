@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import sys
 from pathlib import Path
 
@@ -159,11 +160,24 @@ def config_from_args(args: argparse.Namespace, preset: dict | None = None) -> Tr
     return base.replace(**changes)
 
 
+def _check_lr_and_data_dir(args: argparse.Namespace) -> None:
+    """--lr must be usable; a resumed run finds its data where it was trained unless told otherwise."""
+    if args.lr is not None and not (args.lr > 0 and math.isfinite(args.lr)):
+        raise ConfigError(f"--lr must be a positive number, got {args.lr!r}")
+    saved_path = args.run_dir / "config.json" if args.run_dir else None
+    if args.data_dir is None and saved_path is not None and saved_path.exists():
+        try:
+            recorded = json.loads(saved_path.read_text())["data"].get("data_dir")
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise EmnistCnnError(f"{saved_path}: unreadable run configuration ({exc})") from exc
+        if recorded:
+            args.data_dir = Path(recorded)
+
+
 def _cmd_train(args: argparse.Namespace, preset: dict | None = None) -> int:
     from .train import train_and_evaluate
 
-    if args.lr is not None and not args.lr > 0:
-        raise ConfigError(f"--lr must be a positive number, got {args.lr!r}")
+    _check_lr_and_data_dir(args)
     config = config_from_args(args, preset)
     rows = train_and_evaluate(config, args.run_dir, data_dir=args.data_dir, mirror=args.mirror,
                               fixed_lr=args.lr, download=not args.no_download, verbose=0 if args.quiet else 1)
@@ -204,8 +218,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     preset = PRESETS[args.preset]
     if args.run_dir is None:
         args.run_dir = Path("runs") / f"{args.preset}-{args.dataset or 'emnist-digits'}"
-    if args.lr is not None and not args.lr > 0:
-        raise ConfigError(f"--lr must be a positive number, got {args.lr!r}")
+    _check_lr_and_data_dir(args)
     config = config_from_args(args, preset)
     train_and_evaluate(config, args.run_dir, data_dir=args.data_dir, mirror=args.mirror, fixed_lr=args.lr,
                        download=not args.no_download, verbose=0 if args.quiet else 1)

@@ -190,7 +190,9 @@ def evaluate_run(run_dir, *, dropouts=None, epoch="latest", split: str = "test",
         for i in range(config.models):
             _load_weights(model, weights_path(run_dir, d, e, i))
             probs.append(predict_with_tta(model, x, tta, config.augment, seed=i))
-            if len(data.y_val):
+            if split == "val":
+                val_probs.append(probs[-1])
+            elif len(data.y_val):
                 val_probs.append(predict_with_tta(model, data.x_val, tta, config.augment, seed=i))
             names.append(str(i))
         result = {"dropout": d, "epoch": e, "tta": tta,

@@ -86,14 +86,13 @@ def recalibrate_batchnorm(model: keras.Model, images: np.ndarray, batch_size: in
     bns = [layer for layer in model.layers if isinstance(layer, keras.layers.BatchNormalization)]
     if not bns or len(images) == 0:
         return
-    probe = keras.Model(model.inputs[0], [layer.input for layer in bns])
     for k, layer in enumerate(bns):
+        # Truncated at this layer, so the pass skips everything after it.
+        probe = keras.Model(model.inputs[0], layer.input)
         total, total_sq, count = 0.0, 0.0, 0
         for start in range(0, len(images), batch_size):
             x = _to_float(images[start : start + batch_size])
-            outs = probe(x, training=False)
-            # A one-output model returns its tensor unwrapped, not a one-element list.
-            feats = outs[k] if isinstance(outs, (list, tuple)) else outs
+            feats = probe(x, training=False)
             f = keras.ops.convert_to_numpy(feats).astype(np.float64)
             f = f.reshape(-1, f.shape[-1])
             total = total + f.sum(axis=0)

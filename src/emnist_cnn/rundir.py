@@ -167,6 +167,19 @@ def load_member_state(path: Path, model) -> dict | None:
     return None
 
 
+def read_state_epoch(path: Path) -> int:
+    """The epoch a member's state (or its backup) records; 0 when there is none or it is unreadable."""
+    path = Path(path)
+    for p in (path, path.with_name(path.name.replace(".npz", ".prev.npz"))):
+        if p.exists():
+            try:
+                with np.load(p, allow_pickle=False) as z:
+                    return int(json.loads(bytes(z["meta"]).decode())["epoch"])
+            except Exception:  # a damaged file is handled (with a warning) when the member is opened
+                continue
+    return 0
+
+
 def _restore(p: Path, model) -> dict:
     with np.load(p, allow_pickle=False) as z:
         meta = json.loads(bytes(z["meta"]).decode())

@@ -28,6 +28,7 @@ from .rundir import (
     atomic_write_text,
     load_member_state,
     read_csv_rows,
+    read_state_epoch,
     save_member_state,
     write_csv_rows,
 )
@@ -174,26 +175,15 @@ def open_run(run_dir: Path, config: TrainConfig, data: PreparedData) -> TrainCon
     checkpoint interval of an existing run is refused.
     """
     path = run_dir / "config.json"
-    if path.exists():
-        try:
-            saved = json.loads(path.read_text())
-            old = TrainConfig.from_dict(saved["config"])
-            old_fp = saved["data"]["fingerprint"]
-        except (OSError, ValueError, KeyError, TypeError, ConfigError) as exc:
-            raise RunDirError(f"{path}: unreadable run configuration ({exc})") from exc
-        old_d, new_d = old.to_dict(), config.to_dict()
-        changed = [k for k in new_d if k not in RESUMABLE_CHANGES and old_d.get(k) != new_d[k]]
-        if changed:
-            details = "; ".join(f"{k}: run has {old_d.get(k)!r}, command asks {new_d[k]!r}" for k in changed)
-            raise ConfigError(
-                f"{run_dir} holds a different experiment ({details}); use a new --run-dir or the original settings"
-            )
+    saved = check_compatible(run_dir, config)
+    if saved is not None:
+        old_fp = saved["data"]["fingerprint"]
         if old_fp != data.fingerprint:
             raise ConfigError(
                 f"{run_dir} was trained on different data (fingerprint {old_fp[:12]} vs {data.fingerprint[:12]}); "
                 "use the same data files or a new --run-dir"
             )
-        saved["config"] = new_d
+        saved["config"] = config.to_dict()
         saved["updated"] = _now()
         atomic_write_json(path, saved)
     else:
@@ -202,6 +192,35 @@ def open_run(run_dir: Path, config: TrainConfig, data: PreparedData) -> TrainCon
             "created": _now(), "updated": _now(),
         })
     return config
+
+
+def check_compatible(run_dir: Path, config: TrainConfig) -> dict | None:
+    """Refuse a config that would change an existing run's experiment; returns its config.json.
+
+    Checked before any data is loaded or downloaded, and again with the data's
+    fingerprint once it is. Also refuses --epochs below what is already trained.
+    """
+    path = Path(run_dir) / "config.json"
+    if not path.exists():
+        return None
+    try:
+        saved = json.loads(path.read_text())
+        old = TrainConfig.from_dict(saved["config"])
+        saved["data"]["fingerprint"]
+    except (OSError, ValueError, KeyError, TypeError, ConfigError) as exc:
+        raise RunDirError(f"{path}: unreadable run configuration ({exc})") from exc
+    old_d, new_d = old.to_dict(), config.to_dict()
+    changed = [k for k in new_d if k not in RESUMABLE_CHANGES and old_d.get(k) != new_d[k]]
+    if changed:
+        details = "; ".join(f"{k}: run has {old_d.get(k)!r}, command asks {new_d[k]!r}" for k in changed)
+        raise ConfigError(
+            f"{run_dir} holds a different experiment ({details}); use a new --run-dir or the original settings"
+        )
+    done = max((read_state_epoch(state_path(Path(run_dir), d, i)) for d in config.dropouts
+                for i in range(config.models)), default=0)
+    if done > config.epochs:
+        raise ConfigError(f"--epochs {config.epochs} is lower than the {done} epochs already trained in {run_dir}")
+    return saved
 
 
 def _now() -> str:
@@ -420,6 +439,7 @@ def train_ensembles(config: TrainConfig, run_dir, data: PreparedData, *, fixed_l
         final_rows: list[dict] = []
         for dropout in config.dropouts:
             members: dict[int, Member] = {}
+            scratch = None  # one model per rate to load checkpoints into, not one per checkpoint
             done = _evaluated_epochs(run_dir, dropout)
             for target in ckpts:
                 for i in range(config.models):
@@ -428,16 +448,25 @@ def train_ensembles(config: TrainConfig, run_dir, data: PreparedData, *, fixed_l
                     m = members[i]
                     while m.epoch < target:
                         _train_epoch(m, config, data, calib, set(ckpts), run_dir, verbose)
+                    # A checkpoint epoch can be new to an epoch already trained (a changed --epochs
+                    # or --checkpoint-every): its state holds exactly those weights.
+                    if m.epoch == target and not weights_path(run_dir, dropout, target, i).exists():
+                        _save_weights(m.model, weights_path(run_dir, dropout, target, i))
                 if target not in done and _has_all_weights(run_dir, config, dropout, target):
-                    rows = evaluate_checkpoint(run_dir, config, data, dropout, target)
+                    scratch = scratch or _new_model(config, data, dropout, 0)
+                    rows = evaluate_checkpoint(run_dir, config, data, dropout, target, scratch)
                     _record_checkpoint(run_dir, dropout, target, rows)
                     done.add(target)
                     ens = {r["split"]: r for r in rows if r["model"] == "ensemble"}
                     log.info("dropout %g epoch %d: ensemble error val %s test %s", dropout, target,
                              _pct(ens.get("val")), _pct(ens.get("test")))
             last = ckpts[-1]
-            final_rows += [dict(r, dropout=dropout) for r in read_csv_rows(errors_path(run_dir, dropout))
-                           if int(r["epoch"]) == last]
+            rows = [dict(r, dropout=dropout) for r in read_csv_rows(errors_path(run_dir, dropout))
+                    if int(r["epoch"]) == last]
+            if not rows:
+                log.warning("dropout %g: no evaluation at epoch %d (not every member has its weights)",
+                            dropout, last)
+            final_rows += rows
             del members
         return final_rows
 
@@ -461,6 +490,7 @@ def _pct(row: dict | None) -> str:
 def train_and_evaluate(config: TrainConfig, run_dir, *, data_dir=None, mirror=None, fixed_lr=None,
                        dataset=None, download: bool = True, verbose: int = 1) -> list[dict]:
     """Load (or download) the data, then train and evaluate every ensemble in `run_dir`."""
+    check_compatible(Path(run_dir), config)  # before a download or a long parse, not after
     if dataset is None:
         dataset, data_dir = load_or_download(config.dataset, data_dir, mirror=mirror, download=download)
     if dataset.name != config.dataset:

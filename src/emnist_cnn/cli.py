@@ -213,7 +213,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from .evaluate import evaluate_run, format_evaluation
     from .plots import plot_run
     from .report import write_report
-    from .train import train_and_evaluate
+    from .train import load_run_data, train_and_evaluate
 
     preset = PRESETS[args.preset]
     if args.run_dir is None:
@@ -222,8 +222,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
     config = config_from_args(args, preset)
     train_and_evaluate(config, args.run_dir, data_dir=args.data_dir, mirror=args.mirror, fixed_lr=args.lr,
                        download=not args.no_download, verbose=0 if args.quiet else 1)
-    result = evaluate_run(args.run_dir, data_dir=args.data_dir)
-    pngs = plot_run(args.run_dir, data_dir=args.data_dir)
+    config, data = load_run_data(args.run_dir, args.data_dir)  # once, for evaluation and plots
+    result = evaluate_run(args.run_dir, config=config, data=data)
+    pngs = plot_run(args.run_dir, data=data)
     report = write_report(args.run_dir, pngs)
     print(format_evaluation(result))
     print(f"\nrun directory: {args.run_dir}")

@@ -29,6 +29,7 @@ from typing import Sequence
 
 from .config import TrainConfig, dropout_dirname
 from .errors import ConfigError, EmnistCnnError, RunDirError
+from .rundir import read_run_config
 
 log = logging.getLogger(__name__)
 
@@ -251,18 +252,6 @@ class Selection:
     val: dict | None = None  # errors.csv row of the exported model (member or "ensemble")
     test: dict | None = None
     notes: list[str] = field(default_factory=list)
-
-
-def read_run_config(run_dir) -> tuple[TrainConfig, dict]:
-    """The run's TrainConfig and its whole config.json."""
-    path = Path(run_dir) / "config.json"
-    try:
-        saved = json.loads(path.read_text())
-        return TrainConfig.from_dict(saved["config"]), saved
-    except FileNotFoundError as exc:
-        raise RunDirError(f"{path}: not found; is {run_dir} a run directory?") from exc
-    except (OSError, ValueError, KeyError, TypeError, ConfigError) as exc:
-        raise RunDirError(f"{path}: unreadable run configuration ({exc})") from exc
 
 
 def _checkpoints(run_dir: Path, dropout: float) -> dict[int, set[int]]:

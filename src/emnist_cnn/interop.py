@@ -43,7 +43,7 @@ from typing import Any
 
 import numpy as np
 
-from .config import DATASETS, AugmentConfig, TrainConfig, dropout_dirname
+from .config import DATASETS, AugmentConfig, TrainConfig
 from .errors import ConfigError, DataError, RunDirError
 
 log = logging.getLogger(__name__)
@@ -549,8 +549,9 @@ def import_reference(ref_dir, run_dir, *, dataset: str = "emnist-digits", data_d
     Returns {"run_dir", "config", "members": [...], "rows": [error rows with "dropout"]}.
     """
     from .model import build_model, compile_model
-    from .rundir import RunLock, atomic_write_json, atomic_write_text, save_member_state
+    from .rundir import RunLock, atomic_write_json, atomic_write_text, save_member_state, save_weights_atomic
     from .train import (
+        _record_checkpoint,
         evaluate_checkpoint,
         load_or_download,
         member_seed,
@@ -619,7 +620,7 @@ def import_reference(ref_dir, run_dir, *, dataset: str = "emnist-digits", data_d
                 info = None
                 for f in mine:
                     info = load_reference_weights(model, f.path, json_path=sibling_json(f.path))
-                    _save_weights_atomic(model, weights_path(run_dir, rate, f.epoch, index))
+                    save_weights_atomic(model, weights_path(run_dir, rate, f.epoch, index))
                 # The last one loaded is the latest epoch: it becomes the member's state.
                 save_member_state(state_path(run_dir, rate, index), model, mine[-1].epoch, {
                     "seed": seed, "learning_rate": config.lr, "imported_from": str(mine[-1].path),
@@ -638,8 +639,9 @@ def import_reference(ref_dir, run_dir, *, dataset: str = "emnist-digits", data_d
                 errors: list[dict] = []
                 for epoch in complete:
                     log.info("evaluating the imported dropout %g ensemble at epoch %d", rate, epoch)
-                    errors += evaluate_checkpoint(run_dir, config, data, rate, epoch)
-                _write_errors(run_dir, rate, errors)
+                    epoch_rows = evaluate_checkpoint(run_dir, config, data, rate, epoch)
+                    _record_checkpoint(run_dir, rate, epoch, epoch_rows)
+                    errors += epoch_rows
                 rows += [dict(r, dropout=rate) for r in errors if int(r["epoch"]) == max(complete, default=-1)]
         open_run(run_dir, config, data)
         path = run_dir / "config.json"
@@ -659,32 +661,6 @@ def import_reference(ref_dir, run_dir, *, dataset: str = "emnist-digits", data_d
         old = inv.read_text() if inv.exists() else ""
         atomic_write_text(inv, old + json.dumps(record, sort_keys=True) + "\n")
     return {"run_dir": str(run_dir), "config": config, "members": members, "rows": rows}
-
-
-def _save_weights_atomic(model, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
-    try:
-        model.save_weights(tmp)
-        os.replace(tmp, path)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        raise RunDirError(f"{path}: could not write ({exc.strerror or exc})") from exc
-
-
-def _write_errors(run_dir: Path, rate: float, rows: list[dict]) -> None:
-    from .rundir import ERRORS_COLUMNS, atomic_write_text, write_csv_rows
-
-    history = run_dir / dropout_dirname(rate) / "history"
-    write_csv_rows(history / "errors.csv", ERRORS_COLUMNS, sorted(rows, key=lambda r: int(r["epoch"])))
-    for epoch in sorted({int(r["epoch"]) for r in rows}):
-        test = [r for r in rows if int(r["epoch"]) == epoch and r["split"] == "test"]
-        ens = [r for r in test if r["model"] == "ensemble"]
-        if not ens:
-            continue
-        lines = [f"epoch: {epoch} test error on ensemble: {float(ens[0]['error_pct'])}"]
-        lines += [str(float(r["error_pct"])) for r in test if r["model"] != "ensemble"]
-        atomic_write_text(history / f"test_errors_epoch_{epoch:03d}.txt", "\n".join(lines) + "\n")
 
 
 # ----------------------------------------------------------------------------- command line

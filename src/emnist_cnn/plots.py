@@ -17,7 +17,6 @@ import argparse
 import csv
 import dataclasses
 import io
-import json
 import logging
 import math
 import re
@@ -29,7 +28,7 @@ import numpy as np
 
 from .config import AugmentConfig, TrainConfig, dropout_dirname
 from .errors import ConfigError, DataError, EmnistCnnError, RunDirError
-from .rundir import atomic_write_bytes, read_csv_rows
+from .rundir import atomic_write_bytes, read_csv_rows, read_run_config
 
 log = logging.getLogger(__name__)
 
@@ -46,15 +45,7 @@ _REF_COLOR = "#c0392b"
 
 def load_run_config(run_dir) -> dict:
     """RUN/config.json as saved by `train` (keys config, data, versions, created, updated)."""
-    path = Path(run_dir) / "config.json"
-    try:
-        saved = json.loads(path.read_text())
-        TrainConfig.from_dict(saved["config"])
-    except FileNotFoundError as exc:
-        raise RunDirError(f"{path}: not found; is {run_dir} a run directory?") from exc
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise RunDirError(f"{path}: unreadable run configuration ({exc})") from exc
-    return saved
+    return read_run_config(run_dir)[1]
 
 
 def load_errors(run_dir, dropout: float) -> list[dict]:

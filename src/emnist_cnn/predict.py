@@ -339,7 +339,7 @@ def _load_reference(path: Path, json_path=None) -> Predictor:
 
 
 def _load_run_weights(path: Path) -> Predictor:
-    from .export import read_run_config
+    from .rundir import read_run_config
     from .interop import load_weights_any
     from .model import build_model
 

@@ -113,6 +113,36 @@ class RunLock:
             self._fd = None
 
 
+def save_weights_atomic(model, path: Path) -> None:
+    """`model.save_weights` (Keras picks the file name's format) via a synced temp file and a rename."""
+    path = Path(path)
+    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        model.save_weights(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise _io_error(path, exc) from exc
+
+
+def read_run_config(run_dir):
+    """RUN/config.json: the run's TrainConfig and the whole saved dict (config, data, versions, ...)."""
+    from .config import TrainConfig
+    from .errors import ConfigError
+
+    path = Path(run_dir) / "config.json"
+    try:
+        saved = json.loads(path.read_text())
+        return TrainConfig.from_dict(saved["config"]), saved
+    except FileNotFoundError as exc:
+        raise RunDirError(f"{path}: not found; is {run_dir} a run directory?") from exc
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, ConfigError) as exc:
+        raise RunDirError(f"{path}: unreadable run configuration ({exc})") from exc
+
+
 # ----------------------------------------------------------------------------- member state
 
 

@@ -28,6 +28,8 @@ from .rundir import (
     atomic_write_text,
     load_member_state,
     read_csv_rows,
+    read_run_config,
+    save_weights_atomic,
     read_state_epoch,
     save_member_state,
     write_csv_rows,
@@ -91,15 +93,8 @@ def load_run_data(run_dir, data_dir=None, *, download: bool = False) -> tuple[Tr
 
     `data_dir` defaults to the folder recorded in RUN/config.json.
     """
-    path = Path(run_dir) / "config.json"
-    try:
-        saved = json.loads(path.read_text())
-        config = TrainConfig.from_dict(saved["config"])
-        fingerprint = saved["data"]["fingerprint"]
-    except FileNotFoundError as exc:
-        raise RunDirError(f"{path}: not found; is {run_dir} a run directory?") from exc
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise RunDirError(f"{path}: unreadable run configuration ({exc})") from exc
+    config, saved = read_run_config(run_dir)
+    fingerprint = saved["data"]["fingerprint"]
     data_dir = data_dir or saved["data"].get("data_dir")
     dataset, data_dir = load_or_download(config.dataset, data_dir, download=download)
     if dataset.fingerprint != fingerprint:
@@ -200,15 +195,11 @@ def check_compatible(run_dir: Path, config: TrainConfig) -> dict | None:
     Checked before any data is loaded or downloaded, and again with the data's
     fingerprint once it is. Also refuses --epochs below what is already trained.
     """
-    path = Path(run_dir) / "config.json"
-    if not path.exists():
+    if not (Path(run_dir) / "config.json").exists():
         return None
-    try:
-        saved = json.loads(path.read_text())
-        old = TrainConfig.from_dict(saved["config"])
-        saved["data"]["fingerprint"]
-    except (OSError, ValueError, KeyError, TypeError, ConfigError) as exc:
-        raise RunDirError(f"{path}: unreadable run configuration ({exc})") from exc
+    old, saved = read_run_config(run_dir)
+    if not isinstance(saved.get("data"), dict) or "fingerprint" not in saved["data"]:
+        raise RunDirError(f"{Path(run_dir) / 'config.json'}: unreadable run configuration (no data fingerprint)")
     old_d, new_d = old.to_dict(), config.to_dict()
     changed = [k for k in new_d if k not in RESUMABLE_CHANGES and old_d.get(k) != new_d[k]]
     if changed:
@@ -332,7 +323,7 @@ def _train_epoch(member: Member, config: TrainConfig, data: PreparedData, calib:
     # Order matters for crash safety: checkpoint weights, then history, then state.
     # A state at epoch E therefore always has its history row and checkpoint file.
     if epoch in ckpt_epochs:
-        _save_weights(model, weights_path(run_dir, member.dropout, epoch, member.index))
+        save_weights_atomic(model, weights_path(run_dir, member.dropout, epoch, member.index))
     member.history = member.history + [row]
     write_csv_rows(history_path(run_dir, member.dropout, member.index), HISTORY_COLUMNS, member.history)
     save_member_state(state_path(run_dir, member.dropout, member.index), model, epoch,
@@ -342,24 +333,6 @@ def _train_epoch(member: Member, config: TrainConfig, data: PreparedData, calib:
     log.info("dropout %g model %d epoch %d/%d: loss %.4f accuracy %.2f%% %s lr %.3g (%.1f s)",
              member.dropout, member.index, epoch, config.epochs, loss_sum / n, 100 * correct_sum / n,
              val_txt, lr, seconds)
-
-
-def _save_weights(model, path: Path) -> None:
-    """Keras writes .weights.h5 itself; write beside and rename so a crash leaves no half file."""
-    import os
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
-    try:
-        model.save_weights(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        from .rundir import _io_error
-
-        raise _io_error(path, exc) from exc
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -451,7 +424,7 @@ def train_ensembles(config: TrainConfig, run_dir, data: PreparedData, *, fixed_l
                     # A checkpoint epoch can be new to an epoch already trained (a changed --epochs
                     # or --checkpoint-every): its state holds exactly those weights.
                     if m.epoch == target and not weights_path(run_dir, dropout, target, i).exists():
-                        _save_weights(m.model, weights_path(run_dir, dropout, target, i))
+                        save_weights_atomic(m.model, weights_path(run_dir, dropout, target, i))
                 if target not in done and _has_all_weights(run_dir, config, dropout, target):
                     scratch = scratch or _new_model(config, data, dropout, 0)
                     rows = evaluate_checkpoint(run_dir, config, data, dropout, target, scratch)

@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 import emnist_cnn  # noqa: E402,F401  (selects the backend)
 from emnist_cnn.augment import augment_batch  # noqa: E402
 from emnist_cnn.config import AugmentConfig, TrainConfig  # noqa: E402
-from emnist_cnn.train import PreparedData, _open_member, _train_epoch  # noqa: E402
+from emnist_cnn.train import PreparedData, _open_member, _train_group_epoch  # noqa: E402
 
 
 def synthetic_data(n_train: int, n_val: int, n_test: int, seed: int = 0) -> PreparedData:
@@ -58,9 +58,9 @@ def time_epoch(augment: bool, args) -> dict:
         # Warm-up: trace the train step on a small slice so tracing is not timed.
         warm = PreparedData(**{**data.__dict__, "x_train": data.x_train[: 2 * args.batch_size],
                                "y_train": data.y_train[: 2 * args.batch_size]})
-        _train_epoch(member, cfg, warm, calib[:1000], set(), Path(run), verbose=0)
+        _train_group_epoch([member], cfg, warm, calib[:1000], set(), Path(run), 0, None)
         t0 = time.perf_counter()
-        _train_epoch(member, cfg, data, calib, set(), Path(run), verbose=0)
+        _train_group_epoch([member], cfg, data, calib, set(), Path(run), 0, None)
         timed = time.perf_counter() - t0
     # Split the timed epoch into the per-step part and the fixed per-epoch part.
     fixed = time_fixed_part(member, data, calib, cfg)

@@ -45,6 +45,9 @@ class AugmentConfig:
                "must be bilinear or nearest", self.interpolation)
 
 
+PRECISIONS = ("float32", "mixed_bfloat16")
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """The reference CNN's fixed hyperparameters (dropout is set per ensemble)."""
@@ -52,6 +55,13 @@ class ModelConfig:
     leaky_slope: float = 0.3  # LeakyReLU negative slope
     bn_momentum: float = 0.99  # BatchNormalization moving-average momentum (Keras default)
     bn_epsilon: float = 1e-3  # BatchNormalization epsilon (Keras default)
+    # Compute dtype policy: "float32", or "mixed_bfloat16" (bfloat16 math, float32 weights;
+    # faster on CPUs with AVX-512 BF16 and on recent GPUs).
+    precision: str = "float32"
+
+    def __post_init__(self) -> None:
+        _check(self.precision in PRECISIONS, "--precision", f"must be one of {', '.join(PRECISIONS)}",
+               self.precision)
 
 
 @dataclass(frozen=True)

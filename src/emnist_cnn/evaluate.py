@@ -162,7 +162,7 @@ def evaluate_run(run_dir, *, dropouts=None, epoch="latest", split: str = "test",
 
     from .config import dropout_dirname
     from .errors import ConfigError
-    from .model import build_model
+    from .model import build_model, predict_ensemble
     from .train import load_run_data, weights_path
 
     run_dir = Path(run_dir)
@@ -185,16 +185,24 @@ def evaluate_run(run_dir, *, dropouts=None, epoch="latest", split: str = "test",
         e = epochs[-1] if epoch in (None, "latest") else int(epoch)
         if e not in epochs:
             raise ConfigError(f"--epoch {e}: no checkpoint for dropout {d:g}; available: {', '.join(map(str, epochs))}")
-        model = build_model(data.num_classes, d, data.mean, data.std, config.model)
-        probs, val_probs, names = [], [], []
+        models = []
         for i in range(config.models):
-            _load_weights(model, weights_path(run_dir, d, e, i))
-            probs.append(predict_with_tta(model, x, tta, config.augment, seed=i))
-            if split == "val":
-                val_probs.append(probs[-1])
-            elif len(data.y_val):
-                val_probs.append(predict_with_tta(model, data.x_val, tta, config.augment, seed=i))
-            names.append(str(i))
+            models.append(build_model(data.num_classes, d, data.mean, data.std, config.model))
+            _load_weights(models[-1], weights_path(run_dir, d, e, i))
+        names = [str(i) for i in range(config.models)]
+        if tta:
+            probs = [predict_with_tta(m, x, tta, config.augment, seed=i) for i, m in enumerate(models)]
+        else:
+            probs = list(predict_ensemble(models, x))  # all members in one pass over the images
+        if split == "val":
+            val_probs = probs
+        elif not len(data.y_val):
+            val_probs = []
+        elif tta:
+            val_probs = [predict_with_tta(m, data.x_val, tta, config.augment, seed=i) for i, m in enumerate(models)]
+        else:
+            val_probs = list(predict_ensemble(models, data.x_val))
+        del models
         result = {"dropout": d, "epoch": e, "tta": tta,
                   **evaluate_ensemble(probs, y, names, val_probs or None, data.y_val if val_probs else None)}
         ens_probs = ensemble_probabilities(probs)
@@ -222,7 +230,7 @@ def evaluate_weights(paths, *, dataset: str = "emnist-digits", data_dir=None, sp
 
     from .config import AugmentConfig
     from .errors import ConfigError, DataError
-    from .model import EMNIST_DIGITS_MEAN, EMNIST_DIGITS_STD, build_model
+    from .model import EMNIST_DIGITS_MEAN, EMNIST_DIGITS_STD, build_model, predict_ensemble
     from .train import load_or_download
 
     if split != "test":
@@ -232,7 +240,7 @@ def evaluate_weights(paths, *, dataset: str = "emnist-digits", data_dir=None, sp
         if not p.is_file():
             raise DataError(f"{p}: weight file not found")
     ds, _ = load_or_download(dataset, data_dir, download=True)
-    probs, names = [], []
+    models, names = [], []
     for p in paths:
         mean, std = EMNIST_DIGITS_MEAN, EMNIST_DIGITS_STD
         run_config = p.resolve().parent.parent.parent / "config.json"
@@ -244,8 +252,13 @@ def evaluate_weights(paths, *, dataset: str = "emnist-digits", data_dir=None, sp
                 raise DataError(f"{run_config}: unreadable run configuration ({exc})") from exc
         model = build_model(ds.num_classes, 0.0, mean, std)
         _load_weights(model, p)
-        probs.append(predict_with_tta(model, np.asarray(ds.x_test), tta, AugmentConfig()))
+        models.append(model)
         names.append(p.name)
+    x = np.asarray(ds.x_test)
+    if tta:
+        probs = [predict_with_tta(m, x, tta, AugmentConfig()) for m in models]
+    else:
+        probs = list(predict_ensemble(models, x))  # every file's model in one pass over the images
     y = np.asarray(ds.y_test)
     result = {"dataset": ds.name, "split": split, "tta": tta, **evaluate_ensemble(probs, y, names)}
     if out_dir is not None:

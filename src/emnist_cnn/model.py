@@ -31,35 +31,45 @@ def build_model(
     601,578 parameters for 10 classes.
     """
     cfg = cfg or ModelConfig()
+    # Variables stay float32 under mixed_bfloat16, so checkpoints load into either precision.
+    policy = cfg.precision
 
     def bn():
-        return keras.layers.BatchNormalization(momentum=cfg.bn_momentum, epsilon=cfg.bn_epsilon)
+        return keras.layers.BatchNormalization(momentum=cfg.bn_momentum, epsilon=cfg.bn_epsilon, dtype=policy)
 
     def act():
-        return keras.layers.LeakyReLU(negative_slope=cfg.leaky_slope)
+        return keras.layers.LeakyReLU(negative_slope=cfg.leaky_slope, dtype=policy)
+
+    def conv(filters):
+        return keras.layers.Conv2D(filters, 3, dtype=policy)
+
+    def pool():
+        return keras.layers.MaxPooling2D(2, dtype=policy)
 
     inputs = keras.Input((28, 28, 1), name="pixels")
-    x = keras.layers.Normalization(mean=float(mean), variance=float(std) ** 2, name="normalize")(inputs)
-    x = keras.layers.Conv2D(32, 3)(x)
+    x = keras.layers.Normalization(mean=float(mean), variance=float(std) ** 2, name="normalize",
+                                   dtype=policy)(inputs)
+    x = conv(32)(x)
     x = act()(x)
     x = bn()(x)
-    x = keras.layers.Conv2D(32, 3)(x)
+    x = conv(32)(x)
     x = act()(x)
-    x = keras.layers.MaxPooling2D(2)(x)
+    x = pool()(x)
     x = bn()(x)
-    x = keras.layers.Conv2D(64, 3)(x)
-    x = act()(x)
-    x = bn()(x)
-    x = keras.layers.Conv2D(64, 3)(x)
-    x = act()(x)
-    x = keras.layers.MaxPooling2D(2)(x)
-    x = keras.layers.Flatten()(x)
-    x = bn()(x)
-    x = keras.layers.Dense(512)(x)
+    x = conv(64)(x)
     x = act()(x)
     x = bn()(x)
-    x = keras.layers.Dropout(dropout)(x)
-    outputs = keras.layers.Dense(num_classes, activation="softmax", name="probabilities")(x)
+    x = conv(64)(x)
+    x = act()(x)
+    x = pool()(x)
+    x = keras.layers.Flatten(dtype=policy)(x)
+    x = bn()(x)
+    x = keras.layers.Dense(512, dtype=policy)(x)
+    x = act()(x)
+    x = bn()(x)
+    x = keras.layers.Dropout(dropout, dtype=policy)(x)
+    # The softmax and the loss stay in float32 whatever the compute precision.
+    outputs = keras.layers.Dense(num_classes, activation="softmax", name="probabilities", dtype="float32")(x)
     return keras.Model(inputs, outputs, name=name)
 
 
@@ -71,6 +81,102 @@ def compile_model(model: keras.Model, lr: float) -> keras.Model:
         metrics=["accuracy"],
     )
     return model
+
+
+def build_fused_model(models: list[keras.Model], lr: float) -> keras.Model:
+    """All `models` in one compiled graph: input i feeds member i, one step trains them all.
+
+    The fused model shares its variables with `models` (weights, BatchNormalization
+    statistics, dropout seeds). Its loss is the sum of the members' losses, so the
+    gradient reaching each member's weights is exactly that member's own, and Adam
+    updates every variable independently: a fused step equals one step of each
+    member. Copy the optimizer moments in and out with `copy_optimizer_state`.
+    Call it as `fused.train_on_batch([x_0, ..., x_n], [y_0, ..., y_n])`.
+    """
+    names = [f"member_{i}" for i in range(len(models))]
+    inputs = [keras.Input(m.inputs[0].shape[1:], name=f"pixels_{i}") for i, m in enumerate(models)]
+    # A renamed functional wrapper per member: graph names must be unique, layers stay shared.
+    outputs = [keras.Model(m.inputs[0], m.outputs[0], name=n)(x) for m, n, x in zip(models, names, inputs)]
+    fused = keras.Model(inputs, outputs, name="fused_ensemble")
+    fused.compile(
+        optimizer=keras.optimizers.Adam(learning_rate=lr),
+        loss={n: "sparse_categorical_crossentropy" for n in names},
+        metrics={n: ["accuracy"] for n in names},
+    )
+    fused.optimizer.build(fused.trainable_variables)
+    return fused
+
+
+def fused_member_logs(logs: dict, n_members: int) -> list[tuple[float, float]]:
+    """(loss, accuracy) per member from a fused model's `train_on_batch(..., return_dict=True)`."""
+    out = []
+    for i in range(n_members):
+        # Keras names these "<k>/member_<i>_loss" and "member_<i>_accuracy".
+        loss = next(v for k, v in logs.items() if k.endswith(f"member_{i}_loss"))
+        out.append((float(loss), float(logs[f"member_{i}_accuracy"])))
+    return out
+
+
+def copy_optimizer_state(src: keras.optimizers.Optimizer, dst: keras.optimizers.Optimizer, variables) -> None:
+    """Copy Adam's step count and the moments of `variables` from `src` to `dst` (both built).
+
+    Lets a fused optimizer take over members' optimizers and hand them back, so
+    a member's saved state is the same whichever way it was trained.
+    """
+    for opt in (src, dst):
+        if not isinstance(opt, keras.optimizers.Adam):
+            raise TypeError(f"copy_optimizer_state supports Adam, got {type(opt).__name__}")
+    dst.iterations.assign(src.iterations)
+    for v in variables:
+        i, j = src._get_variable_index(v), dst._get_variable_index(v)
+        dst._momentums[j].assign(src._momentums[i])
+        dst._velocities[j].assign(src._velocities[i])
+
+
+def accelerator_available() -> bool:
+    """True when the Keras backend sees a GPU (or TPU)."""
+    backend = keras.backend.backend()
+    try:
+        if backend == "tensorflow":
+            import tensorflow as tf
+
+            return bool(tf.config.list_physical_devices("GPU"))
+        if backend == "jax":
+            import jax
+
+            return jax.default_backend() != "cpu"
+        if backend == "torch":
+            import torch
+
+            return bool(torch.cuda.is_available())
+    except Exception:  # a broken accelerator stack means: train on the CPU
+        log.debug("no accelerator check for backend %s", backend, exc_info=True)
+    return False
+
+
+def build_stacked_model(models: list[keras.Model]) -> keras.Model:
+    """One input, one output per member: every member predicts a batch in a single call."""
+    inputs = keras.Input(models[0].inputs[0].shape[1:], name="pixels")
+    outputs = [keras.Model(m.inputs[0], m.outputs[0], name=f"member_{i}")(inputs) for i, m in enumerate(models)]
+    return keras.Model(inputs, outputs, name="stacked_ensemble")
+
+
+def predict_ensemble(models, images: np.ndarray, batch_size: int = 2000) -> np.ndarray:
+    """Inference-mode softmax of every member, (members, N, classes), in one pass over `images`.
+
+    `models` is a list of models or a model from `build_stacked_model`; each
+    batch is converted once and fed to all members in one call.
+    """
+    stacked = models if isinstance(models, keras.Model) else build_stacked_model(list(models))
+    n_members = len(stacked.outputs)
+    out = []
+    for start in range(0, len(images), batch_size):
+        probs = stacked.predict_on_batch(_to_float(images[start : start + batch_size]))
+        probs = probs if isinstance(probs, (list, tuple)) else [probs]
+        out.append(np.stack([np.asarray(p) for p in probs]))
+    if not out:
+        return np.zeros((n_members, 0, stacked.outputs[0].shape[-1]), np.float32)
+    return np.concatenate(out, axis=1).astype(np.float32)
 
 
 def recalibrate_batchnorm(model: keras.Model, images: np.ndarray, batch_size: int = 1000) -> None:

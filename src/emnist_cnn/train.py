@@ -235,6 +235,7 @@ class Member:
     model: object
     epoch: int = 0
     history: list[dict] = field(default_factory=list)
+    val_probs: tuple[int, np.ndarray] | None = None  # (epoch, validation softmax) from the last epoch
 
 
 def weights_path(run_dir: Path, dropout: float, epoch: int, index: int) -> Path:
@@ -253,15 +254,16 @@ def errors_path(run_dir: Path, dropout: float) -> Path:
     return run_dir / dropout_dirname(dropout) / "history" / "errors.csv"
 
 
-def _new_model(config: TrainConfig, data: PreparedData, dropout: float, seed: int):
+def _new_model(config: TrainConfig, data: PreparedData, dropout: float, seed: int, compiled: bool = True):
     import keras
 
     from .model import build_model, compile_model
 
     keras.utils.set_random_seed(seed)
     model = build_model(data.num_classes, dropout, data.mean, data.std, config.model)
-    compile_model(model, config.lr)
-    model.optimizer.build(model.trainable_variables)
+    if compiled:
+        compile_model(model, config.lr)
+        model.optimizer.build(model.trainable_variables)
     return model
 
 
@@ -285,39 +287,86 @@ def _open_member(run_dir: Path, config: TrainConfig, data: PreparedData, dropout
     return member
 
 
-def _train_epoch(member: Member, config: TrainConfig, data: PreparedData, calib: np.ndarray,
-                 ckpt_epochs: set[int], run_dir: Path, verbose: int) -> None:
+def _epoch_batches(member: Member, data: PreparedData, config: TrainConfig, epoch: int):
+    """The member's (rng, permutation) for `epoch`: they depend only on (member seed, epoch),
+    so a resumed run, or a fused one, draws exactly the same batches and warps."""
+    rng = np.random.default_rng([member.seed, epoch])
+    return rng, rng.permutation(len(data.y_train))
+
+
+def _train_group_epoch(group: list[Member], config: TrainConfig, data: PreparedData, calib: np.ndarray,
+                       ckpt_epochs: set[int], run_dir: Path, verbose: int, fused) -> None:
+    """Train every member of `group` (all at the same epoch) for one epoch and record it.
+
+    With a fused model all members take each step together; otherwise one after
+    another. Both draw the same batches and give the same weights.
+    """
     import keras
 
+    from .model import copy_optimizer_state, fused_member_logs
+
+    epoch = group[0].epoch + 1
+    n, bs = len(data.y_train), config.batch_size
+    steps = math.ceil(n / bs)
+    if fused is None:
+        for m in group:
+            t0 = time.perf_counter()
+            rng, perm = _epoch_batches(m, data, config, epoch)
+            bar = keras.utils.Progbar(steps, verbose=1 if verbose else 0, unit_name="step")
+            loss_sum = correct_sum = 0.0
+            for step in range(steps):
+                idx = perm[step * bs : (step + 1) * bs]
+                xb = augment_batch(data.x_train[idx], rng, config.augment)
+                logs = m.model.train_on_batch(xb, data.y_train[idx], return_dict=True)
+                loss_sum += logs["loss"] * len(idx)
+                correct_sum += logs["accuracy"] * len(idx)
+                bar.update(step + 1, values=[("loss", logs["loss"]), ("accuracy", logs["accuracy"])])
+            _finish_epoch(m, epoch, loss_sum / n, correct_sum / n, time.perf_counter() - t0, config, data,
+                          calib, ckpt_epochs, run_dir)
+        return
+    t0 = time.perf_counter()
+    for m in group:
+        copy_optimizer_state(m.model.optimizer, fused.optimizer, m.model.trainable_variables)
+    fused.optimizer.learning_rate.assign(group[0].model.optimizer.learning_rate)
+    streams = [_epoch_batches(m, data, config, epoch) for m in group]
+    bar = keras.utils.Progbar(steps, verbose=1 if verbose else 0, unit_name="step")
+    sums = np.zeros((len(group), 2))
+    for step in range(steps):
+        idxs = [perm[step * bs : (step + 1) * bs] for _, perm in streams]
+        xs = [augment_batch(data.x_train[idx], rng, config.augment) for (rng, _), idx in zip(streams, idxs)]
+        logs = fused.train_on_batch(xs, [data.y_train[idx] for idx in idxs], return_dict=True)
+        per = np.asarray(fused_member_logs(logs, len(group)))
+        sums += per * len(idxs[0])
+        bar.update(step + 1, values=[("loss", per[:, 0].mean()), ("accuracy", per[:, 1].mean())])
+    train_seconds = (time.perf_counter() - t0) / len(group)
+    for k, m in enumerate(group):
+        copy_optimizer_state(fused.optimizer, m.model.optimizer, m.model.trainable_variables)
+        t1 = time.perf_counter()
+        _finish_epoch(m, epoch, sums[k, 0] / n, sums[k, 1] / n, None, config, data, calib, ckpt_epochs, run_dir,
+                      train_seconds=train_seconds)
+        log.debug("member %d finished in %.1f s", m.index, time.perf_counter() - t1)
+
+
+def _finish_epoch(member: Member, epoch: int, loss: float, accuracy: float, seconds: float | None,
+                  config: TrainConfig, data: PreparedData, calib: np.ndarray, ckpt_epochs: set[int],
+                  run_dir: Path, train_seconds: float = 0.0) -> None:
+    """BatchNormalization recalibration, validation, then checkpoint, history row and state, in that order."""
     from .model import predict_probabilities, recalibrate_batchnorm
 
-    epoch = member.epoch + 1
-    model = member.model
-    # The epoch's shuffle and augmentation depend only on (member seed, epoch): a resumed run draws the same.
-    rng = np.random.default_rng([member.seed, epoch])
-    n, bs = len(data.y_train), config.batch_size
-    perm = rng.permutation(n)
-    steps = math.ceil(n / bs)
-    bar = keras.utils.Progbar(steps, verbose=1 if verbose else 0, unit_name="step")
     t0 = time.perf_counter()
-    loss_sum, correct_sum = 0.0, 0.0
-    for step in range(steps):
-        idx = perm[step * bs : (step + 1) * bs]
-        xb = augment_batch(data.x_train[idx], rng, config.augment)
-        logs = model.train_on_batch(xb, data.y_train[idx], return_dict=True)
-        loss_sum += logs["loss"] * len(idx)
-        correct_sum += logs["accuracy"] * len(idx)
-        bar.update(step + 1, values=[("loss", logs["loss"]), ("accuracy", logs["accuracy"])])
+    model = member.model
     if config.bn_recalibration_images > 0:
         recalibrate_batchnorm(model, calib)
     val_loss = val_acc = float("nan")
     if len(data.y_val):
         p = predict_probabilities(model, data.x_val)
+        member.val_probs = (epoch, p)
         val_loss = evaluate_loss(p, data.y_val)
         val_acc = 1.0 - evaluate_error(p, data.y_val).pct / 100.0
-    lr = float(model.optimizer.learning_rate.numpy())
-    seconds = time.perf_counter() - t0
-    row = {"epoch": epoch, "loss": f"{loss_sum / n:.6f}", "accuracy": f"{correct_sum / n:.6f}",
+    lr = float(keras_value(model.optimizer.learning_rate))
+    # A fused epoch's training time is shared equally among its members.
+    seconds = (seconds if seconds is not None else train_seconds + time.perf_counter() - t0)
+    row = {"epoch": epoch, "loss": f"{loss:.6f}", "accuracy": f"{accuracy:.6f}",
            "val_loss": f"{val_loss:.6f}", "val_accuracy": f"{val_acc:.6f}", "learning_rate": f"{lr:.6g}",
            "seconds": f"{seconds:.2f}"}
     # Order matters for crash safety: checkpoint weights, then history, then state.
@@ -331,28 +380,50 @@ def _train_epoch(member: Member, config: TrainConfig, data: PreparedData, calib:
     member.epoch = epoch
     val_txt = f"val_loss {val_loss:.4f} val_error {100 * (1 - val_acc):.3f}%" if len(data.y_val) else "no val split"
     log.info("dropout %g model %d epoch %d/%d: loss %.4f accuracy %.2f%% %s lr %.3g (%.1f s)",
-             member.dropout, member.index, epoch, config.epochs, loss_sum / n, 100 * correct_sum / n,
-             val_txt, lr, seconds)
+             member.dropout, member.index, epoch, config.epochs, loss, 100 * accuracy, val_txt, lr, seconds)
+
+
+def keras_value(variable) -> float:
+    import keras
+
+    return float(keras.ops.convert_to_numpy(variable))
 
 
 # ----------------------------------------------------------------------------- evaluation
 
 
 def evaluate_checkpoint(run_dir: Path, config: TrainConfig, data: PreparedData, dropout: float,
-                        epoch: int, scratch=None) -> list[dict]:
-    """Errors of every member and of the ensemble at one checkpoint, on val and test."""
-    from .model import predict_probabilities
+                        epoch: int, members: dict[int, Member] | None = None) -> list[dict]:
+    """Errors of every member and of the ensemble at one checkpoint, on val and test.
 
-    model = scratch or _new_model(config, data, dropout, 0)
-    probs = {"val": [], "test": []}
+    Members held in memory at exactly `epoch` are used as they are (their weights
+    are the checkpoint's) with the validation softmax of their last epoch; the
+    others are loaded from their checkpoint files. All members predict in one pass.
+    """
+    from .model import predict_ensemble
+
+    members = members or {}
+    models, val = [], {}
     for i in range(config.models):
+        m = members.get(i)
+        if m is not None and m.epoch == epoch:
+            models.append(m.model)
+            if m.val_probs is not None and m.val_probs[0] == epoch:
+                val[i] = m.val_probs[1]
+            continue
         path = weights_path(run_dir, dropout, epoch, i)
+        model = _new_model(config, data, dropout, 0, compiled=False)
         try:
             model.load_weights(path)
         except Exception as exc:  # h5py/keras raise many types for damaged files
             raise RunDirError(f"{path}: cannot load checkpoint weights ({exc})") from exc
-        probs["val"].append(predict_probabilities(model, data.x_val))
-        probs["test"].append(predict_probabilities(model, data.x_test))
+        models.append(model)
+    probs = {"test": list(predict_ensemble(models, data.x_test)), "val": [None] * config.models}
+    missing = [i for i in range(config.models) if i not in val]
+    if len(data.y_val) and missing:
+        for i, p in zip(missing, predict_ensemble([models[i] for i in missing], data.x_val)):
+            val[i] = p
+    probs["val"] = [val.get(i) for i in range(config.models)]
     rows = []
     labels = {"val": data.y_val, "test": data.y_test}
     for split in ("val", "test"):
@@ -391,43 +462,49 @@ def _evaluated_epochs(run_dir: Path, dropout: float) -> set[int]:
 
 
 def train_ensembles(config: TrainConfig, run_dir, data: PreparedData, *, fixed_lr: float | None = None,
-                    verbose: int = 1) -> list[dict]:
+                    verbose: int = 1, fused: bool | None = None) -> list[dict]:
     """Train (or resume) every ensemble of the run; returns the last checkpoint's error rows.
 
     `fixed_lr` sets the learning rate for the epochs this call trains (the
     reference's "continue with a fixed learning rate"); without it the run's
-    configured rate is used.
+    configured rate is used. `fused` trains each ensemble's members in one
+    compiled step (same results as one by one); None: on a GPU only.
     """
     run_dir = Path(run_dir)
     with RunLock(run_dir):
         _remove_stale_temporaries(run_dir)
         config = open_run(run_dir, config, data)
         _append_invocation(run_dir, {"time": _now(), "argv": sys.argv, "epochs": config.epochs,
-                                     "fixed_lr": fixed_lr})
+                                     "fixed_lr": fixed_lr, "fused": fused})
         lr = fixed_lr if fixed_lr is not None else config.lr
         ckpts = config.checkpoint_epochs()
         calib_rng = np.random.default_rng([config.seed, 7])
         n_cal = min(config.bn_recalibration_images, len(data.y_train))
         calib = data.x_train[np.sort(calib_rng.choice(len(data.y_train), n_cal, replace=False))]
         final_rows: list[dict] = []
+        use_fused = fused_by_default() if fused is None else fused
         for dropout in config.dropouts:
             members: dict[int, Member] = {}
-            scratch = None  # one model per rate to load checkpoints into, not one per checkpoint
+            fused_models: dict[tuple[int, ...], object] = {}  # built once per group of members
             done = _evaluated_epochs(run_dir, dropout)
             for target in ckpts:
                 for i in range(config.models):
                     if i not in members:
                         members[i] = _open_member(run_dir, config, data, dropout, i, lr)
-                    m = members[i]
-                    while m.epoch < target:
-                        _train_epoch(m, config, data, calib, set(ckpts), run_dir, verbose)
+                # Epoch by epoch, the members furthest behind first: after an interruption
+                # they catch up, then all train together again.
+                while pending := [m for m in members.values() if m.epoch < target]:
+                    low = min(m.epoch for m in pending)
+                    group = [m for m in pending if m.epoch == low]
+                    model = _fused_model(group, fused_models, lr) if use_fused else None
+                    _train_group_epoch(group, config, data, calib, set(ckpts), run_dir, verbose, model)
+                for i, m in members.items():
                     # A checkpoint epoch can be new to an epoch already trained (a changed --epochs
                     # or --checkpoint-every): its state holds exactly those weights.
                     if m.epoch == target and not weights_path(run_dir, dropout, target, i).exists():
                         save_weights_atomic(m.model, weights_path(run_dir, dropout, target, i))
                 if target not in done and _has_all_weights(run_dir, config, dropout, target):
-                    scratch = scratch or _new_model(config, data, dropout, 0)
-                    rows = evaluate_checkpoint(run_dir, config, data, dropout, target, scratch)
+                    rows = evaluate_checkpoint(run_dir, config, data, dropout, target, members)
                     _record_checkpoint(run_dir, dropout, target, rows)
                     done.add(target)
                     ens = {r["split"]: r for r in rows if r["model"] == "ensemble"}
@@ -440,8 +517,36 @@ def train_ensembles(config: TrainConfig, run_dir, data: PreparedData, *, fixed_l
                 log.warning("dropout %g: no evaluation at epoch %d (not every member has its weights)",
                             dropout, last)
             final_rows += rows
-            del members
+            del members, fused_models
         return final_rows
+
+
+def fused_by_default() -> bool:
+    """Fuse members where it pays: on a GPU, whose steps a single 600k-parameter member leaves mostly idle.
+
+    On a CPU one member's step already keeps every core busy; fusing there gains
+    little and holds every member's activations at once (see README, Performance).
+    """
+    from .model import accelerator_available
+
+    return accelerator_available()
+
+
+def _fused_model(group: list[Member], cache: dict, lr: float):
+    """The fused model for `group`, or None when it has one member or its optimizers' step counts differ."""
+    from .model import build_fused_model
+
+    if len(group) < 2:
+        return None
+    steps = {int(keras_value(m.model.optimizer.iterations)) for m in group}
+    if len(steps) > 1:
+        log.info("members %s have taken different numbers of optimizer steps (%s); training them one by one",
+                 [m.index for m in group], sorted(steps))
+        return None
+    key = tuple(m.index for m in group)
+    if key not in cache:
+        cache[key] = build_fused_model([m.model for m in group], lr)
+    return cache[key]
 
 
 def _remove_stale_temporaries(run_dir: Path) -> None:
@@ -461,7 +566,8 @@ def _pct(row: dict | None) -> str:
 
 
 def train_and_evaluate(config: TrainConfig, run_dir, *, data_dir=None, mirror=None, fixed_lr=None,
-                       dataset=None, download: bool = True, verbose: int = 1) -> list[dict]:
+                       dataset=None, download: bool = True, verbose: int = 1,
+                       fused: bool | None = None) -> list[dict]:
     """Load (or download) the data, then train and evaluate every ensemble in `run_dir`."""
     check_compatible(Path(run_dir), config)  # before a download or a long parse, not after
     if dataset is None:
@@ -473,4 +579,4 @@ def train_and_evaluate(config: TrainConfig, run_dir, *, data_dir=None, mirror=No
         data.data_dir = str(Path(data_dir).resolve())
     log.info("data: %s, %d train / %d val / %d test images, %d classes", data.name, len(data.y_train),
              len(data.y_val), len(data.y_test), data.num_classes)
-    return train_ensembles(config, run_dir, data, fixed_lr=fixed_lr, verbose=verbose)
+    return train_ensembles(config, run_dir, data, fixed_lr=fixed_lr, verbose=verbose, fused=fused)

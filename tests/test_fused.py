@@ -1,0 +1,148 @@
+"""Fused ensemble training and one-pass ensemble inference give the same numbers as one member at a time."""
+
+import csv
+import shutil
+
+import numpy as np
+import pytest
+
+import emnist_cnn  # noqa: F401  (selects the backend before keras is imported)
+import keras
+from emnist_cnn.config import ModelConfig, TrainConfig
+from emnist_cnn.data import load_dataset
+from emnist_cnn.model import (
+    build_fused_model,
+    build_model,
+    compile_model,
+    copy_optimizer_state,
+    fused_member_logs,
+    predict_ensemble,
+    predict_probabilities,
+)
+from emnist_cnn.train import state_path, train_and_evaluate, weights_path
+
+TINY = TrainConfig(dataset="mnist", dropouts=(0.3,), models=3, epochs=2, checkpoint_every=1, batch_size=64,
+                   val_fraction=0.2, bn_recalibration_images=200)
+
+
+@pytest.fixture
+def tiny(tiny_mnist_dir):
+    return load_dataset("mnist", tiny_mnist_dir)
+
+
+def read_rows(path, drop=("seconds",)):
+    with open(path, newline="") as f:
+        return [{k: v for k, v in r.items() if k not in drop} for r in csv.DictReader(f)]
+
+
+def state_arrays(path):
+    with np.load(path, allow_pickle=False) as z:
+        return {k: z[k] for k in z.files if k != "meta"}
+
+
+def members(n, seed0=100, dropout=0.3):
+    out = []
+    for i in range(n):
+        keras.utils.set_random_seed(seed0 + i)
+        m = compile_model(build_model(10, dropout), 1e-3)
+        m.optimizer.build(m.trainable_variables)
+        out.append(m)
+    return out
+
+
+def test_fused_step_equals_one_step_per_member():
+    """Summed losses give each member exactly its own gradient; dropout and Adam stay per member."""
+    rng = np.random.default_rng(0)
+    batches = [[(rng.random((32, 28, 28, 1), dtype=np.float32), rng.integers(0, 10, 32)) for _ in range(3)]
+               for _ in range(4)]
+    one_by_one = members(3)
+    logs_seq = []
+    for step in batches:
+        logs_seq.append([m.train_on_batch(x, y, return_dict=True) for m, (x, y) in zip(one_by_one, step)])
+    together = members(3)
+    fused = build_fused_model(together, 1e-3)
+    for k, step in enumerate(batches):
+        logs = fused.train_on_batch([x for x, _ in step], [y for _, y in step], return_dict=True)
+        for (loss, acc), ref in zip(fused_member_logs(logs, 3), logs_seq[k]):
+            assert loss == pytest.approx(ref["loss"], rel=1e-6)
+            assert acc == pytest.approx(ref["accuracy"], abs=1e-7)
+    for a, b in zip(one_by_one, together):
+        for wa, wb in zip(a.get_weights(), b.get_weights()):
+            np.testing.assert_array_equal(wa, wb)
+        # The fused optimizer's moments, handed back, are the member's own.
+        copy_optimizer_state(fused.optimizer, b.optimizer, b.trainable_variables)
+        assert int(b.optimizer.iterations.numpy()) == int(a.optimizer.iterations.numpy()) == 4
+        for va, vb in zip(a.optimizer.variables, b.optimizer.variables):
+            np.testing.assert_array_equal(np.asarray(va), np.asarray(vb))
+
+
+def test_fused_run_equals_sequential_run(tmp_path, tiny):
+    """Same histories, errors, checkpoints and states, whichever way the members trained."""
+    train_and_evaluate(TINY, tmp_path / "seq", dataset=tiny, verbose=0, fused=False)
+    train_and_evaluate(TINY, tmp_path / "fused", dataset=tiny, verbose=0, fused=True)
+    hist = tmp_path / "{}" / "dropout_0.3" / "history"
+    for i in range(TINY.models):
+        assert read_rows(str(hist / f"model_{i}.csv").format("seq")) == \
+            read_rows(str(hist / f"model_{i}.csv").format("fused"))
+    assert read_rows(str(hist / "errors.csv").format("seq")) == read_rows(str(hist / "errors.csv").format("fused"))
+    for i in range(TINY.models):
+        for epoch in (1, 2):
+            a, b = build_model(10, 0.3), build_model(10, 0.3)
+            a.load_weights(weights_path(tmp_path / "seq", 0.3, epoch, i))
+            b.load_weights(weights_path(tmp_path / "fused", 0.3, epoch, i))
+            for wa, wb in zip(a.get_weights(), b.get_weights()):
+                np.testing.assert_array_equal(wa, wb)
+        sa = state_arrays(state_path(tmp_path / "seq", 0.3, i))
+        sb = state_arrays(state_path(tmp_path / "fused", 0.3, i))
+        assert sa.keys() == sb.keys()
+        for k in sa:
+            np.testing.assert_array_equal(sa[k], sb[k], err_msg=f"model {i} {k}")
+    # Members differ from each other (their own seeds), so the comparison above is not vacuous.
+    h0 = read_rows(str(hist / "model_0.csv").format("fused"))
+    h1 = read_rows(str(hist / "model_1.csv").format("fused"))
+    assert h0[0]["loss"] != h1[0]["loss"]
+
+
+def test_fused_resume_catches_up_a_member_left_behind(tmp_path, tiny):
+    """An interruption can leave members at different epochs: the laggard trains alone, then all fuse again."""
+    cfg = TINY.replace(epochs=3)
+    train_and_evaluate(cfg, tmp_path / "straight", dataset=tiny, verbose=0, fused=True)
+    run = tmp_path / "resumed"
+    train_and_evaluate(cfg.replace(epochs=2), run, dataset=tiny, verbose=0, fused=True)
+    # Roll member 1 back to its epoch-1 state, as if it was killed before its epoch-2 state landed.
+    latest = state_path(run, 0.3, 1)
+    shutil.copy(latest.with_name("model_1.prev.npz"), latest)
+    train_and_evaluate(cfg, run, dataset=tiny, verbose=0, fused=True)
+    for i in range(cfg.models):
+        a = read_rows(tmp_path / "straight" / "dropout_0.3" / "history" / f"model_{i}.csv")
+        b = read_rows(run / "dropout_0.3" / "history" / f"model_{i}.csv")
+        assert [r["epoch"] for r in b] == ["1", "2", "3"]
+        assert a == b
+        sa, sb = state_arrays(state_path(tmp_path / "straight", 0.3, i)), state_arrays(state_path(run, 0.3, i))
+        for k in sa:
+            np.testing.assert_array_equal(sa[k], sb[k], err_msg=f"model {i} {k}")
+
+
+def test_predict_ensemble_matches_member_by_member():
+    models = members(3)
+    images = np.random.default_rng(1).integers(0, 256, (130, 28, 28), dtype=np.uint8)
+    stacked = predict_ensemble(models, images, batch_size=50)
+    assert stacked.shape == (3, 130, 10)
+    for m, p in zip(models, stacked):
+        np.testing.assert_allclose(p, predict_probabilities(m, images), rtol=0, atol=1e-6)
+    assert predict_ensemble(models, images[:0]).shape == (3, 0, 10)
+
+
+def test_mixed_bfloat16_trains_with_float32_weights(tmp_path, tiny):
+    """bfloat16 compute keeps float32 variables: checkpoints load into a float32 model."""
+    cfg = TINY.replace(models=1, epochs=1, model=ModelConfig(precision="mixed_bfloat16"))
+    train_and_evaluate(cfg, tmp_path / "bf16", dataset=tiny, verbose=0)
+    model = build_model(10, 0.3, cfg=ModelConfig(precision="mixed_bfloat16"))
+    assert model.get_layer(index=2).compute_dtype == "bfloat16"
+    assert all(w.dtype == np.float32 for w in model.get_weights())
+    plain = build_model(10, 0.3)
+    plain.load_weights(weights_path(tmp_path / "bf16", 0.3, 1, 0))
+    rows = read_rows(tmp_path / "bf16" / "dropout_0.3" / "history" / "errors.csv")
+    assert any(r["model"] == "ensemble" for r in rows)
+    hist = read_rows(tmp_path / "bf16" / "dropout_0.3" / "history" / "model_0.csv")
+    assert np.isfinite(float(hist[0]["loss"]))

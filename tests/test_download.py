@@ -506,3 +506,83 @@ def test_progress_bar_goes_to_stderr_and_can_be_disabled(server, blob, tmp_path,
     get(server, tmp_path / "b.bin", progress=True)
     captured = capsys.readouterr()
     assert "b.bin" in captured.err and captured.out == ""
+
+
+# --------------------------------------------------------------------------- stalls, through the command line
+
+
+def _cli_download(data_dir, mirror, *extra, timeout=60):
+    """`emnist-cnn download` in a subprocess, as a user runs it (no proxy, no mirror from the environment)."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items()
+           if k.lower() not in ("http_proxy", "https_proxy", "all_proxy") and k not in (dl.MIRROR_ENV, dl.DATA_ENV)}
+    return subprocess.run([sys.executable, "-m", "emnist_cnn", "download", "--data-dir", str(data_dir),
+                           "--mirror", mirror, "--format", "mat", *extra], capture_output=True, text=True,
+                          timeout=timeout, env=env)
+
+
+def _error_lines(stderr: str) -> list[str]:
+    return [line for line in stderr.splitlines() if "error" in line.lower()]
+
+
+@pytest.fixture
+def matlab_zip():
+    mat = random.Random(2).randbytes(200_000)
+    return {"mat": mat, "zip": make_zip({"matlab/emnist-digits.mat": mat})}
+
+
+def test_cli_download_from_a_silent_server_stops_with_one_line_then_resumes(server, matlab_zip, tmp_path):
+    """A server that accepts the connection and never answers: a clear stall after --timeout, no traceback."""
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(8)  # the kernel completes the handshake; nobody ever reads or answers
+    data_dir = tmp_path / "data"
+    try:
+        t0 = time.monotonic()
+        r = _cli_download(data_dir, f"http://127.0.0.1:{silent.getsockname()[1]}", "--timeout", "1")
+        elapsed = time.monotonic() - t0
+    finally:
+        silent.close()
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    [line] = _error_lines(r.stderr)
+    assert line.startswith("emnist-cnn: error: download of ") and "stalled: no data for 1 s" in line
+    assert "nothing received" in line and "rerun to resume" in line
+    assert elapsed < 20  # the timeout, not the default 60 s
+    assert not (data_dir / "emnist-digits.mat").exists()
+    # A later run against a good server gets the file.
+    server.files["/matlab.zip"] = matlab_zip["zip"]
+    r = _cli_download(data_dir, server.url, "--timeout", "5")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == str(data_dir / "emnist-digits.mat")
+    assert (data_dir / "emnist-digits.mat").read_bytes() == matlab_zip["mat"]
+
+
+def test_cli_download_stalled_mid_body_keeps_the_part_and_the_next_run_resumes(server, matlab_zip, tmp_path):
+    """Headers and part of the body, then silence: the partial file is kept and the next run resumes it."""
+    server.files["/matlab.zip"] = matlab_zip["zip"]
+    server.stall_after = 100_000
+    data_dir = tmp_path / "data"
+    r = _cli_download(data_dir, server.url, "--timeout", "1")
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    [line] = _error_lines(r.stderr)
+    part = data_dir / "matlab.zip.part"
+    assert "stalled: no data for 1 s" in line and f"100000 bytes kept in {part}" in line
+    assert part.stat().st_size == 100_000
+    server.stall_after = None
+    r = _cli_download(data_dir, server.url, "--timeout", "5")
+    assert r.returncode == 0, r.stderr
+    assert server.ranges() == [None, "bytes=100000-"]  # resumed, not started again
+    assert (data_dir / "emnist-digits.mat").read_bytes() == matlab_zip["mat"]
+    assert not part.exists()
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "nan", "inf", "soon"])
+def test_cli_download_timeout_must_be_a_positive_number(tmp_path, value):
+    r = _cli_download(tmp_path / "data", "http://127.0.0.1:9", "--timeout", value, timeout=30)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "--timeout" in lines[0], r.stderr
+    assert not (tmp_path / "data").exists()

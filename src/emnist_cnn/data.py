@@ -16,6 +16,7 @@ import gzip
 import hashlib
 import json
 import logging
+import math
 import os
 import shutil
 import struct
@@ -39,6 +40,8 @@ FORMATS: tuple[str, ...] = ("idx", "mat")
 IMAGE_SIDE = 28
 IDX_IMAGES_MAGIC = 2051  # 0x00000803: unsigned bytes, 3 dimensions
 IDX_LABELS_MAGIC = 2049  # 0x00000801: unsigned bytes, 1 dimension
+# Largest label value a mapping may name (EMNIST's are 0..61); bounds the label lookup table.
+MAX_LABEL = 0xFFFF
 
 # Bump when the cache layout or decoding changes, so old entries are not reused.
 _CACHE_VERSION = 1
@@ -229,7 +232,7 @@ def _idx_header(path: Path, data: bytes, magic: int, ndim: int) -> tuple[int, ..
         raise DataError(f"{path}: wrong magic number {found} (expected {magic} for an idx {kind} file)")
     dims = struct.unpack(f">{ndim}I", data[4:header_len])
     payload = len(data) - header_len
-    expected = int(np.prod(dims, dtype=np.int64))
+    expected = math.prod(dims)  # exact: three 32-bit dimensions can overflow int64
     if payload < expected:
         raise DataError(f"{path}: truncated payload: header {dims} needs {expected} bytes, only {payload} present")
     if payload > expected:
@@ -271,7 +274,9 @@ def read_mapping_txt(path: str | os.PathLike[str]) -> np.ndarray:
         except ValueError:
             values = []
         if len(values) not in (2, 3) or (rows and len(values) != len(rows[0])):
-            raise DataError(f"{path}: line {lineno}: expected 'label ascii [ascii2]', got {line.strip()!r}")
+            raise DataError(f"{path}: line {lineno}: expected 'label ascii [ascii2]', got {line.strip()[:80]!r}")
+        if not all(0 <= v <= 0x10FFFF for v in values):
+            raise DataError(f"{path}: line {lineno}: values must be in 0..{0x10FFFF}, got {line.strip()[:80]!r}")
         rows.append(values)
     if not rows:
         raise DataError(f"{path}: empty mapping file")
@@ -293,12 +298,21 @@ def _classes_and_lut(mapping: np.ndarray, where: str) -> tuple[tuple[str, ...], 
     mapping = np.asarray(mapping)
     if mapping.ndim != 2 or mapping.shape[1] not in (2, 3) or mapping.shape[0] == 0:
         raise DataError(f"{where}: mapping has shape {mapping.shape}, expected (C, 2) or (C, 3)")
+    if mapping.dtype == np.bool_ or not (np.issubdtype(mapping.dtype, np.integer)
+                                         or np.issubdtype(mapping.dtype, np.floating)):
+        raise DataError(f"{where}: mapping holds {mapping.dtype} values, expected integers")
     if not np.all(np.isfinite(mapping)) or not np.array_equal(mapping, np.round(mapping)):
         raise DataError(f"{where}: mapping holds non-integer values")
+    # Bounded before the int64 cast (a float 1e300 has no int64 value) and before the lookup
+    # table below is allocated with one entry per label value.
+    if mapping.min() < 0 or mapping.max() > 0x10FFFF:
+        raise DataError(f"{where}: mapping holds values outside 0..{0x10FFFF} (labels and character codes)")
     mapping = mapping.astype(np.int64)
     mapping = mapping[np.argsort(mapping[:, 0], kind="stable")]
     labels, codes = mapping[:, 0], mapping[:, 1]
-    if labels.min() < 0 or np.unique(labels).size != labels.size:
+    if labels.max() > MAX_LABEL:
+        raise DataError(f"{where}: mapping labels must be at most {MAX_LABEL}, got {int(labels.max())}")
+    if np.unique(labels).size != labels.size:
         raise DataError(f"{where}: mapping labels must be distinct and non-negative")
     if codes.min() < 0 or codes.max() > 0x10FFFF:
         raise DataError(f"{where}: mapping holds invalid character codes")
@@ -307,7 +321,7 @@ def _classes_and_lut(mapping: np.ndarray, where: str) -> tuple[tuple[str, ...], 
     return tuple(chr(int(c)) for c in codes), lut
 
 
-def _map_labels(y: np.ndarray, lut: np.ndarray, where: str) -> np.ndarray:
+def _map_labels(y: np.ndarray, lut: np.ndarray, where: str, mapping_where: str = "the mapping") -> np.ndarray:
     y = np.asarray(y).astype(np.int64, copy=False).ravel()
     if y.size == 0:
         return y
@@ -317,7 +331,7 @@ def _map_labels(y: np.ndarray, lut: np.ndarray, where: str) -> np.ndarray:
         valid = np.flatnonzero(lut >= 0)
         raise DataError(
             f"{where}: {int(bad.sum())} labels outside the mapping's range "
-            f"(e.g. {int(y[bad][0])}; mapping has labels {valid.min()}..{valid.max()})"
+            f"(e.g. {int(y[bad][0])}; {mapping_where} has labels {valid.min()}..{valid.max()})"
         )
     return lut[y]
 
@@ -364,7 +378,7 @@ def _decode_idx(name: str, files: dict[str, Any]) -> dict[str, Any]:
         y = read_idx_labels(lab_path)
         _check_counts(x, y, str(img_path), str(lab_path))
         out[f"x_{split}"] = x.copy() if name == "mnist" else _emnist_upright(x)
-        out[f"y_{split}"] = _map_labels(y, lut, str(lab_path))
+        out[f"y_{split}"] = _map_labels(y, lut, str(lab_path), map_where)
     return out
 
 
@@ -392,8 +406,11 @@ def _decode_mat(name: str, files: dict[str, Any]) -> dict[str, Any]:
     path = Path(files["mat"])
     try:
         mat = loadmat(path)
-    except MemoryError:
-        raise
+    except MemoryError as exc:
+        # A damaged header (or a MATLAB v4 one) can declare arrays far larger than the file.
+        size = path.stat().st_size if path.exists() else 0
+        raise DataError(f"{path}: not a readable MATLAB .mat file: it declares arrays too large for this "
+                        f"machine's memory ({size} bytes on disk; corrupt, or too little memory)") from exc
     except Exception as exc:  # noqa: BLE001 - scipy raises many types on corrupt input
         raise DataError(f"{path}: not a readable MATLAB .mat file ({type(exc).__name__}: {exc})") from exc
     if "dataset" not in mat:
@@ -410,7 +427,8 @@ def _decode_mat(name: str, files: dict[str, Any]) -> dict[str, Any]:
         if x.ndim != 2 or x.shape[1] != IMAGE_SIDE * IMAGE_SIDE:
             raise DataError(f"{where}.images has shape {x.shape}, expected (N, {IMAGE_SIDE * IMAGE_SIDE})")
         if x.dtype != np.uint8:
-            if x.size and (not np.issubdtype(x.dtype, np.number) or x.min() < 0 or x.max() > 255):
+            if x.size and (not np.issubdtype(x.dtype, np.number) or np.issubdtype(x.dtype, np.complexfloating)
+                           or not np.all(np.isfinite(x)) or x.min() < 0 or x.max() > 255):
                 raise DataError(f"{where}.images has dtype {x.dtype} with values outside 0..255")
             x = x.astype(np.uint8)
         if y.ndim > 2 or (y.ndim == 2 and y.shape[1] != 1):
@@ -422,7 +440,7 @@ def _decode_mat(name: str, files: dict[str, Any]) -> dict[str, Any]:
             raise DataError(f"{where}.labels holds non-integer values")
         _check_counts(x, y, f"{where}.images", f"{where}.labels")
         out[f"x_{split}"] = _emnist_upright(x)
-        out[f"y_{split}"] = _map_labels(y, lut, f"{where}.labels")
+        out[f"y_{split}"] = _map_labels(y, lut, f"{where}.labels", "dataset.mapping")
         if split == "train":
             try:
                 writers = np.asarray(part["writers"]).ravel()
@@ -431,6 +449,9 @@ def _decode_mat(name: str, files: dict[str, Any]) -> dict[str, Any]:
                 continue
             if writers.size != len(y):
                 raise DataError(f"{where}.writers has {writers.size} entries for {len(y)} images")
+            if writers.size and (writers.dtype == np.bool_ or not np.issubdtype(writers.dtype, np.number)
+                                 or not np.all(np.isfinite(writers)) or np.abs(writers).max() >= 2**53):
+                raise DataError(f"{where}.writers holds {writers.dtype} values, expected integer writer ids")
             out["writers_train"] = writers.astype(np.int64)
     return out
 

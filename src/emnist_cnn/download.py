@@ -376,9 +376,10 @@ def _parse_content_range(value: str | None) -> tuple[int | None, int | None]:
 
 
 def _stalled(url: str, timeout: float, part: Path, received: int) -> DownloadError:
+    kept = f"{received} bytes kept in {part}" if received else "nothing received"
     return DownloadError(
-        f"download of {url} stalled: no data for {timeout:g} s "
-        f"({received} bytes kept in {part}); rerun to resume"
+        f"download of {url} stalled: no data for {timeout:g} s ({kept}); rerun to resume "
+        "(`emnist-cnn download --timeout SECONDS` waits longer)"
     )
 
 

@@ -309,7 +309,11 @@ def select(run_dir, config: TrainConfig, *, dropout: float | None = None, epoch=
     candidates = [c for c in candidates if c is not None]
     if not candidates:
         what = "every member" if not isinstance(which, int) else f"member {which}"
-        at = "any epoch" if epoch == "latest" else f"epoch {epoch}"
+        available = sorted({e for d in rates for e in _usable_epochs(run_dir, config, d, which)})
+        if epoch not in ("latest", None) and available:
+            raise ConfigError(f"--epoch {epoch}: no checkpoint with {what} of dropout "
+                              f"{', '.join(f'{d:g}' for d in rates)}; available: {', '.join(map(str, available))}")
+        at = "any epoch" if epoch in ("latest", None) else f"epoch {epoch}"
         raise RunDirError(f"{run_dir}: no weights checkpoint with {what} at {at} "
                           f"(dropout {', '.join(f'{d:g}' for d in rates)})")
     if len(candidates) == 1:
@@ -322,13 +326,17 @@ def select(run_dir, config: TrainConfig, *, dropout: float | None = None, epoch=
     return chosen
 
 
-def _select_one(run_dir: Path, config: TrainConfig, dropout: float, epoch, which) -> Selection | None:
+def _usable_epochs(run_dir: Path, config: TrainConfig, dropout: float, which) -> list[int]:
+    """Checkpoint epochs holding what `which` needs: member `which`, or every member."""
     ckpts = _checkpoints(run_dir, dropout)
-    everyone = set(range(config.models))
     if isinstance(which, int):
-        usable = sorted(e for e, have in ckpts.items() if which in have)
-    else:
-        usable = sorted(e for e, have in ckpts.items() if everyone <= have)
+        return sorted(e for e, have in ckpts.items() if which in have)
+    return sorted(e for e, have in ckpts.items() if set(range(config.models)) <= have)
+
+
+def _select_one(run_dir: Path, config: TrainConfig, dropout: float, epoch, which) -> Selection | None:
+    everyone = set(range(config.models))
+    usable = _usable_epochs(run_dir, config, dropout, which)
     if epoch == "latest" or epoch is None:
         if not usable:
             return None
@@ -382,6 +390,9 @@ def export_run(run_dir, *, dropout: float | None = None, epoch="latest", model="
                formats: Sequence[str] = FORMATS, strict: bool = False) -> dict:
     """Export a run's best member, ensemble, or member I; returns the metadata written."""
     run_dir = Path(run_dir)
+    _parse_model(model)  # a malformed flag is reported as such, before the run is opened
+    if epoch not in ("latest", None) and not str(epoch).strip().isdigit():
+        raise ConfigError(f"--epoch must be an epoch number or 'latest', got {epoch!r}")
     config, saved = read_run_config(run_dir)
     sel = select(run_dir, config, dropout=dropout, epoch=epoch, model=model)
     members = [load_member(run_dir, config, saved, sel.dropout, sel.epoch, i) for i in sel.members]

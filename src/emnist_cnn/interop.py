@@ -158,7 +158,7 @@ def read_reference_weights(path) -> ReferenceWeights:
             return out
     except WeightsError:
         raise
-    except (OSError, KeyError, ValueError, TypeError) as exc:
+    except Exception as exc:  # h5py raises OSError, KeyError, ValueError, TypeError, RuntimeError... on damage
         raise WeightsError(f"{path}: unreadable HDF5 weights file, truncated or corrupt ({_one_line(exc)})") from exc
 
 
@@ -429,7 +429,7 @@ def load_weights_any(model, path) -> dict:
         with h5py.File(path, "r") as f:
             reference = _keras2_root(f) is not None and _keras_version(f, _keras2_root(f)).startswith("2.")
             shapes = _keras3_shapes(f) if not reference else None
-    except OSError as exc:
+    except Exception as exc:  # OSError for a non-HDF5 file; RuntimeError, KeyError... for damaged metadata
         raise WeightsError(f"{path}: not a readable HDF5 weights file, truncated or not HDF5 "
                            f"({_one_line(exc)})") from exc
     if reference:

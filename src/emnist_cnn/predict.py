@@ -30,7 +30,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from .errors import DataError, EmnistCnnError
+from .errors import ConfigError, DataError, EmnistCnnError
 
 log = logging.getLogger(__name__)
 
@@ -282,7 +282,8 @@ def _finish(path: Path, kind: str, model_or_fn, n_out: int, meta: dict, default_
 def _load_keras(path: Path, meta: dict) -> Predictor:
     import keras
 
-    model = keras.saving.load_model(path, compile=False)
+    # safe_mode (Keras' default, spelled out): a file carrying Python code (a Lambda's bytecode) is refused.
+    model = keras.saving.load_model(path, compile=False, safe_mode=True)
     return _finish(path, "keras", model, model.output_shape[-1], meta)
 
 
@@ -301,7 +302,8 @@ def _load_json(path: Path, meta: dict) -> Predictor:
     weights = next((c for c in candidates if c.is_file()), None)
     if weights is None:
         raise DataError(f"{path}: no weights beside it ({candidates[0].name})")
-    model = keras.models.model_from_json(text)
+    # What keras.models.model_from_json does, with safe mode explicit: no code from the file runs.
+    model = keras.saving.deserialize_keras_object(spec, safe_mode=True)
     from .interop import load_weights_any
 
     load_weights_any(model, weights)
@@ -424,7 +426,7 @@ def register(subparsers) -> argparse.ArgumentParser:
 
 def cmd_predict(args: argparse.Namespace) -> int:
     if args.top < 1:
-        raise DataError(f"--top must be >= 1, got {args.top}")
+        raise ConfigError(f"--top must be >= 1, got {args.top}")
     results = predict_files(args.model, args.images, preprocessing=args.preprocessing, top=args.top)
     if args.json:
         print(json.dumps(results, indent=2))

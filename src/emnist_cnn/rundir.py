@@ -123,9 +123,11 @@ def save_weights_atomic(model, path: Path) -> None:
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except OSError as exc:
+    except BaseException as exc:  # also Ctrl-C: no temporary file is left behind
         tmp.unlink(missing_ok=True)
-        raise _io_error(path, exc) from exc
+        if isinstance(exc, OSError):
+            raise _io_error(path, exc) from exc
+        raise
 
 
 def read_run_config(run_dir):
@@ -183,17 +185,22 @@ def load_member_state(path: Path, model) -> dict | None:
     path = Path(path)
     prev = path.with_name(path.name.replace(".npz", ".prev.npz"))
     candidates = [p for p in (path, prev) if p.exists()]
+    reasons = []
     for p in candidates:
         try:
             meta = _restore(p, model)
         except Exception as exc:  # any damage means: do not trust this file
-            log.warning("%s: unreadable state (%s); trying the previous one", p, exc)
+            reason = " ".join(str(exc).split())[:200] or type(exc).__name__
+            reasons.append(reason)
+            log.warning("%s: unreadable state (%s); trying the previous one", p, reason)
             continue
         if p == prev:
             log.warning("%s: using the previous state file (epoch %d)", prev, meta["epoch"])
         return meta
     if candidates:
-        raise RunDirError(f"{path}: state file and its backup are both unreadable")
+        what = "state file and its backup are both" if len(candidates) == 2 else "state file is"
+        raise RunDirError(f"{candidates[0]}: {what} unreadable ({reasons[0]}); move the member's state "
+                          "files away to train it again from scratch")
     return None
 
 
@@ -204,15 +211,28 @@ def read_state_epoch(path: Path) -> int:
         if p.exists():
             try:
                 with np.load(p, allow_pickle=False) as z:
-                    return int(json.loads(bytes(z["meta"]).decode())["epoch"])
+                    return _state_meta(z)["epoch"]
             except Exception:  # a damaged file is handled (with a warning) when the member is opened
                 continue
     return 0
 
 
+def _state_meta(z) -> dict:
+    """The metadata record of an open state file, checked: epoch and array counts are non-negative ints."""
+    meta = json.loads(bytes(z["meta"]).decode())
+    if not isinstance(meta, dict):
+        raise ValueError("its metadata is not a record")
+    for key in ("epoch", "n_weights", "n_optimizer"):
+        value = meta.get(key)
+        # type() rather than isinstance(): True is an int to Python, and 2.0 is not an epoch count.
+        if type(value) is not int or value < 0:
+            raise ValueError(f"its metadata has {key} {value!r}, expected a non-negative integer")
+    return meta
+
+
 def _restore(p: Path, model) -> dict:
     with np.load(p, allow_pickle=False) as z:
-        meta = json.loads(bytes(z["meta"]).decode())
+        meta = _state_meta(z)
         weights = [z[f"weight_{k}"] for k in range(meta["n_weights"])]
         opt = [z[f"optimizer_{k}"] for k in range(meta["n_optimizer"])]
         rng = [z[k] for k in sorted((k for k in z.files if k.startswith("rng_")), key=lambda s: int(s[4:]))]

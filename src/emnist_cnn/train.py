@@ -442,9 +442,8 @@ def _error_row(epoch: int, model: str, split: str, err: ErrorRate) -> dict:
 
 
 def _record_checkpoint(run_dir: Path, dropout: float, epoch: int, rows: list[dict]) -> None:
-    path = errors_path(run_dir, dropout)
-    old = [r for r in read_csv_rows(path) if int(r["epoch"]) != epoch]
-    write_csv_rows(path, ERRORS_COLUMNS, sorted(old + rows, key=lambda r: int(r["epoch"])))
+    # The text table first: errors.csv is what marks a checkpoint as evaluated on resume,
+    # so a kill between the two writes must leave errors.csv without it, not the reverse.
     test = [r for r in rows if r["split"] == "test"]
     if test:
         ens = next(r for r in test if r["model"] == "ensemble")
@@ -452,6 +451,9 @@ def _record_checkpoint(run_dir: Path, dropout: float, epoch: int, rows: list[dic
         lines += [str(float(r["error_pct"])) for r in test if r["model"] != "ensemble"]
         atomic_write_text(run_dir / dropout_dirname(dropout) / "history" / f"test_errors_epoch_{epoch:03d}.txt",
                           "\n".join(lines) + "\n")
+    path = errors_path(run_dir, dropout)
+    old = [r for r in read_csv_rows(path) if int(r["epoch"]) != epoch]
+    write_csv_rows(path, ERRORS_COLUMNS, sorted(old + rows, key=lambda r: int(r["epoch"])))
 
 
 def _evaluated_epochs(run_dir: Path, dropout: float) -> set[int]:

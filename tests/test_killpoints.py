@@ -1,0 +1,362 @@
+"""Kill-and-resume harness: kill `emnist-cnn train` at chosen points, resume it with the plain command,
+and require the result to be the uninterrupted run's, bit for bit.
+
+A small wrapper script (written to the test's tmp folder) runs the real CLI in a subprocess with one function
+patched to kill its own process at its Nth call, before or after the real call, with SIGKILL (nothing runs
+afterwards) or SIGINT (Ctrl-C: Python raises KeyboardInterrupt where the signal lands, and every `finally`
+and `except BaseException` on the way up runs). Patched functions:
+
+- `os.replace`: a file of the run (config, invocations, checkpoint weights, history, state, errors table,
+  the reference's text table) is written to its temporary name but not renamed ("before"), or renamed
+  ("after"); for the state this includes the rename of the latest state to `.prev.npz`;
+- `emnist_cnn.rundir.atomic_write_bytes`: the same at the level of one whole table or state file;
+- `keras.Model.train_on_batch`: mid-epoch;
+- `emnist_cnn.train.evaluate_checkpoint`: while the ensemble is evaluated at a checkpoint;
+- `emnist_cnn.train.save_member_state`, `save_weights_atomic`, `write_csv_rows`: around whole saves.
+
+After the kill, the same command (without the wrapper) runs until it succeeds; then every history CSV must
+hold each epoch exactly once, in order, equal to the uninterrupted run's (but for the `seconds` column);
+`errors.csv` and the per-checkpoint text tables must be byte-identical; every checkpoint must load and hold
+the same arrays; the members' state files (weights, Adam state, dropout RNG, metadata) must be identical to
+the bit; no temporary file may be left.
+
+CI runs 8 kill points covering every category with both signals (about 2.5 minutes on 2 idle cores).
+`EMNIST_CNN_KILL_POINTS=all` sweeps every call of every patched function instead (147 points, about 40
+minutes). Kill points are chosen on the uninterrupted run's calls (by file name or position), so they keep
+their meaning if training reorders its work.
+
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import make_tiny_digits, write_mnist_idx
+
+RUN_ARGS = ["--dataset", "mnist", "--dropout", "0.2", "--models", "2", "--epochs", "2", "--checkpoint-every", "1",
+            "--batch-size", "32", "--val-fraction", "0.2", "--bn-recalibration", "100", "--quiet"]
+
+WRAPPER = r'''
+"""emnist-cnn with one function patched to kill this process at its Nth call (see test_killpoints.py)."""
+import atexit
+import importlib
+import json
+import os
+import signal
+import sys
+import time
+
+spec = json.loads(os.environ["EMNIST_CNN_KILL_SPEC"])
+
+import emnist_cnn  # noqa: F401  (selects the backend)
+import emnist_cnn.train  # noqa: F401
+import keras  # noqa: F401
+
+
+def resolve(target):
+    parts = target.split(".")
+    for i in range(len(parts) - 1, 0, -1):
+        try:
+            owner = importlib.import_module(".".join(parts[:i]))
+        except ImportError:
+            continue
+        for name in parts[i:-1]:
+            owner = getattr(owner, name)
+        return owner, parts[-1]
+    raise LookupError(target)
+
+
+counts = {}
+calls = {}  # target -> per call, the file names among its first two arguments (written in count mode)
+
+
+def names(args):
+    return [os.path.basename(os.fspath(a)) for a in args[:2] if isinstance(a, (str, os.PathLike))]
+
+
+def fire(target, n, when, args):
+    with open(spec["fired_file"], "w") as f:
+        json.dump({"target": target, "n": n, "when": when, "args": [str(a) for a in args[:2]]}, f)
+    if spec["how"] == "SIGKILL":
+        os.kill(os.getpid(), signal.SIGKILL)
+    os.kill(os.getpid(), signal.SIGINT)  # Python raises KeyboardInterrupt at its next check, i.e. here
+    for _ in range(500):
+        time.sleep(0.01)
+    raise RuntimeError("SIGINT was not delivered")
+
+
+def patch(target):
+    owner, attr = resolve(target)
+    original = getattr(owner, attr)
+
+    def wrapper(*args, **kwargs):
+        counts[target] = n = counts.get(target, 0) + 1
+        calls.setdefault(target, []).append(names(args))
+        hit = target == spec.get("target") and n == spec.get("n")
+        if hit and spec["when"] == "before":
+            fire(target, n, "before", args)
+        result = original(*args, **kwargs)
+        if hit and spec["when"] == "after":
+            fire(target, n, "after", args)
+        return result
+
+    setattr(owner, attr, wrapper)
+
+
+for target in spec["targets"]:
+    patch(target)
+if spec.get("count_file"):
+    atexit.register(lambda: open(spec["count_file"], "w").write(json.dumps({"counts": counts, "calls": calls})))
+
+from emnist_cnn.cli import main  # noqa: E402
+
+sys.argv = ["emnist-cnn", *sys.argv[1:]]
+sys.exit(main(sys.argv[1:]))
+'''
+
+TARGETS = ("os.replace", "emnist_cnn.rundir.atomic_write_bytes", "keras.Model.train_on_batch",
+           "emnist_cnn.train.evaluate_checkpoint", "emnist_cnn.train.save_member_state",
+           "emnist_cnn.train.save_weights_atomic", "emnist_cnn.train.write_csv_rows")
+
+
+@dataclass(frozen=True)
+class KillPoint:
+    """Where to kill: the Nth call of `target`, or the call whose file is `name` (its `occurrence`-th), or
+    the call `fraction` of the way through; chosen on the uninterrupted run's calls, so the points stay
+    meaningful when training changes its order of work."""
+
+    target: str
+    when: str  # "before" or "after" the real call
+    how: str  # "SIGKILL" or "SIGINT"
+    n: int | None = None
+    name: str | None = None  # the last file-name argument (os.replace: the destination)
+    occurrence: int = 1
+    fraction: float | None = None
+    why: str = ""
+
+    @property
+    def id(self) -> str:
+        short = self.target.rsplit(".", 1)[-1]
+        where = (f"#{self.n}" if self.n is not None else
+                 f"[{self.name}#{self.occurrence}]" if self.name is not None else f"@{self.fraction:.0%}")
+        return f"{short}{where}-{self.when}-{self.how}"
+
+    def resolve(self, calls: list[list[str]]) -> int | None:
+        """The call number to kill at, given the uninterrupted run's calls; None if there is no such call."""
+        if self.n is not None:
+            return self.n if self.n <= len(calls) else None
+        if self.name is not None:
+            hits = [k for k, names in enumerate(calls, 1) if names and names[-1] == self.name]
+            return hits[self.occurrence - 1] if len(hits) >= self.occurrence else None
+        return max(1, round(self.fraction * len(calls))) if calls else None
+
+
+# With 2 members x 2 epochs and checkpoints every epoch, the uninterrupted run renames (os.replace):
+# config.json, invocations.jsonl; per member and epoch its checkpoint, history and state (from epoch 2 the
+# old state to .prev first); per checkpoint test_errors_epoch_NNN.txt, then errors.csv.
+CI_POINTS = [
+    KillPoint("os.replace", "after", "SIGKILL", name="test_errors_epoch_001.txt",
+              why="checkpoint 1's text table is in place, errors.csv does not have it yet"),
+    KillPoint("os.replace", "after", "SIGINT", name="model_0.prev.npz",
+              why="latest state moved to .prev, the new one not written"),
+    KillPoint("os.replace", "before", "SIGKILL", name="model_0.npz", occurrence=2,
+              why="epoch 2's state in its temp file, .prev holds epoch 1's"),
+    KillPoint("emnist_cnn.rundir.atomic_write_bytes", "after", "SIGINT", name="model_1.csv", occurrence=2,
+              why="member 1's history has epoch 2, its state still epoch 1"),
+    KillPoint("keras.Model.train_on_batch", "before", "SIGKILL", fraction=0.65, why="mid-epoch"),
+    KillPoint("keras.Model.train_on_batch", "after", "SIGINT", fraction=0.4, why="mid-epoch"),
+    KillPoint("emnist_cnn.train.evaluate_checkpoint", "before", "SIGKILL", n=1, why="evaluating checkpoint 1"),
+    KillPoint("emnist_cnn.train.save_member_state", "before", "SIGINT", name="model_1.npz",
+              why="before member 1's first state"),
+]
+
+
+def sweep_points() -> list[KillPoint]:
+    """Every call of every patched function (calls past the run's count are skipped at run time)."""
+    points = []
+    for n in range(1, 25):
+        points += [KillPoint("os.replace", "before", "SIGKILL", n=n), KillPoint("os.replace", "after", "SIGKILL", n=n),
+                   KillPoint("os.replace", "before", "SIGINT", n=n)]
+    for n in range(1, 19):
+        points += [KillPoint("emnist_cnn.rundir.atomic_write_bytes", "after", "SIGKILL", n=n),
+                   KillPoint("emnist_cnn.rundir.atomic_write_bytes", "before", "SIGINT", n=n)]
+    for n in range(1, 25):
+        points.append(KillPoint("keras.Model.train_on_batch", "before", "SIGKILL", n=n))
+        if n % 2 == 0:
+            points.append(KillPoint("keras.Model.train_on_batch", "after", "SIGINT", n=n))
+    for n in (1, 2, 3):
+        points += [KillPoint("emnist_cnn.train.evaluate_checkpoint", w, h, n=n)
+                   for w, h in (("before", "SIGKILL"), ("after", "SIGKILL"), ("after", "SIGINT"))]
+    for n in range(1, 6):
+        points += [KillPoint("emnist_cnn.train.save_member_state", "before", "SIGKILL", n=n),
+                   KillPoint("emnist_cnn.train.save_member_state", "after", "SIGINT", n=n),
+                   KillPoint("emnist_cnn.train.save_weights_atomic", "before", "SIGINT", n=n),
+                   KillPoint("emnist_cnn.train.save_weights_atomic", "after", "SIGKILL", n=n)]
+    for n in range(1, 9):
+        points.append(KillPoint("emnist_cnn.train.write_csv_rows", "after", "SIGKILL", n=n))
+    return points
+
+
+SWEEP = os.environ.get("EMNIST_CNN_KILL_POINTS", "").strip().lower() == "all"
+POINTS = sweep_points() if SWEEP else CI_POINTS
+
+
+# ----------------------------------------------------------------------------- running the CLI
+
+
+def _env(cache: Path, **extra) -> dict:
+    env = dict(os.environ)
+    env.pop("EMNIST_CNN_KILL_SPEC", None)
+    env["EMNIST_CNN_CACHE"] = str(cache)  # never the user's ~/.cache (module fixtures run outside conftest's)
+    env.update(extra)
+    return env
+
+
+def run_cli(harness: dict, args, *, timeout=300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "emnist_cnn", *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout, env=_env(harness["cache"]))
+
+
+def run_wrapped(harness: dict, args, spec: dict, *, timeout=300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(harness["wrapper"]), *map(str, args)], capture_output=True,
+                          text=True, timeout=timeout,
+                          env=_env(harness["cache"], EMNIST_CNN_KILL_SPEC=json.dumps(spec)))
+
+
+@pytest.fixture(scope="module")
+def harness(tmp_path_factory):
+    """Tiny data, the wrapper script, and one uninterrupted run with its call counts."""
+    root = tmp_path_factory.mktemp("killpoints")
+    h = {"root": root, "cache": root / "decoded-cache", "wrapper": root / "killwrap.py",
+         "data": write_mnist_idx(root / "data", *make_tiny_digits(n_train=200, n_test=60)),
+         "baseline": root / "baseline"}
+    h["wrapper"].write_text(WRAPPER)
+    counts_file = root / "counts.json"
+    r = run_wrapped(h, ["train", "--run-dir", h["baseline"], "--data-dir", h["data"], *RUN_ARGS],
+                    {"targets": list(TARGETS), "count_file": str(counts_file), "fired_file": str(root / "never")})
+    assert r.returncode == 0, r.stderr[-3000:]
+    record = json.loads(counts_file.read_text())
+    return {**h, "counts": record["counts"], "calls": record["calls"]}
+
+
+# ----------------------------------------------------------------------------- comparing runs
+
+
+def read_csv(path: Path) -> list[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def h5_arrays(path: Path) -> dict[str, np.ndarray]:
+    import h5py
+
+    out = {}
+    with h5py.File(path, "r") as f:
+        def visit(name, obj):
+            if isinstance(obj, h5py.Dataset):
+                out[name] = obj[()]
+
+        f.visititems(visit)
+    return out
+
+
+def npz_arrays(path: Path) -> dict[str, np.ndarray]:
+    with np.load(path, allow_pickle=False) as z:
+        return {k: z[k] for k in z.files}
+
+
+def assert_same_arrays(a: dict, b: dict, what: str) -> None:
+    assert sorted(a) == sorted(b), f"{what}: different arrays"
+    for key in a:
+        assert a[key].dtype == b[key].dtype and a[key].shape == b[key].shape, f"{what}: {key}"
+        assert a[key].tobytes() == b[key].tobytes(), f"{what}: {key} differs from the uninterrupted run"
+
+
+def assert_matches_baseline(run: Path, baseline: Path) -> None:
+    d, base = run / "dropout_0.2", baseline / "dropout_0.2"
+    # Histories: each epoch once, in order, the same numbers (the wall time aside).
+    for i in (0, 1):
+        rows = read_csv(d / "history" / f"model_{i}.csv")
+        assert [int(r["epoch"]) for r in rows] == [1, 2], f"model_{i}.csv epochs"
+        expected = read_csv(base / "history" / f"model_{i}.csv")
+        strip = lambda rs: [{k: v for k, v in r.items() if k != "seconds"} for r in rs]  # noqa: E731
+        assert strip(rows) == strip(expected), f"model_{i}.csv differs from the uninterrupted run"
+    # errors.csv: complete rows, no duplicates, byte-identical.
+    rows = read_csv(d / "history" / "errors.csv")
+    keys = [(r["epoch"], r["model"], r["split"]) for r in rows]
+    assert len(keys) == len(set(keys)) == 2 * 3 * 2, keys
+    assert all(all(v not in (None, "") for v in r.values()) for r in rows)
+    assert (d / "history" / "errors.csv").read_bytes() == (base / "history" / "errors.csv").read_bytes()
+    # The reference's per-checkpoint text tables.
+    for epoch in (1, 2):
+        name = f"test_errors_epoch_{epoch:03d}.txt"
+        assert (d / "history" / name).is_file(), f"{name} is missing"
+        assert (d / "history" / name).read_bytes() == (base / "history" / name).read_bytes(), name
+    # Every checkpoint loads, and holds the uninterrupted run's arrays.
+    names = sorted(p.name for p in (d / "weights").iterdir())
+    assert names == sorted(p.name for p in (base / "weights").iterdir())
+    from emnist_cnn.model import build_model
+
+    model = build_model(10, 0.2)
+    for name in names:
+        model.load_weights(d / "weights" / name)
+        assert_same_arrays(h5_arrays(d / "weights" / name), h5_arrays(base / "weights" / name), name)
+    # Final states (weights, Adam moments and step, dropout RNG, metadata), bit for bit.
+    for i in (0, 1):
+        assert_same_arrays(npz_arrays(d / "state" / f"model_{i}.npz"), npz_arrays(base / "state" / f"model_{i}.npz"),
+                           f"model_{i}.npz")
+    # Nothing half-written is left, and every line of the invocation log is whole.
+    assert not list(run.rglob("*.tmp")) and not list(run.rglob(".tmp-*"))
+    for line in (run / "invocations.jsonl").read_text().splitlines():
+        json.loads(line)
+    json.loads((run / "config.json").read_text())
+
+
+# ----------------------------------------------------------------------------- the test
+
+
+def test_every_ci_kill_point_is_reached_by_an_uninterrupted_run(harness):
+    """If training changes its order of work so that a planned point no longer exists, revisit the plan."""
+    for point in CI_POINTS:
+        assert point.resolve(harness["calls"].get(point.target, [])) is not None, (point, harness["counts"])
+    assert harness["counts"]["emnist_cnn.train.evaluate_checkpoint"] == 2
+    assert harness["counts"]["emnist_cnn.train.save_member_state"] == 4
+
+
+@pytest.mark.parametrize("point", POINTS, ids=[p.id for p in POINTS])
+def test_killed_run_resumes_to_the_uninterrupted_result(harness, tmp_path, point):
+    n = point.resolve(harness["calls"].get(point.target, []))
+    if n is None:
+        pytest.skip(f"no such call in the uninterrupted run ({harness['counts'].get(point.target, 0)} calls)")
+    run = tmp_path / "run"
+    args = ["train", "--run-dir", run, "--data-dir", harness["data"], *RUN_ARGS]
+    fired = tmp_path / "fired.json"
+    r = run_wrapped(harness, args, {"targets": [point.target], "target": point.target, "n": n,
+                                               "when": point.when, "how": point.how, "fired_file": str(fired)})
+    assert fired.exists(), f"the kill point never fired: {r.stderr[-2000:]}"
+    if point.how == "SIGKILL":
+        assert r.returncode == -signal.SIGKILL, r.stderr[-2000:]
+    else:
+        assert r.returncode == 130, r.stderr[-3000:]
+        assert "Traceback" not in r.stderr
+        assert "interrupted; finished epochs are saved, run the same command to resume" in r.stderr
+        # Ctrl-C unwinds through the writers, which remove their temporary files on the way out.
+        assert not list(run.rglob("*.tmp")) and not list(run.rglob(".tmp-*"))
+    # Resume with the plain command until it finishes (once should do).
+    for _attempt in range(3):
+        r = run_cli(harness, args)
+        if r.returncode == 0:
+            break
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "Traceback" not in r.stderr
+    assert_matches_baseline(run, harness["baseline"])

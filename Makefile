@@ -1,4 +1,4 @@
-# Two commands on a fresh machine: `make run` and `make test`.
+# Two commands on a fresh machine: `make run` and `make test` (`make bench` measures performance).
 # EXTRA=gpu installs TensorFlow with CUDA instead of the CPU-only wheel.
 PYTHON ?= python3
 VENV ?= .venv
@@ -7,7 +7,7 @@ ARGS ?=
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(EXTRA)
 
-.PHONY: run test setup clean
+.PHONY: run test bench setup clean
 
 setup: $(STAMP)
 
@@ -22,6 +22,10 @@ run: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest $(ARGS)
+
+# Throughput, efficiency and memory figures (about 6 minutes on 2 cores); ARGS="--quick", "--json PATH", "--only KEY".
+bench: $(STAMP)
+	$(BIN)/python benchmarks/bench.py $(ARGS)
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info

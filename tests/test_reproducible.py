@@ -112,7 +112,8 @@ def test_the_run_records_everything_needed_to_rerun_it(runs):
     assert {"n_train", "n_val", "n_test", "mean", "std", "classes"} <= set(saved["data"])
     assert saved["data"]["fingerprint"] == json.loads((root / "b" / "config.json").read_text())["data"]["fingerprint"]
     # Versions of everything that computes.
-    assert {"emnist_cnn", "keras", "backend", "tensorflow", "numpy", "python", "platform"} <= set(saved["versions"])
+    assert {"emnist_cnn", "keras", "backend", "tensorflow", "numpy", "python", "platform",
+            "cpu_count", "tf_threads"} <= set(saved["versions"])  # threads set the summation order
     # The exact command line, one JSON line per command that trained.
     [record] = [json.loads(line) for line in (root / "a" / "invocations.jsonl").read_text().splitlines()]
     argv = record["argv"][1:]

@@ -6,6 +6,7 @@ import dataclasses
 import json
 import logging
 import math
+import os
 import platform
 import sys
 import time
@@ -154,10 +155,16 @@ def library_versions() -> dict:
 
     versions = {"emnist_cnn": __version__, "keras": keras.__version__, "backend": keras.backend.backend(),
                 "numpy": np.__version__, "python": platform.python_version(), "platform": platform.platform()}
+    # Kernel summation order follows the thread count and oneDNN: needed to rerun a run to the bit.
+    versions["cpu_count"] = os.cpu_count()
+    versions["env"] = {k: os.environ[k] for k in ("TF_ENABLE_ONEDNN_OPTS", "TF_DETERMINISTIC_OPS",
+                                                  "OMP_NUM_THREADS", "CUDA_VISIBLE_DEVICES") if k in os.environ}
     try:
         import tensorflow as tf
 
         versions["tensorflow"] = tf.__version__
+        versions["tf_threads"] = {"intra_op": tf.config.threading.get_intra_op_parallelism_threads(),
+                                  "inter_op": tf.config.threading.get_inter_op_parallelism_threads()}
     except ImportError:
         pass
     return versions

@@ -21,7 +21,7 @@ from emnist_cnn.model import (
 )
 from emnist_cnn.train import state_path, train_and_evaluate, weights_path
 
-TINY = TrainConfig(dataset="mnist", dropouts=(0.3,), models=3, epochs=2, checkpoint_every=1, batch_size=64,
+TINY = TrainConfig(dataset="mnist", dropouts=(0.3,), models=2, epochs=2, checkpoint_every=1, batch_size=64,
                    val_fraction=0.2, bn_recalibration_images=200)
 
 

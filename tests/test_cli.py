@@ -128,8 +128,10 @@ def _wait_for(predicate, proc, timeout=300):
 def test_killed_training_resumes_with_nothing_lost(tmp_path, tiny_mnist_dir, sig):
     run = tmp_path / "run"
     args = ["train", "--run-dir", run, "--data-dir", tiny_mnist_dir, *TINY_ARGS, "--epochs", "3"]
+    # SIGINT reset in the child: a background job of a non-interactive shell inherits it ignored.
     proc = subprocess.Popen([sys.executable, "-m", "emnist_cnn", *map(str, args)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     hist1 = run / "dropout_0.2" / "history" / "model_1.csv"
     # Kill in the middle of model 1's first epoch after model 0 saved its state.
     _wait_for(lambda: (run / "dropout_0.2" / "state" / "model_0.npz").exists(), proc)

@@ -222,6 +222,12 @@ def _env(cache: Path, **extra) -> dict:
     return env
 
 
+def default_sigint() -> None:
+    """Give the child Python's Ctrl-C handling even when this process was started with SIGINT ignored
+    (a background job of a non-interactive shell is), since an ignored SIGINT is inherited across exec."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def run_cli(harness: dict, args, *, timeout=300) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "emnist_cnn", *map(str, args)], capture_output=True, text=True,
                           timeout=timeout, env=_env(harness["cache"]))
@@ -229,6 +235,7 @@ def run_cli(harness: dict, args, *, timeout=300) -> subprocess.CompletedProcess:
 
 def run_wrapped(harness: dict, args, spec: dict, *, timeout=300) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(harness["wrapper"]), *map(str, args)], capture_output=True,
+                          preexec_fn=default_sigint,
                           text=True, timeout=timeout,
                           env=_env(harness["cache"], EMNIST_CNN_KILL_SPEC=json.dumps(spec)))
 

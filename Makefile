@@ -23,7 +23,7 @@ run: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest $(ARGS)
 
-# Throughput, efficiency and memory figures (about 6 minutes on 2 cores); ARGS="--quick", "--json PATH", "--only KEY".
+# Throughput, efficiency and memory figures (about 3 minutes on 2 idle cores); ARGS="--quick", "--json PATH", "--only KEY".
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench.py $(ARGS)
 

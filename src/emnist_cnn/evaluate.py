@@ -162,7 +162,7 @@ def evaluate_run(run_dir, *, dropouts=None, epoch="latest", split: str = "test",
 
     from .config import dropout_dirname
     from .errors import ConfigError
-    from .model import build_model, predict_ensemble
+    from .model import build_model, build_stacked_model, predict_ensemble
     from .train import load_run_data, weights_path
 
     run_dir = Path(run_dir)
@@ -190,10 +190,11 @@ def evaluate_run(run_dir, *, dropouts=None, epoch="latest", split: str = "test",
             models.append(build_model(data.num_classes, d, data.mean, data.std, config.model))
             _load_weights(models[-1], weights_path(run_dir, d, e, i))
         names = [str(i) for i in range(config.models)]
+        stacked = None if tta else build_stacked_model(models)  # built once for both splits
         if tta:
             probs = [predict_with_tta(m, x, tta, config.augment, seed=i) for i, m in enumerate(models)]
         else:
-            probs = list(predict_ensemble(models, x))  # all members in one pass over the images
+            probs = list(predict_ensemble(stacked, x))  # all members in one pass over the images
         if split == "val":
             val_probs = probs
         elif not len(data.y_val):
@@ -201,8 +202,8 @@ def evaluate_run(run_dir, *, dropouts=None, epoch="latest", split: str = "test",
         elif tta:
             val_probs = [predict_with_tta(m, data.x_val, tta, config.augment, seed=i) for i, m in enumerate(models)]
         else:
-            val_probs = list(predict_ensemble(models, data.x_val))
-        del models
+            val_probs = list(predict_ensemble(stacked, data.x_val))
+        del models, stacked
         result = {"dropout": d, "epoch": e, "tta": tta,
                   **evaluate_ensemble(probs, y, names, val_probs or None, data.y_val if val_probs else None)}
         ens_probs = ensemble_probabilities(probs)

@@ -879,19 +879,18 @@ def _load_or_predict(run_dir: Path, config: TrainConfig, data, dropout: float, e
 
 def _predict_ensemble(paths: Sequence[Path], config: TrainConfig, data, dropout: float) -> np.ndarray:
     from .evaluate import ensemble_probabilities
-    from .model import build_model, predict_probabilities
+    from .model import build_model, predict_ensemble
 
     log.info("predicting the test set with the %d members of dropout %g (no evaluation tables found)",
              len(paths), dropout)
-    model = build_model(data.num_classes, dropout, data.mean, data.std, config.model)
-    probs = []
+    models = []
     for path in paths:
+        models.append(build_model(data.num_classes, dropout, data.mean, data.std, config.model))
         try:
-            model.load_weights(path)
+            models[-1].load_weights(path)
         except Exception as exc:  # h5py/keras raise many types for damaged files
             raise RunDirError(f"{path}: cannot load checkpoint weights ({exc})") from exc
-        probs.append(predict_probabilities(model, data.x_test))
-    return ensemble_probabilities(probs)
+    return ensemble_probabilities(predict_ensemble(models, data.x_test))
 
 
 # ----------------------------------------------------------------------------- command line

@@ -348,15 +348,13 @@ def _train_group_epoch(group: list[Member], config: TrainConfig, data: PreparedD
     train_seconds = (time.perf_counter() - t0) / len(group)
     for k, m in enumerate(group):
         copy_optimizer_state(fused.optimizer, m.model.optimizer, m.model.trainable_variables)
-        t1 = time.perf_counter()
-        _finish_epoch(m, epoch, sums[k, 0] / n, sums[k, 1] / n, None, config, data, calib, ckpt_epochs, run_dir,
-                      train_seconds=train_seconds)
-        log.debug("member %d finished in %.1f s", m.index, time.perf_counter() - t1)
+        _finish_epoch(m, epoch, sums[k, 0] / n, sums[k, 1] / n, train_seconds, config, data, calib, ckpt_epochs,
+                      run_dir)
 
 
-def _finish_epoch(member: Member, epoch: int, loss: float, accuracy: float, seconds: float | None,
+def _finish_epoch(member: Member, epoch: int, loss: float, accuracy: float, train_seconds: float,
                   config: TrainConfig, data: PreparedData, calib: np.ndarray, ckpt_epochs: set[int],
-                  run_dir: Path, train_seconds: float = 0.0) -> None:
+                  run_dir: Path) -> None:
     """BatchNormalization recalibration, validation, then checkpoint, history row and state, in that order."""
     from .model import predict_probabilities, recalibrate_batchnorm
 
@@ -371,8 +369,8 @@ def _finish_epoch(member: Member, epoch: int, loss: float, accuracy: float, seco
         val_loss = evaluate_loss(p, data.y_val)
         val_acc = 1.0 - evaluate_error(p, data.y_val).pct / 100.0
     lr = float(keras_value(model.optimizer.learning_rate))
-    # A fused epoch's training time is shared equally among its members.
-    seconds = (seconds if seconds is not None else train_seconds + time.perf_counter() - t0)
+    # Training time (a fused epoch's shared equally among its members) plus recalibration and validation.
+    seconds = train_seconds + time.perf_counter() - t0
     row = {"epoch": epoch, "loss": f"{loss:.6f}", "accuracy": f"{accuracy:.6f}",
            "val_loss": f"{val_loss:.6f}", "val_accuracy": f"{val_acc:.6f}", "learning_rate": f"{lr:.6g}",
            "seconds": f"{seconds:.2f}"}
@@ -407,7 +405,7 @@ def evaluate_checkpoint(run_dir: Path, config: TrainConfig, data: PreparedData, 
     are the checkpoint's) with the validation softmax of their last epoch; the
     others are loaded from their checkpoint files. All members predict in one pass.
     """
-    from .model import predict_ensemble
+    from .model import build_stacked_model, predict_ensemble
 
     members = members or {}
     models, val = [], {}
@@ -425,10 +423,13 @@ def evaluate_checkpoint(run_dir: Path, config: TrainConfig, data: PreparedData, 
         except Exception as exc:  # h5py/keras raise many types for damaged files
             raise RunDirError(f"{path}: cannot load checkpoint weights ({exc})") from exc
         models.append(model)
-    probs = {"test": list(predict_ensemble(models, data.x_test)), "val": [None] * config.models}
+    stacked = build_stacked_model(models)
+    probs = {"test": list(predict_ensemble(stacked, data.x_test))}
     missing = [i for i in range(config.models) if i not in val]
     if len(data.y_val) and missing:
-        for i, p in zip(missing, predict_ensemble([models[i] for i in missing], data.x_val)):
+        # Reuse the stacked model when every member needs its validation pass (all loaded from files).
+        subset = stacked if len(missing) == config.models else [models[i] for i in missing]
+        for i, p in zip(missing, predict_ensemble(subset, data.x_val)):
             val[i] = p
     probs["val"] = [val.get(i) for i in range(config.models)]
     rows = []

@@ -302,7 +302,7 @@ def new_member(seed: int, name: str = "emnist_cnn", cfg=None):
     """A compiled member as `train._new_model` makes one (default mean/std, dropout 0.2)."""
     import keras
 
-    from emnist_cnn.model import build_model, compile_model
+    from emnist_cnn.core.model import build_model, compile_model
 
     keras.utils.set_random_seed(seed)
     model = build_model(NUM_CLASSES, DROPOUT, cfg=cfg, name=name)
@@ -313,7 +313,7 @@ def new_member(seed: int, name: str = "emnist_cnn", cfg=None):
 
 def keras_step(model, x_u8, y, batches: Batches, rng, aug_cfg) -> Callable[[], None]:
     """One step of `_train_epoch`'s loop: augment_batch + train_on_batch, loss read back to the host."""
-    from emnist_cnn.augment import augment_batch
+    from emnist_cnn.core.augment import augment_batch
 
     def step():
         idx = batches.next()
@@ -421,7 +421,7 @@ def reference_augment_batch(images: np.ndarray, rs: np.random.RandomState, cfg) 
 
 
 def bench_aug(res: Results, s: Sizes, ctx: dict) -> None:
-    from emnist_cnn.augment import augment_batch
+    from emnist_cnn.core.augment import augment_batch
     from emnist_cnn.config import AugmentConfig
 
     cfg = AugmentConfig()
@@ -538,7 +538,7 @@ def torch_cnn():
     import torch
     from torch import nn
 
-    from emnist_cnn.model import EMNIST_DIGITS_MEAN, EMNIST_DIGITS_STD
+    from emnist_cnn.config import EMNIST_DIGITS_MEAN, EMNIST_DIGITS_STD
 
     class Normalize(nn.Module):
         def __init__(self, mean: float, std: float):
@@ -649,7 +649,7 @@ def _blas_name() -> str:
 
 
 def bench_ensemble(res: Results, s: Sizes, ctx: dict) -> None:
-    from emnist_cnn.augment import augment_batch
+    from emnist_cnn.core.augment import augment_batch
     from emnist_cnn.config import AugmentConfig
 
     cfg = AugmentConfig()
@@ -670,12 +670,12 @@ def bench_ensemble(res: Results, s: Sizes, ctx: dict) -> None:
     fns = {"sequential": sequential}
     fused_note = None
     try:
-        from emnist_cnn.model import build_fused_model
+        from emnist_cnn.core.model import build_fused_trainer
     except ImportError:
-        fused_note = "fused API not available (emnist_cnn.model.build_fused_model missing)"
+        fused_note = "fused API not available (emnist_cnn.model.build_fused_trainer missing)"
     if fused_note is None:
         log.info("ensemble: building the fused model")
-        fused = build_fused_model(members, LR)
+        fused = build_fused_trainer(members, LR)
         # Own streams for the fused run too (so both paths draw the same kind of batches).
         frngs = [np.random.default_rng([8, i]) for i in range(s.members)]
         fbatches = [Batches(len(y), s.batch, r) for r in frngs]
@@ -698,7 +698,7 @@ def bench_ensemble(res: Results, s: Sizes, ctx: dict) -> None:
             "own train_on_batch each, augmentation on, own rng streams")
     if fused_note is None:
         res.set("ensemble_fused_img_s", rate(n, t["fused"]), f"member-images/s, {s.members} members in one "
-                "build_fused_model(...).train_on_batch step, augmentation on per member")
+                "build_fused_trainer(...).train_on_batch step, augmentation on per member")
         res.set("fused_speedup", paired_ratio(n, t["fused"], n, t["sequential"]),
                 "ensemble_fused_img_s / ensemble_sequential_img_s (median of per-round ratios)")
     else:
@@ -707,7 +707,7 @@ def bench_ensemble(res: Results, s: Sizes, ctx: dict) -> None:
 
 
 def bench_predict(res: Results, s: Sizes, ctx: dict) -> None:
-    from emnist_cnn import model as model_mod
+    from emnist_cnn.core import model as model_mod
 
     members = ctx.get("members") or [new_member(100 + i, name=f"member_{i}") for i in range(s.members)]
     images = ctx["test_pool"][: s.predict_images]
@@ -717,16 +717,16 @@ def bench_predict(res: Results, s: Sizes, ctx: dict) -> None:
         return np.stack([model_mod.predict_probabilities(m, images, bs) for m in members])
 
     fns = {"predict_probabilities loop": loop}
-    has_ensemble = hasattr(model_mod, "predict_ensemble")
+    has_ensemble = hasattr(model_mod, "predict_members")
     stacked = None
     if has_ensemble:
-        # predict_ensemble(list) builds (and traces) a stacked model on every call; a model from
-        # build_stacked_model is built once. Time the steady state; the list form's extra cost
+        # predict_members(list) builds (and traces) a stacked model on every call; a model from
+        # build_member_predictor is built once. Time the steady state; the list form's extra cost
         # per call is measured once below.
-        if hasattr(model_mod, "build_stacked_model"):
-            stacked = model_mod.build_stacked_model(members)
+        if hasattr(model_mod, "build_member_predictor"):
+            stacked = model_mod.build_member_predictor(members)
         target = stacked if stacked is not None else members
-        fns["predict_ensemble"] = lambda: model_mod.predict_ensemble(target, images, bs)
+        fns["predict_members"] = lambda: model_mod.predict_members(target, images, bs)
     log.info("predict: %d members x %d images (batch %d), %d repetitions", len(members), len(images), bs,
              s.predict_reps)
     t = alternate(fns, s.predict_reps)
@@ -734,23 +734,23 @@ def bench_predict(res: Results, s: Sizes, ctx: dict) -> None:
     list_overhead = None
     if stacked is not None:
         t0 = time.perf_counter()
-        model_mod.predict_ensemble(members, images, bs)
-        list_overhead = time.perf_counter() - t0 - statistics.median(t["predict_ensemble"])
-        log.info("  predict_ensemble(list of models) once: %.3f s more than with a stacked model", list_overhead)
+        model_mod.predict_members(members, images, bs)
+        list_overhead = time.perf_counter() - t0 - statistics.median(t["predict_members"])
+        log.info("  predict_members(list of models) once: %.3f s more than with a stacked model", list_overhead)
     size = f"{n:,} images (a 40,000-image test set would take {40_000 / n:.1f}x as long; timing budget)"
     loop_rate = rate(n, t["predict_probabilities loop"])
     res.set("predict_loop_img_s", loop_rate, f"predict_probabilities per member, {len(members)} members, "
             f"batch {bs}, {size}")
     if has_ensemble:
-        how = "build_stacked_model once, then predict_ensemble" if stacked is not None else "predict_ensemble"
+        how = "build_member_predictor once, then predict_members" if stacked is not None else "predict_members"
         extra = f"; a list of models adds {list_overhead:.1f} s per call (stacked build + trace)" \
             if list_overhead is not None else ""
-        res.set("predict_img_s", rate(n, t["predict_ensemble"]), f"{how}, {len(members)} members, "
+        res.set("predict_img_s", rate(n, t["predict_members"]), f"{how}, {len(members)} members, "
                 f"batch {bs}, images through the whole ensemble per s; "
-                f"{paired_ratio(n, t['predict_ensemble'], n, t['predict_probabilities loop']):.2f}x the loop"
+                f"{paired_ratio(n, t['predict_members'], n, t['predict_probabilities loop']):.2f}x the loop"
                 + extra)
     else:
-        res.set("predict_img_s", loop_rate, "predict_ensemble not in emnist_cnn.model: the per-member loop "
+        res.set("predict_img_s", loop_rate, "predict_members not in emnist_cnn.model: the per-member loop "
                 "(= predict_loop_img_s)")
     ctx.pop("members", None)
     gc.collect()
@@ -793,7 +793,7 @@ def synthetic_mat(ctx: dict, s: Sizes) -> Path:
 
 
 def bench_load(res: Results, s: Sizes, ctx: dict) -> None:
-    from emnist_cnn.data import load_dataset
+    from emnist_cnn.io.datasets import load_dataset
 
     d = synthetic_mat(ctx, s)
     caches = Path(ctx["tmp"]) / "load-caches"
@@ -827,10 +827,11 @@ def bench_load(res: Results, s: Sizes, ctx: dict) -> None:
             os.environ["EMNIST_CNN_CACHE"] = old
         shutil.rmtree(caches, ignore_errors=True)
     what = f"{s.n_train:,} + {s.n_test:,} images"
-    res.set("mat_load_s", statistics.median(tc["cold .mat"]), f"load_dataset, empty EMNIST_CNN_CACHE: loadmat + upright + "
-            f"fingerprint + cache write, {what} (file in the OS page cache)")
-    res.set("cache_load_s", statistics.median(tw["cache reopen"]), "load_dataset again: memory-mapped .npy from the decoded cache "
-            "(pages are read on first use)")
+    res.set("mat_load_s", statistics.median(tc["cold .mat"]),
+            f"load_dataset, empty EMNIST_CNN_CACHE: loadmat + upright + fingerprint + cache write, {what} "
+            "(file in the OS page cache)")
+    res.set("cache_load_s", statistics.median(tw["cache reopen"]),
+            "load_dataset again: memory-mapped .npy from the decoded cache (pages are read on first use)")
 
 
 def bench_memory(res: Results, s: Sizes, ctx: dict) -> None:
@@ -860,11 +861,11 @@ def bench_memory(res: Results, s: Sizes, ctx: dict) -> None:
 def rss_child(mat_dir: str, steps: int) -> None:
     """Runs in the peak-RSS subprocess: the memory path of one member's epoch on EMNIST-sized data."""
     started = time.perf_counter()
-    from emnist_cnn.augment import augment_batch
+    from emnist_cnn.core.augment import augment_batch
     from emnist_cnn.config import TrainConfig
-    from emnist_cnn.data import load_dataset
-    from emnist_cnn.model import build_model, compile_model, predict_probabilities, recalibrate_batchnorm
-    from emnist_cnn.train import prepare_data
+    from emnist_cnn.io.datasets import load_dataset
+    from emnist_cnn.core.model import build_model, compile_model, predict_probabilities, recalibrate_batchnorm
+    from emnist_cnn.engine.prepare import prepare_data
 
     def maxrss_mb() -> float:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB

@@ -23,9 +23,11 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 import emnist_cnn  # noqa: E402,F401  (selects the backend)
-from emnist_cnn.augment import augment_batch  # noqa: E402
+from emnist_cnn.core.augment import augment_batch  # noqa: E402
 from emnist_cnn.config import AugmentConfig, TrainConfig  # noqa: E402
-from emnist_cnn.train import PreparedData, _open_member, _train_group_epoch  # noqa: E402
+from emnist_cnn.engine.members import TrainContext, open_member, train_members_to  # noqa: E402
+from emnist_cnn.engine.prepare import PreparedData  # noqa: E402
+from emnist_cnn.io.rundir import RunDir  # noqa: E402
 
 
 def synthetic_data(n_train: int, n_val: int, n_test: int, seed: int = 0) -> PreparedData:
@@ -50,17 +52,17 @@ def time_epoch(augment: bool, args) -> dict:
     steps_full = math.ceil(n_train / args.batch_size)
     n_timed = n_train if args.full else min(n_train, args.steps * args.batch_size)
     data = synthetic_data(n_timed, n_val, 0)
-    cfg = TrainConfig(dataset="emnist-digits", dropouts=(0.2,), models=1, epochs=2, checkpoint_every=100,
+    cfg = TrainConfig(dataset="emnist-digits", dropouts=(0.2,), models=1, epochs=3, checkpoint_every=100,
                       batch_size=args.batch_size, augment=AugmentConfig(enabled=augment))
     calib = data.x_train[: cfg.bn_recalibration_images]
     with tempfile.TemporaryDirectory() as run:
-        member = _open_member(Path(run), cfg, data, 0.2, 0, cfg.lr)
+        member = open_member(RunDir(run), cfg, data, 0.2, 0, cfg.lr)
         # Warm-up: trace the train step on a small slice so tracing is not timed.
         warm = PreparedData(**{**data.__dict__, "x_train": data.x_train[: 2 * args.batch_size],
                                "y_train": data.y_train[: 2 * args.batch_size]})
-        _train_group_epoch([member], cfg, warm, calib[:1000], set(), Path(run), 0, None)
+        train_members_to([member], 1, TrainContext(RunDir(run), cfg, warm, calib[:1000], verbose=0))
         t0 = time.perf_counter()
-        _train_group_epoch([member], cfg, data, calib, set(), Path(run), 0, None)
+        train_members_to([member], 2, TrainContext(RunDir(run), cfg, data, calib, verbose=0))
         timed = time.perf_counter() - t0
     # Split the timed epoch into the per-step part and the fixed per-epoch part.
     fixed = time_fixed_part(member, data, calib, cfg)
@@ -71,7 +73,7 @@ def time_epoch(augment: bool, args) -> dict:
 
 
 def time_fixed_part(member, data, calib, cfg) -> float:
-    from emnist_cnn.model import predict_probabilities, recalibrate_batchnorm
+    from emnist_cnn.core.model import predict_probabilities, recalibrate_batchnorm
 
     t0 = time.perf_counter()
     recalibrate_batchnorm(member.model, calib)

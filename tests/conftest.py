@@ -1,5 +1,6 @@
 """Shared pytest fixtures."""
 
+import csv
 import gzip
 import os
 import struct
@@ -21,6 +22,25 @@ def shared_dir() -> Path:
             pytest.fail(message + " and EMNIST_CNN_REQUIRE_SHARED=1 is set")
         pytest.skip(message)
     return SHARED_DIR
+
+
+def read_csv(path) -> list[dict[str, str]]:
+    """A CSV file's rows as dicts of text, read without the package (an independent oracle)."""
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def read_errors_csv(path) -> list[dict]:
+    """errors.csv rows with typed values: epoch, n_errors, n as int; error_pct as float."""
+    return [{"epoch": int(r["epoch"]), "model": r["model"], "split": r["split"], "error_pct": float(r["error_pct"]),
+             "n_errors": int(r["n_errors"]), "n": int(r["n"])} for r in read_csv(path)]
+
+
+def run_cli(argv: list[str]) -> int:
+    """`emnist-cnn ARGV` in this process (output captured by capsys)."""
+    from emnist_cnn.cli import main
+
+    return main([str(a) for a in argv])
 
 
 def make_tiny_digits(n_train: int = 600, n_test: int = 200, seed: int = 0):
@@ -72,6 +92,27 @@ def write_mnist_idx(folder: Path, x_train, y_train, x_test, y_test) -> Path:
 def tiny_mnist_dir(tmp_path_factory) -> Path:
     """A folder of small synthetic MNIST-format files."""
     return write_mnist_idx(tmp_path_factory.mktemp("tiny-mnist"), *make_tiny_digits())
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory) -> tuple[Path, Path]:
+    """One tiny trained run shared by the tests that only read it: (run directory, data folder).
+
+    2 members of dropout 0.2 x 2 epochs on 600 synthetic digits, checkpoints at 1 and 2, validation and
+    test errors. Tests that write into it write only files of their own (evaluation/, export_json_h5/).
+    """
+    import emnist_cnn  # noqa: F401  (selects the backend before keras is imported)
+    from emnist_cnn.config import TrainConfig
+    from emnist_cnn.engine.train import train_and_evaluate
+
+    base = tmp_path_factory.mktemp("shared-tiny-run")
+    data = write_mnist_idx(base / "data", *make_tiny_digits())
+    cfg = TrainConfig(dataset="mnist", dropouts=(0.2,), models=2, epochs=2, checkpoint_every=1, batch_size=64,
+                      val_fraction=0.2, bn_recalibration_images=200)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("EMNIST_CNN_CACHE", str(base / "cache"))
+        train_and_evaluate(cfg, base / "run", data_dir=data, verbose=0)
+    return base / "run", data
 
 
 @pytest.fixture(autouse=True)

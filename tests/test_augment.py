@@ -21,10 +21,10 @@ import keras
 import numpy as np
 import pytest
 
-from emnist_cnn import augment
-from emnist_cnn.augment import augment_batch, build_affine_transforms, sample_affine_params
+from emnist_cnn.core import augment
+from emnist_cnn.core.augment import augment_batch, build_affine_transforms, sample_affine_params
 from emnist_cnn.config import AugmentConfig
-from emnist_cnn.data import load_dataset
+from emnist_cnn.io.datasets import load_dataset
 
 SIDE = 28
 CENTRE = (SIDE - 1) / 2.0  # 13.5: the pixel-centre midpoint of a 28-pixel side

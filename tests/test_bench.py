@@ -22,9 +22,9 @@ def _bench_module():
 
 
 def _fused_api_available() -> bool:
-    from emnist_cnn import model
+    from emnist_cnn.core import model
 
-    return hasattr(model, "build_fused_model")
+    return hasattr(model, "build_fused_trainer")
 
 
 @pytest.fixture(scope="module")

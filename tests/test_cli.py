@@ -1,16 +1,17 @@
 """The command line as a user meets it: errors, kill-and-resume, and a real training run."""
 
-import csv
+import argparse
 import os
 import signal
 import socket
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
+
+from conftest import read_csv
 
 from emnist_cnn.cli import build_parser
 
@@ -22,11 +23,6 @@ def cli(*args, env=None, timeout=600):
     full_env = dict(os.environ, **(env or {}))
     return subprocess.run([sys.executable, "-m", "emnist_cnn", *map(str, args)], capture_output=True,
                           text=True, timeout=timeout, env=full_env)
-
-
-def read_csv(path):
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
 
 
 def error_lines(stderr: str) -> list[str]:
@@ -56,13 +52,27 @@ def test_bad_flag_values_get_one_line_and_exit_2(tmp_path, args, flag):
     assert not run.exists()  # nothing written for a rejected command
 
 
-def test_every_flag_documents_its_default():
+def test_every_flag_of_every_command_documents_its_default():
+    from emnist_cnn.cli.main import COMMANDS
+
     parser = build_parser()
     sub = parser._subparsers._group_actions[0].choices
-    for name in ("train", "run", "download"):
-        for action in sub[name]._actions:
-            if action.option_strings and action.dest != "help":
-                assert "default" in (action.help or ""), f"{name} {action.option_strings} help lacks its default"
+    assert set(sub) == set(COMMANDS) == {"run", "train", "evaluate", "plot", "export", "predict",
+                                          "import-reference", "download"}
+    for name, p in [("emnist-cnn", parser), *sub.items()]:
+        for action in p._actions:
+            if action.dest != "help" and not isinstance(action, argparse._SubParsersAction):
+                assert "(default:" in (action.help or "") or "(required" in (action.help or ""), \
+                    f"{name} {action.option_strings or action.dest} help lacks its default"
+
+
+def test_flag_choices_match_the_engine():
+    """The CLI spells out export formats and preprocessing styles so that --help never loads the engine."""
+    from emnist_cnn.cli.args import EXPORT_FORMATS, PREPROCESSING_STYLES
+    from emnist_cnn.engine.export import FORMATS
+    from emnist_cnn.engine.predict import STYLES
+
+    assert EXPORT_FORMATS == FORMATS and PREPROCESSING_STYLES == STYLES
 
 
 def test_missing_data_is_one_clear_line(tmp_path):
@@ -154,7 +164,7 @@ def test_killed_training_resumes_with_nothing_lost(tmp_path, tiny_mnist_dir, sig
     assert not list(run.rglob("*.tmp")) and not list(run.rglob(".tmp-*"))
     import emnist_cnn  # noqa: F401
     import keras  # noqa: F401
-    from emnist_cnn.model import build_model
+    from emnist_cnn.core.model import build_model
 
     model = build_model()
     for f in sorted((run / "dropout_0.2" / "weights").iterdir()):

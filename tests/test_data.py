@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import scipy.io
 
-from emnist_cnn import data
-from emnist_cnn.data import (
+from emnist_cnn.io import datasets as data
+from emnist_cnn.io.datasets import (
     DATASETS,
     Dataset,
     default_cache_dir,
@@ -513,7 +513,7 @@ def test_corrupt_cache_entry_is_rebuilt(tmp_path, split, cache_root, caplog):
     (entry,) = list(cache_root.iterdir())
     npy = entry / "x_train.npy"
     npy.write_bytes(npy.read_bytes()[:1000])
-    with caplog.at_level(logging.WARNING, logger="emnist_cnn.data"):
+    with caplog.at_level(logging.WARNING, logger="emnist_cnn.io.datasets"):
         second = load_dataset(data_dir=tmp_path)
     assert "corrupt data cache" in caplog.text
     np.testing.assert_array_equal(second.x_train, split["x_train"])
@@ -522,7 +522,7 @@ def test_corrupt_cache_entry_is_rebuilt(tmp_path, split, cache_root, caplog):
 
     (entry / "meta.json").write_text("{not json")
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="emnist_cnn.data"):
+    with caplog.at_level(logging.WARNING, logger="emnist_cnn.io.datasets"):
         third = load_dataset(data_dir=tmp_path)
     assert "corrupt data cache" in caplog.text and third.fingerprint == first.fingerprint
 
@@ -533,7 +533,7 @@ def test_unwritable_cache_root_still_loads(tmp_path, split, monkeypatch, caplog)
     blocker.write_text("not a directory")
     # A path below a regular file cannot be created, even by root.
     monkeypatch.setenv("EMNIST_CNN_CACHE", str(blocker / "cache"))
-    with caplog.at_level(logging.WARNING, logger="emnist_cnn.data"):
+    with caplog.at_level(logging.WARNING, logger="emnist_cnn.io.datasets"):
         ds = load_dataset(data_dir=tmp_path / "d")
     assert "continuing uncached" in caplog.text
     assert_dataset_matches(ds, split)

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from emnist_cnn import download as dl
-from emnist_cnn.data import default_data_dir
+from emnist_cnn.io import download as dl
+from emnist_cnn.io.datasets import default_data_dir
 from emnist_cnn.errors import ConfigError, DownloadError
 
 IDX_PARTS = (
@@ -218,7 +218,7 @@ def test_second_call_with_files_present_makes_no_request(server, emnist, tmp_pat
     server.files["/gzip.zip"] = emnist["zip"]
     first = fetch(server, tmp_path, emnist)
     n = len(server.requests)
-    with caplog.at_level(logging.INFO, logger="emnist_cnn.download"):
+    with caplog.at_level(logging.INFO, logger="emnist_cnn.io.download"):
         second = fetch(server, tmp_path, emnist)
     assert second == first
     assert len(server.requests) == n
@@ -280,7 +280,7 @@ def test_member_checksum_mismatch_deletes_the_file(server, emnist, tmp_path, tab
 
 def test_unknown_member_checksum_is_logged(server, emnist, tmp_path, caplog):
     server.files["/gzip.zip"] = emnist["zip"]
-    with caplog.at_level(logging.INFO, logger="emnist_cnn.download"):
+    with caplog.at_level(logging.INFO, logger="emnist_cnn.io.download"):
         fetch(server, tmp_path, emnist, member_md5s={})
     assert "no checksum known for emnist-digits-mapping.txt" in caplog.text
 

@@ -9,13 +9,8 @@ import sys
 import numpy as np
 import pytest
 
-from emnist_cnn.evaluate import (
-    confusion_matrix,
-    ensemble_probabilities,
-    evaluate_ensemble,
-    evaluate_error,
-    misclassified_rows,
-)
+from emnist_cnn.core.metrics import confusion_matrix, ensemble_probabilities, evaluate_error, misclassified_rows
+from emnist_cnn.engine.evaluate import evaluate_ensemble
 
 
 def onehot(labels, n_classes=3, p=0.8):
@@ -84,32 +79,14 @@ def test_confusion_matrix_and_misclassified_rows():
     assert rows[0]["confidence"] == pytest.approx(0.7)
 
 
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-    from conftest import make_tiny_digits, write_mnist_idx
-
-    import emnist_cnn  # noqa: F401
-    from emnist_cnn.config import TrainConfig
-    from emnist_cnn.train import train_and_evaluate
-
-    base = tmp_path_factory.mktemp("evalrun")
-    data = write_mnist_idx(base / "data", *make_tiny_digits())
-    cfg = TrainConfig(dataset="mnist", dropouts=(0.2,), models=2, epochs=2, checkpoint_every=1, batch_size=64,
-                      val_fraction=0.2, bn_recalibration_images=200)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("EMNIST_CNN_CACHE", str(base / "cache"))
-        train_and_evaluate(cfg, base / "run", data_dir=data, verbose=0)
-    return base / "run", data
-
-
-def run_cli(*args):
+def run_cli_subprocess(*args):
     return subprocess.run([sys.executable, "-m", "emnist_cnn", *map(str, args)], capture_output=True, text=True,
                           timeout=600, env=dict(os.environ))
 
 
 def test_evaluate_json_schema_and_files(tiny_run):
     run, _ = tiny_run
-    r = run_cli("evaluate", "--run-dir", run, "--json")
+    r = run_cli_subprocess("evaluate", "--run-dir", run, "--json")
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)  # exactly one JSON object on stdout
     assert out["dataset"] == "mnist" and out["split"] == "test" and out["n"] == 200
@@ -138,19 +115,19 @@ def test_evaluate_json_schema_and_files(tiny_run):
 
 def test_evaluate_tables_epochs_and_errors(tiny_run):
     run, _ = tiny_run
-    r = run_cli("evaluate", "--run-dir", run, "--epoch", "1", "--split", "val")
+    r = run_cli_subprocess("evaluate", "--run-dir", run, "--epoch", "1", "--split", "val")
     assert r.returncode == 0, r.stderr
     assert "dropout 0.2, epoch 1:" in r.stdout and "best-k ensembles" in r.stdout and "ensemble" in r.stdout
-    r = run_cli("evaluate", "--run-dir", run, "--epoch", "7")
+    r = run_cli_subprocess("evaluate", "--run-dir", run, "--epoch", "7")
     assert r.returncode == 2 and "available: 1, 2" in r.stderr and "Traceback" not in r.stderr
-    r = run_cli("evaluate", "--run-dir", run, "--dropout", "0.5")
+    r = run_cli_subprocess("evaluate", "--run-dir", run, "--dropout", "0.5")
     assert r.returncode == 2 and "not in this run" in r.stderr
 
 
 def test_evaluate_our_weight_files_outside_the_run(tiny_run, tmp_path):
     run, data = tiny_run
     files = sorted((run / "dropout_0.2" / "weights").glob("002epochs_*"))
-    r = run_cli("evaluate", "--weights", *files, "--dataset", "mnist", "--data-dir", data, "--json",
+    r = run_cli_subprocess("evaluate", "--weights", *files, "--dataset", "mnist", "--data-dir", data, "--json",
                 "--out", tmp_path / "out")
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
@@ -163,7 +140,7 @@ def test_evaluate_our_weight_files_outside_the_run(tiny_run, tmp_path):
 
 def test_test_time_augmentation_runs_and_is_recorded(tiny_run):
     run, _ = tiny_run
-    r = run_cli("evaluate", "--run-dir", run, "--tta", "2", "--json")
+    r = run_cli_subprocess("evaluate", "--run-dir", run, "--tta", "2", "--json")
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
     assert out["tta"] == 2 and 0 <= out["ensemble"]["error_pct"] <= 100
@@ -174,7 +151,7 @@ def test_evaluate_the_reference_ensemble_through_the_cli(shared_dir):
     """The issue's command: the reference's Keras 2 files, evaluated on the real MNIST test set."""
     weights = sorted((shared_dir / "reference" / "dropout_0.2" / "weights").glob("267epochs_weights_model_*.pkl"))
     assert len(weights) == 10
-    r = run_cli("evaluate", "--weights", *weights, "--dataset", "mnist", "--data-dir",
+    r = run_cli_subprocess("evaluate", "--weights", *weights, "--dataset", "mnist", "--data-dir",
                 shared_dir / "data" / "mnist", "--json")
     assert r.returncode == 0, r.stderr[-2000:]
     out = json.loads(r.stdout)

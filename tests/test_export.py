@@ -13,35 +13,19 @@ import numpy as np
 import pytest
 
 import emnist_cnn  # noqa: F401  (selects the backend before keras is imported)
+from conftest import run_cli
 import keras
-from conftest import make_tiny_digits, write_mnist_idx
-from emnist_cnn.config import TrainConfig
 from emnist_cnn.errors import ConfigError
-from emnist_cnn.export import FORMATS, build_ensemble_model, export_model, export_run, load_member, read_run_config
-from emnist_cnn.model import build_model
-from emnist_cnn.train import train_and_evaluate
+from emnist_cnn.core.model import build_averaged_ensemble, build_model
+from emnist_cnn.engine.export import FORMATS, export_model, export_run, load_member
 
 TOLERANCE = 1e-5  # max abs difference of probabilities, as the issue asks
 
 
-def run_cli(argv: list[str]) -> int:
-    """`emnist-cnn ARGV` in this process (output captured by capsys)."""
-    from emnist_cnn.cli import main
-
-    return main(argv)
-
-
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory) -> Path:
-    """A real (tiny) run: 2 members x 2 epochs, checkpoints at 1 and 2, validation and test errors."""
-    root = tmp_path_factory.mktemp("export-run")
-    data = write_mnist_idx(root / "data", *make_tiny_digits(n_train=400, n_test=100))
-    config = TrainConfig(dataset="mnist", dropouts=(0.25,), models=2, epochs=2, checkpoint_every=1, batch_size=128,
-                         val_fraction=0.2, bn_recalibration_images=300)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("EMNIST_CNN_CACHE", str(root / "cache"))
-        train_and_evaluate(config, root / "run", data_dir=data, verbose=0)
-    return root / "run"
+def run_dir(tiny_run) -> Path:
+    """The session's tiny run: 2 members of dropout 0.2 x 2 epochs, checkpoints at 1 and 2."""
+    return tiny_run[0]
 
 
 def _x(n=50, seed=0) -> np.ndarray:
@@ -87,15 +71,15 @@ def _reload_in_fresh_process(tmp_path: Path, x: np.ndarray, folders: list[Path])
 
 
 def test_best_member_and_ensemble_round_trip_in_every_format(run_dir, tmp_path):
-    config, saved = read_run_config(run_dir)
-    errors = list(csv.DictReader(open(run_dir / "dropout_0.25" / "history" / "errors.csv")))
+    saved = json.loads((run_dir / "config.json").read_text())
+    errors = list(csv.DictReader(open(run_dir / "dropout_0.2" / "history" / "errors.csv")))
     val = {r["model"]: r for r in errors if r["epoch"] == "2" and r["split"] == "val"}
     test = {r["model"]: r for r in errors if r["epoch"] == "2" and r["split"] == "test"}
     best = min(("0", "1"), key=lambda m: (float(val[m]["error_pct"]), int(m)))
 
     meta = export_run(run_dir, model="best", out_dir=tmp_path / "best")
     assert meta["skipped"] == {} and set(meta["files"]) == {"json", "weights", "keras", "saved_model", "onnx"}
-    assert (meta["model"], meta["members"], meta["epoch"], meta["dropout"]) == ("best", [int(best)], 2, 0.25)
+    assert (meta["model"], meta["members"], meta["epoch"], meta["dropout"]) == ("best", [int(best)], 2, 0.2)
     assert meta["classes"] == list("0123456789")
     assert meta["input"]["shape"] == [None, 28, 28, 1] and meta["input"]["range"] == [0.0, 1.0]
     assert meta["dataset"]["name"] == "mnist" and meta["dataset"]["fingerprint"] == saved["data"]["fingerprint"]
@@ -110,7 +94,7 @@ def test_best_member_and_ensemble_round_trip_in_every_format(run_dir, tmp_path):
 
     # In memory: the member as trained, and the mean of both members' softmax.
     x = _x()
-    members = [load_member(run_dir, config, saved, 0.25, 2, i) for i in (0, 1)]
+    members = [load_member(run_dir, 0.2, 2, i) for i in (0, 1)]
     want = {"best": members[int(best)].predict(x, verbose=0),
             "ensemble": np.mean([m.predict(x, verbose=0) for m in members], axis=0)}
     got = _reload_in_fresh_process(tmp_path, x, [tmp_path / "best", tmp_path / "ensemble"])
@@ -124,7 +108,7 @@ def test_best_member_and_ensemble_round_trip_in_every_format(run_dir, tmp_path):
 def test_ensemble_model_is_one_model_with_unique_layer_names():
     keras.utils.set_random_seed(0)
     members = [build_model(name="emnist_cnn") for _ in range(3)]
-    ensemble = build_ensemble_model(members)
+    ensemble = build_averaged_ensemble(members)
     names = [layer.name for layer in ensemble.layers]
     assert len(names) == len(set(names))
     assert ensemble.count_params() == 3 * members[0].count_params()
@@ -135,7 +119,7 @@ def test_ensemble_model_is_one_model_with_unique_layer_names():
     rebuilt = keras.models.model_from_json(ensemble.to_json())
     rebuilt.set_weights(ensemble.get_weights())
     np.testing.assert_allclose(rebuilt.predict(x, verbose=0), want, atol=1e-6)
-    assert build_ensemble_model(members[:1]) is members[0]
+    assert build_averaged_ensemble(members[:1]) is members[0]
 
 
 def test_export_cli_default_folder_member_and_epoch(run_dir, capsys):
@@ -166,7 +150,7 @@ def test_export_refuses_what_the_run_does_not_have(run_dir, tmp_path, capsys):
     # Without validation errors, "best" cannot be chosen: the message says what to do instead.
     copy = tmp_path / "noval"
     shutil.copytree(run_dir, copy, ignore=shutil.ignore_patterns("export*"))
-    table = copy / "dropout_0.25" / "history" / "errors.csv"
+    table = copy / "dropout_0.2" / "history" / "errors.csv"
     rows = [r for r in csv.DictReader(open(table)) if r["split"] != "val"]
     with open(table, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))

@@ -5,9 +5,9 @@ import os
 
 import pytest
 
-import emnist_cnn.rundir as rundir
+import emnist_cnn.io.files as rundir
 from emnist_cnn.cli import main
-from emnist_cnn.rundir import read_state_epoch
+from emnist_cnn.io.state import read_state_epoch
 
 ARGS = ["--dataset", "mnist", "--dropout", "0.2", "--models", "1", "--checkpoint-every", "1", "--batch-size", "64",
         "--val-fraction", "0.2", "--bn-recalibration", "200", "--quiet"]

@@ -9,17 +9,18 @@ import pytest
 import emnist_cnn  # noqa: F401  (selects the backend before keras is imported)
 import keras
 from emnist_cnn.config import ModelConfig, TrainConfig
-from emnist_cnn.data import load_dataset
-from emnist_cnn.model import (
-    build_fused_model,
+from emnist_cnn.io.datasets import load_dataset
+from emnist_cnn.core.model import (
+    build_fused_trainer,
     build_model,
     compile_model,
     copy_optimizer_state,
     fused_member_logs,
-    predict_ensemble,
+    predict_members,
     predict_probabilities,
 )
-from emnist_cnn.train import state_path, train_and_evaluate, weights_path
+from emnist_cnn.engine.train import train_and_evaluate
+from emnist_cnn.io.rundir import RunDir
 
 TINY = TrainConfig(dataset="mnist", dropouts=(0.3,), models=2, epochs=2, checkpoint_every=1, batch_size=64,
                    val_fraction=0.2, bn_recalibration_images=200)
@@ -60,7 +61,7 @@ def test_fused_step_equals_one_step_per_member():
     for step in batches:
         logs_seq.append([m.train_on_batch(x, y, return_dict=True) for m, (x, y) in zip(one_by_one, step)])
     together = members(3)
-    fused = build_fused_model(together, 1e-3)
+    fused = build_fused_trainer(together, 1e-3)
     for k, step in enumerate(batches):
         logs = fused.train_on_batch([x for x, _ in step], [y for _, y in step], return_dict=True)
         for (loss, acc), ref in zip(fused_member_logs(logs, 3), logs_seq[k]):
@@ -88,12 +89,12 @@ def test_fused_run_equals_sequential_run(tmp_path, tiny):
     for i in range(TINY.models):
         for epoch in (1, 2):
             a, b = build_model(10, 0.3), build_model(10, 0.3)
-            a.load_weights(weights_path(tmp_path / "seq", 0.3, epoch, i))
-            b.load_weights(weights_path(tmp_path / "fused", 0.3, epoch, i))
+            a.load_weights(RunDir(tmp_path / "seq").weights_path(0.3, epoch, i))
+            b.load_weights(RunDir(tmp_path / "fused").weights_path(0.3, epoch, i))
             for wa, wb in zip(a.get_weights(), b.get_weights()):
                 np.testing.assert_array_equal(wa, wb)
-        sa = state_arrays(state_path(tmp_path / "seq", 0.3, i))
-        sb = state_arrays(state_path(tmp_path / "fused", 0.3, i))
+        sa = state_arrays(RunDir(tmp_path / "seq").state_path(0.3, i))
+        sb = state_arrays(RunDir(tmp_path / "fused").state_path(0.3, i))
         assert sa.keys() == sb.keys()
         for k in sa:
             np.testing.assert_array_equal(sa[k], sb[k], err_msg=f"model {i} {k}")
@@ -110,7 +111,7 @@ def test_fused_resume_catches_up_a_member_left_behind(tmp_path, tiny):
     run = tmp_path / "resumed"
     train_and_evaluate(cfg.replace(epochs=2), run, dataset=tiny, verbose=0, fused=True)
     # Roll member 1 back to its epoch-1 state, as if it was killed before its epoch-2 state landed.
-    latest = state_path(run, 0.3, 1)
+    latest = RunDir(run).state_path(0.3, 1)
     shutil.copy(latest.with_name("model_1.prev.npz"), latest)
     train_and_evaluate(cfg, run, dataset=tiny, verbose=0, fused=True)
     for i in range(cfg.models):
@@ -118,19 +119,20 @@ def test_fused_resume_catches_up_a_member_left_behind(tmp_path, tiny):
         b = read_rows(run / "dropout_0.3" / "history" / f"model_{i}.csv")
         assert [r["epoch"] for r in b] == ["1", "2", "3"]
         assert a == b
-        sa, sb = state_arrays(state_path(tmp_path / "straight", 0.3, i)), state_arrays(state_path(run, 0.3, i))
+        sa = state_arrays(RunDir(tmp_path / "straight").state_path(0.3, i))
+        sb = state_arrays(RunDir(run).state_path(0.3, i))
         for k in sa:
             np.testing.assert_array_equal(sa[k], sb[k], err_msg=f"model {i} {k}")
 
 
-def test_predict_ensemble_matches_member_by_member():
+def test_predict_members_matches_member_by_member():
     models = members(3)
     images = np.random.default_rng(1).integers(0, 256, (130, 28, 28), dtype=np.uint8)
-    stacked = predict_ensemble(models, images, batch_size=50)
+    stacked = predict_members(models, images, batch_size=50)
     assert stacked.shape == (3, 130, 10)
     for m, p in zip(models, stacked):
         np.testing.assert_allclose(p, predict_probabilities(m, images), rtol=0, atol=1e-6)
-    assert predict_ensemble(models, images[:0]).shape == (3, 0, 10)
+    assert predict_members(models, images[:0]).shape == (3, 0, 10)
 
 
 def test_mixed_bfloat16_trains_with_float32_weights(tmp_path, tiny):
@@ -141,7 +143,7 @@ def test_mixed_bfloat16_trains_with_float32_weights(tmp_path, tiny):
     assert model.get_layer(index=2).compute_dtype == "bfloat16"
     assert all(w.dtype == np.float32 for w in model.get_weights())
     plain = build_model(10, 0.3)
-    plain.load_weights(weights_path(tmp_path / "bf16", 0.3, 1, 0))
+    plain.load_weights(RunDir(tmp_path / "bf16").weights_path(0.3, 1, 0))
     rows = read_rows(tmp_path / "bf16" / "dropout_0.3" / "history" / "errors.csv")
     assert any(r["model"] == "ensemble" for r in rows)
     hist = read_rows(tmp_path / "bf16" / "dropout_0.3" / "history" / "model_0.csv")

@@ -204,7 +204,7 @@ VALID_MAT = {c: _mat_bytes(_nist_layout(_emnist_split()), c) for c in (False, Tr
 
 
 def load_mat(workdir: Path, content: bytes) -> tuple[str, Path]:
-    from emnist_cnn.data import load_dataset
+    from emnist_cnn.io.datasets import load_dataset
 
     path = write_in_fresh_dir(workdir, "emnist-digits.mat", content)
     try:
@@ -282,7 +282,7 @@ IDX_GZ = {name: gzip.compress(raw, mtime=0) for name, raw in IDX_RAW.items()}
 
 
 def load_idx(workdir: Path, name: str, content: bytes) -> str:
-    from emnist_cnn.data import load_dataset
+    from emnist_cnn.io.datasets import load_dataset
 
     folder = Path(tempfile.mkdtemp(dir=workdir))
     try:
@@ -323,7 +323,7 @@ def test_fuzz_idx_payload(workdir, data, name):
     ((2**21, 2**21, 2**22), "needs 18446744073709551616 bytes"),  # 2**64: 0 in int64 arithmetic
 ])
 def test_idx_dimensions_whose_product_overflows_int64_are_reported_exactly(workdir, dims, says):
-    from emnist_cnn.data import read_idx_images
+    from emnist_cnn.io.datasets import read_idx_images
     from emnist_cnn.errors import DataError
 
     path = write_in_fresh_dir(workdir, "train-images-idx3-ubyte", struct.pack(">IIII", 2051, *dims) + bytes(100))
@@ -340,7 +340,7 @@ def test_idx_dimensions_whose_product_overflows_int64_are_reported_exactly(workd
     st.binary(max_size=64).map(lambda b: b.decode("latin-1")),
 ))
 def test_fuzz_emnist_mapping_file(workdir, text):
-    from emnist_cnn.data import load_dataset
+    from emnist_cnn.io.datasets import load_dataset
 
     folder = Path(tempfile.mkdtemp(dir=workdir))
     try:
@@ -361,7 +361,7 @@ def test_fuzz_emnist_mapping_file(workdir, text):
 
 @functools.lru_cache(maxsize=None)
 def _model():
-    from emnist_cnn.model import build_model
+    from emnist_cnn.core.model import build_model
 
     return build_model()
 
@@ -411,7 +411,8 @@ def reference_weights() -> bytes:
 
 
 def load_weights_file(workdir: Path, name: str, content: bytes, *, reference_reader: bool = False) -> str:
-    from emnist_cnn.interop import load_weights_any, read_reference_weights
+    from emnist_cnn.io.reference_weights import read_reference_weights
+    from emnist_cnn.io.weights import load_weights_any
 
     path = write_in_fresh_dir(workdir, name, content)
     try:
@@ -498,7 +499,7 @@ _json_values = st.one_of(st.none(), st.booleans(), st.integers(-3, 1000), st.flo
 
 
 def load_keras_file(workdir: Path, content: bytes) -> str:
-    from emnist_cnn.predict import load_predictor
+    from emnist_cnn.engine.predict import load_predictor
 
     path = write_in_fresh_dir(workdir, "model.keras", content)
     try:
@@ -543,7 +544,7 @@ def test_fuzz_keras_archive(workdir, data, kind):
 
 @functools.lru_cache(maxsize=None)
 def _compiled_model():
-    from emnist_cnn.model import build_model, compile_model
+    from emnist_cnn.core.model import build_model, compile_model
 
     model = build_model()
     compile_model(model, 1e-3)
@@ -553,7 +554,7 @@ def _compiled_model():
 
 @functools.lru_cache(maxsize=None)
 def state_npz() -> bytes:
-    from emnist_cnn.rundir import save_member_state
+    from emnist_cnn.io.state import save_member_state
 
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "model_0.npz"
@@ -572,7 +573,7 @@ def npz_structure_ranges(data: bytes) -> list[tuple[int, int]]:
 
 
 def load_state(workdir: Path, content: bytes) -> str:
-    from emnist_cnn.rundir import load_member_state
+    from emnist_cnn.io.state import load_member_state
 
     path = write_in_fresh_dir(workdir, "model_0.npz", content)
     model = _compiled_model()
@@ -634,9 +635,10 @@ class _Marker:
 
 
 def test_a_real_pickle_is_refused_everywhere_and_never_unpickled(workdir, tmp_path):
-    from emnist_cnn.interop import load_weights_any, read_reference_weights
-    from emnist_cnn.predict import load_predictor
-    from emnist_cnn.rundir import load_member_state, read_state_epoch
+    from emnist_cnn.io.reference_weights import read_reference_weights
+    from emnist_cnn.io.weights import load_weights_any
+    from emnist_cnn.engine.predict import load_predictor
+    from emnist_cnn.io.state import load_member_state, read_state_epoch
 
     marker = tmp_path / "unpickled"
     payload = pickle.dumps({"weights": _Marker(marker)})
@@ -673,7 +675,7 @@ def test_a_real_pickle_is_refused_everywhere_and_never_unpickled(workdir, tmp_pa
     data.mkdir()
     for name, content in IDX_GZ.items():
         (data / name).write_bytes(gzip.compress(payload) if name == MNIST_NAMES[0] else content)
-    from emnist_cnn.data import load_dataset
+    from emnist_cnn.io.datasets import load_dataset
 
     with pytest.raises(EmnistCnnError, match=MNIST_NAMES[0]):
         load_dataset("mnist", data, cache=False)
@@ -686,7 +688,7 @@ def test_every_np_load_refuses_pickles_and_nothing_imports_pickle():
 
     src = Path(emnist_cnn.__file__).parent
     loads = 0
-    for path in sorted(src.glob("*.py")):
+    for path in sorted(src.rglob("*.py")):
         tree = ast.parse(path.read_text(), str(path))
         for node in ast.walk(tree):
             if isinstance(node, (ast.Import, ast.ImportFrom)):
@@ -699,8 +701,9 @@ def test_every_np_load_refuses_pickles_and_nothing_imports_pickle():
                 if isinstance(owner, ast.Name) and owner.id in ("np", "numpy"):
                     loads += 1
                     kw = {k.arg: k.value for k in node.keywords}
+                    where = f"{path.name}:{node.lineno}"
                     assert "allow_pickle" in kw and isinstance(kw["allow_pickle"], ast.Constant) \
-                        and kw["allow_pickle"].value is False, f"{path.name}:{node.lineno} np.load without allow_pickle=False"
+                        and kw["allow_pickle"].value is False, f"{where} np.load without allow_pickle=False"
             if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and \
                     node.func.attr in ("enable_unsafe_deserialization",):
                 raise AssertionError(f"{path.name}:{node.lineno} turns Keras' safe mode off")
@@ -728,7 +731,7 @@ def _lambda_model(marker: Path):
 def test_keras_files_with_code_are_refused_in_safe_mode(tmp_path):
     import keras
 
-    from emnist_cnn.predict import load_predictor
+    from emnist_cnn.engine.predict import load_predictor
 
     marker = tmp_path / "code-ran"
     model = _lambda_model(marker)

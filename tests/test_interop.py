@@ -10,29 +10,20 @@ import numpy as np
 import pytest
 
 import emnist_cnn  # noqa: F401  (selects the backend before keras is imported)
+from conftest import run_cli
 import keras
-from emnist_cnn import interop
-from emnist_cnn.data import load_dataset
+from emnist_cnn.io import reference_weights as interop
+from emnist_cnn.io.datasets import load_dataset
 from emnist_cnn.errors import DataError, RunDirError
-from emnist_cnn.interop import (
-    WeightsError,
-    import_reference,
-    is_reference_weights,
-    load_reference_weights,
-    load_weights_any,
-)
-from emnist_cnn.model import build_model, compile_model, predict_probabilities
-from emnist_cnn.rundir import load_member_state
+from emnist_cnn.engine.import_reference import import_reference
+from emnist_cnn.errors import WeightsError
+from emnist_cnn.io.reference_weights import is_reference_weights, load_reference_weights
+from emnist_cnn.io.weights import load_weights_any
+from emnist_cnn.core.model import build_model, compile_model, predict_probabilities
+from emnist_cnn.io.state import load_member_state
 
 BEST = "dropout_0.2/weights/258epochs_weights_model_7.pkl"
 EXPORT_H5 = "json_h5_export/258epochs_model_7.h5"
-
-
-def run_cli(argv: list[str]) -> int:
-    """`emnist-cnn ARGV` in this process (output captured by capsys)."""
-    from emnist_cnn.cli import main
-
-    return main(argv)
 
 
 @functools.lru_cache(maxsize=None)
@@ -60,7 +51,7 @@ _KERAS2_NAMES = {"Normalization": "lambda", "Conv2D": "conv2d", "LeakyReLU": "le
 
 def write_keras2_weights(model, path: Path, backend: str = "theano") -> Path:
     """Our model's weights in the reference's layout: Keras 2 save_weights, channels_first features, Theano kernels."""
-    perm = interop._flatten_permutation(model)
+    perm = interop.flatten_permutation(model)
     counters: dict[str, int] = {}
     names, groups = [], []
     after_flatten = False
@@ -79,7 +70,8 @@ def write_keras2_weights(model, path: Path, backend: str = "theano") -> Path:
                 arr = np.asarray(var.numpy())
                 if kind == "Conv2D" and var.name == "kernel" and backend == "theano":
                     arr = arr[::-1, ::-1]
-                if after_flatten and arr.shape[:1] == perm.shape and (kind == "BatchNormalization" or var.name == "kernel"):
+                follows_flatten = kind == "BatchNormalization" or var.name == "kernel"
+                if after_flatten and arr.shape[:1] == perm.shape and follows_flatten:
                     ref = np.empty_like(arr)
                     ref[perm] = arr
                     arr = ref

@@ -9,10 +9,11 @@ and `except BaseException` on the way up runs). Patched functions:
 - `os.replace`: a file of the run (config, invocations, checkpoint weights, history, state, errors table,
   the reference's text table) is written to its temporary name but not renamed ("before"), or renamed
   ("after"); for the state this includes the rename of the latest state to `.prev.npz`;
-- `emnist_cnn.rundir.atomic_write_bytes`: the same at the level of one whole table or state file;
+- `emnist_cnn.io.files.atomic_write_bytes`: the same at the level of one whole table or state file;
 - `keras.Model.train_on_batch`: mid-epoch;
-- `emnist_cnn.train.evaluate_checkpoint`: while the ensemble is evaluated at a checkpoint;
-- `emnist_cnn.train.save_member_state`, `save_weights_atomic`, `write_csv_rows`: around whole saves.
+- `emnist_cnn.engine.train.evaluate_checkpoint`: while the ensemble is evaluated at a checkpoint;
+- `emnist_cnn.engine.members.save_member_state` and `save_weights_atomic`, `emnist_cnn.io.rundir.write_csv_rows`:
+  around whole saves.
 
 After the kill, the same command (without the wrapper) runs until it succeeds; then every history CSV must
 hold each epoch exactly once, in order, equal to the uninterrupted run's (but for the `seconds` column);
@@ -59,7 +60,7 @@ import time
 spec = json.loads(os.environ["EMNIST_CNN_KILL_SPEC"])
 
 import emnist_cnn  # noqa: F401  (selects the backend)
-import emnist_cnn.train  # noqa: F401
+import emnist_cnn.engine.train  # noqa: F401
 import keras  # noqa: F401
 
 
@@ -124,9 +125,9 @@ sys.argv = ["emnist-cnn", *sys.argv[1:]]
 sys.exit(main(sys.argv[1:]))
 '''
 
-TARGETS = ("os.replace", "emnist_cnn.rundir.atomic_write_bytes", "keras.Model.train_on_batch",
-           "emnist_cnn.train.evaluate_checkpoint", "emnist_cnn.train.save_member_state",
-           "emnist_cnn.train.save_weights_atomic", "emnist_cnn.train.write_csv_rows")
+TARGETS = ("os.replace", "emnist_cnn.io.files.atomic_write_bytes", "keras.Model.train_on_batch",
+           "emnist_cnn.engine.train.evaluate_checkpoint", "emnist_cnn.engine.members.save_member_state",
+           "emnist_cnn.engine.members.save_weights_atomic", "emnist_cnn.io.rundir.write_csv_rows")
 
 
 @dataclass(frozen=True)
@@ -171,12 +172,12 @@ CI_POINTS = [
               why="latest state moved to .prev, the new one not written"),
     KillPoint("os.replace", "before", "SIGKILL", name="model_0.npz", occurrence=2,
               why="epoch 2's state in its temp file, .prev holds epoch 1's"),
-    KillPoint("emnist_cnn.rundir.atomic_write_bytes", "after", "SIGINT", name="model_1.csv", occurrence=2,
+    KillPoint("emnist_cnn.io.files.atomic_write_bytes", "after", "SIGINT", name="model_1.csv", occurrence=2,
               why="member 1's history has epoch 2, its state still epoch 1"),
     KillPoint("keras.Model.train_on_batch", "before", "SIGKILL", fraction=0.65, why="mid-epoch"),
     KillPoint("keras.Model.train_on_batch", "after", "SIGINT", fraction=0.4, why="mid-epoch"),
-    KillPoint("emnist_cnn.train.evaluate_checkpoint", "before", "SIGKILL", n=1, why="evaluating checkpoint 1"),
-    KillPoint("emnist_cnn.train.save_member_state", "before", "SIGINT", name="model_1.npz",
+    KillPoint("emnist_cnn.engine.train.evaluate_checkpoint", "before", "SIGKILL", n=1, why="evaluating checkpoint 1"),
+    KillPoint("emnist_cnn.engine.members.save_member_state", "before", "SIGINT", name="model_1.npz",
               why="before member 1's first state"),
 ]
 
@@ -188,22 +189,22 @@ def sweep_points() -> list[KillPoint]:
         points += [KillPoint("os.replace", "before", "SIGKILL", n=n), KillPoint("os.replace", "after", "SIGKILL", n=n),
                    KillPoint("os.replace", "before", "SIGINT", n=n)]
     for n in range(1, 19):
-        points += [KillPoint("emnist_cnn.rundir.atomic_write_bytes", "after", "SIGKILL", n=n),
-                   KillPoint("emnist_cnn.rundir.atomic_write_bytes", "before", "SIGINT", n=n)]
+        points += [KillPoint("emnist_cnn.io.files.atomic_write_bytes", "after", "SIGKILL", n=n),
+                   KillPoint("emnist_cnn.io.files.atomic_write_bytes", "before", "SIGINT", n=n)]
     for n in range(1, 25):
         points.append(KillPoint("keras.Model.train_on_batch", "before", "SIGKILL", n=n))
         if n % 2 == 0:
             points.append(KillPoint("keras.Model.train_on_batch", "after", "SIGINT", n=n))
     for n in (1, 2, 3):
-        points += [KillPoint("emnist_cnn.train.evaluate_checkpoint", w, h, n=n)
+        points += [KillPoint("emnist_cnn.engine.train.evaluate_checkpoint", w, h, n=n)
                    for w, h in (("before", "SIGKILL"), ("after", "SIGKILL"), ("after", "SIGINT"))]
     for n in range(1, 6):
-        points += [KillPoint("emnist_cnn.train.save_member_state", "before", "SIGKILL", n=n),
-                   KillPoint("emnist_cnn.train.save_member_state", "after", "SIGINT", n=n),
-                   KillPoint("emnist_cnn.train.save_weights_atomic", "before", "SIGINT", n=n),
-                   KillPoint("emnist_cnn.train.save_weights_atomic", "after", "SIGKILL", n=n)]
+        points += [KillPoint("emnist_cnn.engine.members.save_member_state", "before", "SIGKILL", n=n),
+                   KillPoint("emnist_cnn.engine.members.save_member_state", "after", "SIGINT", n=n),
+                   KillPoint("emnist_cnn.engine.members.save_weights_atomic", "before", "SIGINT", n=n),
+                   KillPoint("emnist_cnn.engine.members.save_weights_atomic", "after", "SIGKILL", n=n)]
     for n in range(1, 9):
-        points.append(KillPoint("emnist_cnn.train.write_csv_rows", "after", "SIGKILL", n=n))
+        points.append(KillPoint("emnist_cnn.io.rundir.write_csv_rows", "after", "SIGKILL", n=n))
     return points
 
 
@@ -312,7 +313,7 @@ def assert_matches_baseline(run: Path, baseline: Path) -> None:
     # Every checkpoint loads, and holds the uninterrupted run's arrays.
     names = sorted(p.name for p in (d / "weights").iterdir())
     assert names == sorted(p.name for p in (base / "weights").iterdir())
-    from emnist_cnn.model import build_model
+    from emnist_cnn.core.model import build_model
 
     model = build_model(10, 0.2)
     for name in names:
@@ -336,8 +337,8 @@ def test_every_ci_kill_point_is_reached_by_an_uninterrupted_run(harness):
     """If training changes its order of work so that a planned point no longer exists, revisit the plan."""
     for point in CI_POINTS:
         assert point.resolve(harness["calls"].get(point.target, [])) is not None, (point, harness["counts"])
-    assert harness["counts"]["emnist_cnn.train.evaluate_checkpoint"] == 2
-    assert harness["counts"]["emnist_cnn.train.save_member_state"] == 4
+    assert harness["counts"]["emnist_cnn.engine.train.evaluate_checkpoint"] == 2
+    assert harness["counts"]["emnist_cnn.engine.members.save_member_state"] == 4
 
 
 @pytest.mark.parametrize("point", POINTS, ids=[p.id for p in POINTS])

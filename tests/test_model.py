@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 
 from emnist_cnn.config import ModelConfig
-from emnist_cnn.data import load_dataset
-from emnist_cnn.model import (
+from emnist_cnn.io.datasets import load_dataset
+from emnist_cnn.core.model import (
     EMNIST_DIGITS_MEAN,
     EMNIST_DIGITS_STD,
     build_model,

@@ -39,8 +39,8 @@ def notebook_run(tmp_path_factory):
 
     base = tmp_path_factory.mktemp("notebook")
     data = write_mnist_idx(base / "data", *make_tiny_digits())
-    params = dict(run_dir=str(base / "run"), dataset="mnist", data_dir=str(data), dropouts=(0.2,), models=2,
-                  epochs=2, checkpoint_every=1, batch_size=64, limit_train=None, fixed_lr=1e-5,
+    params = dict(run_dir=str(base / "run"), dataset="mnist", data_dir=str(data), preset="quick",
+                  settings=dict(epochs=2, checkpoint_every=1, batch_size=64, limit_train=None), fixed_lr=1e-5,
                   fixed_lr_epochs=1, export_format="keras")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("EMNIST_CNN_CACHE", str(base / "cache"))  # inherited by the kernel

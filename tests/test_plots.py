@@ -1,6 +1,5 @@
 """`emnist-cnn plot`: every plot written from a tiny run, readable, and faithful to the run's tables."""
 
-import argparse
 import logging
 import re
 import shutil
@@ -12,23 +11,15 @@ from conftest import make_tiny_digits, write_mnist_idx
 
 from emnist_cnn.config import TrainConfig
 from emnist_cnn.errors import ConfigError, DataError, RunDirError
-from emnist_cnn.plots import (
-    cmd_plot,
-    find_fixed_lr_phase,
-    last_epoch,
-    load_errors,
-    load_histories,
-    load_reference_history,
-    plot_checkpoint_errors,
-    plot_confusion_matrix,
-    plot_ensemble_comparison,
-    plot_fixed_lr_phase,
-    plot_misclassified,
-    plot_run_figures,
-    reference_best_ensemble,
-    register,
-    select_dropout,
-)
+from conftest import read_errors_csv
+from emnist_cnn.cli import build_parser
+from emnist_cnn.cli.commands import cmd_plot
+from emnist_cnn.io.rundir import RunDir
+from emnist_cnn.present.image_plots import plot_confusion_matrix, plot_misclassified
+from emnist_cnn.present.plots import plot_checkpoint_errors, plot_ensemble_comparison, plot_fixed_lr_phase
+from emnist_cnn.present.reference_history import load_reference_history, reference_best_ensemble
+from emnist_cnn.present.run_plots import plot_run_figures
+from emnist_cnn.present.summary import find_fixed_lr_phase, last_epoch, select_dropout
 
 TITLE_RE = re.compile(r"^(\w)/(\w)/#(\d+)$")
 DROPOUTS = (0.2, 0.3)
@@ -45,7 +36,7 @@ def build_tiny_run(tmp_path_factory) -> Path:
     """
     if "run" in _CACHE:
         return _CACHE["run"]
-    from emnist_cnn.train import train_and_evaluate
+    from emnist_cnn.engine.train import train_and_evaluate
 
     root = tmp_path_factory.mktemp("plot-run")
     x_train, y_train, x_test, y_test = make_tiny_digits()
@@ -78,15 +69,13 @@ def run_cli_plot(tmp_path_factory) -> tuple[Path, str]:
     with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(out):
         mp.setenv("EMNIST_CNN_CACHE", str(run_dir.parent / "cache"))
         args = _parse(["plot", "--run-dir", str(run_dir)])
-        assert args.func(args) == 0
+        assert args.handler(args) == 0
     _CACHE["cli"] = (run_dir, out.getvalue())
     return _CACHE["cli"]
 
 
 def _parse(argv):
-    parser = argparse.ArgumentParser(prog="emnist-cnn")
-    register(parser.add_subparsers(dest="command", required=True))
-    return parser.parse_args(argv)
+    return build_parser().parse_args(argv)
 
 
 @pytest.fixture(scope="module")
@@ -107,11 +96,11 @@ def run_figures(tiny_run):
 
 
 def _errors(run_dir):
-    return {d: load_errors(run_dir, d) for d in DROPOUTS}
+    return {d: RunDir(run_dir).read_errors(d) for d in DROPOUTS}
 
 
 def _histories(run_dir):
-    return {d: load_histories(run_dir, d, 2) for d in DROPOUTS}
+    return {d: RunDir(run_dir).read_histories(d, 2) for d in DROPOUTS}
 
 
 def _line_ys(fig) -> list[np.ndarray]:
@@ -208,7 +197,7 @@ def test_figures_are_titled_labelled_and_have_legends(run_figures):
 
 
 def test_checkpoint_error_plot_draws_every_member_and_a_bold_ensemble(tiny_run, run_figures):
-    rows = load_errors(tiny_run, 0.2)
+    rows = read_errors_csv(tiny_run / "dropout_0.2" / "history" / "errors.csv")
     fig = run_figures["errors_dropout_0.2"]
     test_ax = next(ax for ax in fig.axes if ax.get_title() == "test error")
     by_label = {line.get_label(): line for line in test_ax.lines}
@@ -221,7 +210,7 @@ def test_checkpoint_error_plot_draws_every_member_and_a_bold_ensemble(tiny_run, 
 
 
 def test_fixed_lr_phase_is_found_and_plotted_per_epoch(tiny_run, run_figures):
-    history = load_histories(tiny_run, 0.2, 2)
+    history = RunDir(tiny_run).read_histories(0.2, 2)
     assert find_fixed_lr_phase(history, 1e-3) == (3, 5, [1e-5])
     at_base = {k: {**v, "learning_rate": np.full(5, 1e-3)} for k, v in history.items()}
     assert find_fixed_lr_phase(at_base, 1e-3) is None
@@ -230,7 +219,7 @@ def test_fixed_lr_phase_is_found_and_plotted_per_epoch(tiny_run, run_figures):
     ens = next(line for line in ax.lines if line.get_label() == "ensemble")
     # x counts epochs since the switch at epoch 3: the two fixed-lr epochs are 1 and 2.
     assert list(ens.get_xdata()) == [-2, -1, 0, 1, 2]
-    rows = load_errors(tiny_run, 0.2)
+    rows = read_errors_csv(tiny_run / "dropout_0.2" / "history" / "errors.csv")
     expected = [r["error_pct"] for r in rows if r["model"] == "ensemble" and r["split"] == "test"]
     assert np.allclose(ens.get_ydata(), expected)
     with pytest.raises(DataError, match="base rate"):
@@ -238,17 +227,17 @@ def test_fixed_lr_phase_is_found_and_plotted_per_epoch(tiny_run, run_figures):
 
 
 def test_misclassified_grid_has_one_titled_subplot_per_error(tiny_run, run_figures):
-    from emnist_cnn.train import load_run_data
+    from emnist_cnn.engine.prepare import load_run_data
 
     errors = _errors(tiny_run)
     d = select_dropout(errors)
     epoch = last_epoch(errors[d])
-    expected = next(r for r in errors[d] if r["epoch"] == epoch and r["model"] == "ensemble" and r["split"] == "test")
-    assert expected["n_errors"] > 0
+    expected = next(r for r in errors[d] if r.epoch == epoch and r.model == "ensemble" and r.split == "test")
+    assert expected.rate.n_errors > 0
     _, data = load_run_data(tiny_run)
     titles = [ax.get_title() for ax in run_figures["misclassified"].axes if ax.get_title()]
     # The plot predicted the test set itself (no evaluation tables): it must agree with training's count.
-    assert len(titles) == expected["n_errors"]
+    assert len(titles) == expected.rate.n_errors
     for t in titles:
         pred, label, index = TITLE_RE.match(t).groups()
         assert pred != label and data.classes[data.y_test[int(index)]] == label
@@ -282,7 +271,7 @@ def test_plot_run_uses_the_evaluation_tables_when_present(tiny_run, tmp_path):
     # A copy without weights: the grids must come from misclassified.csv alone.
     copy = tmp_path / "run"
     shutil.copytree(tiny_run, copy, ignore=shutil.ignore_patterns("weights", "state", "plot_history", "report.html"))
-    from emnist_cnn.train import load_run_data
+    from emnist_cnn.engine.prepare import load_run_data
 
     _, data = load_run_data(copy)
     picked = [3, 17, 150]
@@ -299,7 +288,7 @@ def test_plot_run_uses_the_evaluation_tables_when_present(tiny_run, tmp_path):
 
 
 def test_image_plots_are_skipped_with_a_warning_without_data(tiny_run, tmp_path, caplog):
-    with caplog.at_level(logging.WARNING, logger="emnist_cnn.plots"):
+    with caplog.at_level(logging.WARNING, logger="emnist_cnn.present.run_plots"):
         figs = plot_run_figures(tiny_run, data_dir=tmp_path)
     assert "misclassified" not in figs and "augmentation" not in figs and "ensembles" in figs
     assert "skipping the image plots" in caplog.text
@@ -352,21 +341,15 @@ def test_cli_plot_with_compare_reference(tiny_run, shared_dir, tmp_path, capsys)
     assert "0.160%" in (tmp_path / "r.html").read_text()
 
 
-def test_every_plot_flag_states_its_default():
-    parser = argparse.ArgumentParser(prog="emnist-cnn")
-    sub = parser.add_subparsers(dest="command")
-    p = register(sub)
-    for action in p._actions:
-        if action.option_strings and action.dest != "help":
-            assert "(default:" in action.help or "(required" in action.help, action.dest
-    args = parser.parse_args(["plot", "--run-dir", "r"])
-    assert args.func is cmd_plot and args.compare_reference is None and args.dropout is None
+def test_plot_flags_parse_to_the_plot_handler():
+    args = _parse(["plot", "--run-dir", "r"])
+    assert args.handler is cmd_plot and args.compare_reference is None and args.dropout is None
 
 
 def test_sample_grid_and_class_balance():
     from conftest import make_tiny_digits
 
-    from emnist_cnn.plots import plot_class_balance, plot_samples
+    from emnist_cnn.present.image_plots import plot_class_balance, plot_samples
 
     x, y, xt, yt = make_tiny_digits(200, 50)
     classes = tuple("0123456789")

@@ -8,25 +8,19 @@ import pytest
 from PIL import Image
 
 import emnist_cnn  # noqa: F401  (selects the backend before keras is imported)
+from conftest import run_cli
 import keras
 from emnist_cnn.config import TrainConfig
-from emnist_cnn.data import load_dataset
-from emnist_cnn.export import export_model
-from emnist_cnn.model import build_model
-from emnist_cnn.predict import (
+from emnist_cnn.io.datasets import load_dataset
+from emnist_cnn.engine.export import export_model
+from emnist_cnn.core.model import build_model
+from emnist_cnn.engine.predict import (
     ImageError,
     load_image_for_emnist,
     load_predictor,
     predict_files,
     read_grayscale,
 )
-
-
-def run_cli(argv: list[str]) -> int:
-    """`emnist-cnn ARGV` in this process (output captured by capsys)."""
-    from emnist_cnn.cli import main
-
-    return main(argv)
 
 
 def _stroke_image(h=300, w=200, dark_on_light=True) -> np.ndarray:

@@ -10,8 +10,11 @@ import pytest
 from test_plots import DROPOUTS, run_cli_plot
 
 from emnist_cnn.errors import DataError
-from emnist_cnn.plots import load_errors, load_reference_history, plot_confusion_matrix
-from emnist_cnn.report import load_results, render_report, write_report
+from conftest import read_errors_csv
+from emnist_cnn.present.image_plots import plot_confusion_matrix
+from emnist_cnn.present.reference_history import load_reference_history
+from emnist_cnn.present.report import render_report, write_report
+from emnist_cnn.present.summary import load_results
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -92,11 +95,13 @@ def test_report_tables_hold_the_numbers_of_errors_csv(report):
     tables = _parse(text).tables
     summary = tables["At the last checkpoint"]
     for d in DROPOUTS:
-        errors = load_errors(run_dir, d)
+        errors = read_errors_csv(run_dir / f"dropout_{d:g}" / "history" / "errors.csv")
         last = max(r["epoch"] for r in errors)
         assert last == 5
         by = {(r["model"], r["split"]): r for r in errors if r["epoch"] == last}
-        cell = lambda m, s: f"{by[m, s]['error_pct']:.3f}% ({by[m, s]['n_errors']}/{by[m, s]['n']})"
+        def cell(m, s, by=by):
+            return f"{by[m, s]['error_pct']:.3f}% ({by[m, s]['n_errors']}/{by[m, s]['n']})"
+
         # A row per member and the ensemble: val then test, numbers and counts as in errors.csv.
         rows = tables[f"Dropout {d:g}, epoch 5"]
         assert rows[0] == ["member", "val error", "test error"]
@@ -118,9 +123,9 @@ def test_report_summarizes_the_run_and_its_fixed_lr_phase(report):
 def test_best_member_is_chosen_on_validation(report):
     run_dir, _ = report
     for item in load_results(run_dir):
-        val = {m["name"]: (m["val"]["n_errors"], int(m["name"])) for m in item["members"]}
+        val = {m["name"]: (m["val"].n_errors, int(m["name"])) for m in item["members"]}
         assert item["best_member"] == str(min(val.values())[1])
-        assert item["epoch"] == 5 and item["ensemble"]["test"]["n"] == 200
+        assert item["epoch"] == 5 and item["ensemble"]["test"].n == 200
 
 
 def test_report_includes_best_k_rows_from_evaluation_json(report, tmp_path):
@@ -170,7 +175,7 @@ def test_report_shows_the_reference_results(report, shared_dir):
 def test_run_without_validation_split(report, tmp_path):
     import csv
 
-    from emnist_cnn.plots import plot_run_figures
+    from emnist_cnn.present.run_plots import plot_run_figures
 
     run_dir, _ = report
     copy = tmp_path / "run"

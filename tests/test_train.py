@@ -1,6 +1,5 @@
 """Training, the run directory, resume, fixed-LR continuation and refusals (in-process, tiny data)."""
 
-import csv
 import json
 import logging
 import shutil
@@ -8,20 +7,20 @@ import shutil
 import numpy as np
 import pytest
 
+from conftest import read_csv
+
 import emnist_cnn  # noqa: F401  (selects the backend before keras is imported)
 import keras
 from emnist_cnn.config import AugmentConfig, TrainConfig
-from emnist_cnn.data import load_dataset
+from emnist_cnn.io.datasets import load_dataset
 from emnist_cnn.errors import ConfigError, RunDirError
-from emnist_cnn.model import build_model
-from emnist_cnn.rundir import RunLock, load_member_state
-from emnist_cnn.train import (
-    _new_model,
-    prepare_data,
-    state_path,
-    train_and_evaluate,
-    weights_path,
-)
+from emnist_cnn.core.model import build_model
+from emnist_cnn.io.files import RunLock
+from emnist_cnn.io.state import load_member_state
+from emnist_cnn.engine.members import build_member_model
+from emnist_cnn.engine.prepare import prepare_data
+from emnist_cnn.engine.train import train_and_evaluate
+from emnist_cnn.io.rundir import RunDir
 
 TINY = TrainConfig(dataset="mnist", dropouts=(0.2,), models=2, epochs=2, checkpoint_every=1, batch_size=64,
                    val_fraction=0.2, bn_recalibration_images=200)
@@ -30,11 +29,6 @@ TINY = TrainConfig(dataset="mnist", dropouts=(0.2,), models=2, epochs=2, checkpo
 @pytest.fixture
 def tiny(tiny_mnist_dir):
     return load_dataset("mnist", tiny_mnist_dir)
-
-
-def read_csv(path):
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
 
 
 def test_run_directory_layout_and_tables(tmp_path, tiny):
@@ -69,17 +63,17 @@ def test_run_directory_layout_and_tables(tmp_path, tiny):
     assert cfg["config"]["models"] == 2 and cfg["data"]["fingerprint"] == tiny.fingerprint
     assert cfg["versions"]["keras"] == keras.__version__ and cfg["data"]["n_val"] == 120
     # The returned rows are the last checkpoint's.
-    assert {int(r["epoch"]) for r in rows} == {2}
+    assert list(rows) == [0.2] and {r.epoch for r in rows[0.2]} == {2}
     # Synthetic classes are easy: a real model has learned them after two epochs.
-    ens_test = next(r for r in rows if r["model"] == "ensemble" and r["split"] == "test")
-    assert float(ens_test["error_pct"]) < 20
+    ens_test = next(r for r in rows[0.2] if r.model == "ensemble" and r.split == "test")
+    assert ens_test.rate.pct < 20
 
 
 def test_resume_recomputes_nothing_and_raising_epochs_continues(tmp_path, tiny):
     run = tmp_path / "run"
     train_and_evaluate(TINY, run, dataset=tiny, verbose=0)
     hist = run / "dropout_0.2" / "history" / "model_0.csv"
-    state = state_path(run, 0.2, 0)
+    state = RunDir(run).state_path(0.2, 0)
     before = (hist.read_text(), state.stat().st_mtime_ns)
     train_and_evaluate(TINY, run, dataset=tiny, verbose=0)
     assert (hist.read_text(), state.stat().st_mtime_ns) == before
@@ -105,9 +99,9 @@ def test_interrupted_resume_matches_uninterrupted_run(tmp_path, tiny):
     b = read_csv(resumed / "dropout_0.2" / "history" / "model_0.csv")
     assert [r["loss"] for r in a] == [r["loss"] for r in b]
     data = prepare_data(cfg, tiny)
-    m1, m2 = _new_model(cfg, data, 0.2, 0), _new_model(cfg, data, 0.2, 0)
-    m1.load_weights(weights_path(straight, 0.2, 2, 0))
-    m2.load_weights(weights_path(resumed, 0.2, 2, 0))
+    m1, m2 = build_member_model(cfg, data, 0.2, 0), build_member_model(cfg, data, 0.2, 0)
+    m1.load_weights(RunDir(straight).weights_path(0.2, 2, 0))
+    m2.load_weights(RunDir(resumed).weights_path(0.2, 2, 0))
     for w1, w2 in zip(m1.get_weights(), m2.get_weights()):
         np.testing.assert_allclose(w1, w2, rtol=0, atol=1e-6)
 
@@ -136,15 +130,15 @@ def test_fixed_learning_rate_reaches_the_optimizer(tmp_path, tiny):
     assert [float(r["learning_rate"]) for r in hist] == [pytest.approx(1e-3), pytest.approx(1e-5)]
     # The saved optimizer state holds the new rate ...
     data = prepare_data(cfg, tiny)
-    model = _new_model(cfg, data, 0.2, 0)
-    load_member_state(state_path(fixed, 0.2, 0), model)
+    model = build_member_model(cfg, data, 0.2, 0)
+    load_member_state(RunDir(fixed).state_path(0.2, 0), model)
     assert float(model.optimizer.learning_rate.numpy()) == pytest.approx(1e-5)
 
     # ... and the updates really used it: weights moved ~100x less than at 1e-3.
     def kernel_change(run):
-        m0, m1 = _new_model(cfg, data, 0.2, 0), _new_model(cfg, data, 0.2, 0)
-        m0.load_weights(weights_path(run, 0.2, 1, 0))
-        m1.load_weights(weights_path(run, 0.2, 2, 0))
+        m0, m1 = build_member_model(cfg, data, 0.2, 0), build_member_model(cfg, data, 0.2, 0)
+        m0.load_weights(RunDir(run).weights_path(0.2, 1, 0))
+        m1.load_weights(RunDir(run).weights_path(0.2, 2, 0))
         k0 = [w for w in m0.trainable_weights if "kernel" in w.path]
         k1 = [w for w in m1.trainable_weights if "kernel" in w.path]
         return sum(float(np.abs(np.asarray(a) - np.asarray(b)).sum()) for a, b in zip(k0, k1))
@@ -187,7 +181,7 @@ def test_damaged_latest_state_falls_back_to_previous(tmp_path, tiny, caplog):
     run = tmp_path / "run"
     cfg = TINY.replace(models=1)
     train_and_evaluate(cfg, run, dataset=tiny, verbose=0)
-    state = state_path(run, 0.2, 0)
+    state = RunDir(run).state_path(0.2, 0)
     state.write_bytes(state.read_bytes()[:100])  # a torn write
     # Temp files a killed process left mid-write are swept, never read.
     stale = [state.parent / ".model_0.npz.x1y2.tmp", run / "dropout_0.2" / "weights" / ".tmp-99-a.weights.h5"]

@@ -1,4 +1,4 @@
-"""One typed configuration for a run: augmentation, model, training."""
+"""One typed configuration for a run: augmentation, model, training; and the named presets."""
 
 from __future__ import annotations
 
@@ -8,6 +8,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import ConfigError
+
+__all__ = ["EMNIST_DIGITS_MEAN", "EMNIST_DIGITS_STD", "DATASETS", "PRECISIONS", "PRESETS", "RESUMABLE_CHANGES",
+           "AugmentConfig", "ModelConfig", "TrainConfig"]
+
+# EMNIST Digits training-set pixel statistics in [0, 1], as hard-coded by the reference.
+EMNIST_DIGITS_MEAN = 0.17325132
+EMNIST_DIGITS_STD = 0.3316614
 
 DATASETS = (
     "emnist-digits",
@@ -129,16 +136,29 @@ class TrainConfig:
     def replace(self, **changes: Any) -> "TrainConfig":
         return dataclasses.replace(self, **changes)
 
+    @classmethod
+    def from_preset(cls, name: str, **changes: Any) -> "TrainConfig":
+        """The named preset (see PRESETS) with `changes` applied on top."""
+        if name not in PRESETS:
+            raise ConfigError(f"--preset must be one of {', '.join(sorted(PRESETS))}, got {name!r}")
+        return cls(**{**PRESETS[name], **changes})
+
 
 # Settings that may change when a run is resumed; everything else defines the experiment.
 RESUMABLE_CHANGES = ("epochs", "checkpoint_every")
 
 
+# Named starting points for `run` and the notebooks; explicit settings override them.
+PRESETS: dict[str, dict[str, Any]] = {
+    # A few minutes on a 2-core laptop: a small ensemble on a subset, still a real result.
+    "quick": dict(dropouts=(0.2,), models=2, epochs=4, checkpoint_every=2, batch_size=128,
+                  limit_train=20_000, bn_recalibration_images=5_000),
+    # The reference protocol (meant for a GPU): 4 dropout rates x 10 members x 256 epochs.
+    "reference": dict(dropouts=(0.2, 0.3, 0.4, 0.5), models=10, epochs=256, checkpoint_every=16,
+                      batch_size=512, limit_train=None),
+}
+
+
 def _check(ok: bool, flag: str, rule: str, value: Any) -> None:
     if not ok:
         raise ConfigError(f"{flag} {rule}, got {value!r}")
-
-
-def dropout_dirname(rate: float) -> str:
-    """Folder name per dropout rate, as the reference named it: dropout_0.2."""
-    return f"dropout_{rate:g}"

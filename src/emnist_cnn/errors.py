@@ -1,5 +1,8 @@
 """Error types: every expected failure is one of these, with a one-line message."""
 
+__all__ = ["EmnistCnnError", "DataError", "DownloadError", "ConfigError", "RunDirError", "WeightsError",
+           "ImageError", "ExportError", "one_line"]
+
 
 class EmnistCnnError(Exception):
     """Base class: the CLI prints the message on one line and exits non-zero."""
@@ -23,3 +26,21 @@ class ConfigError(EmnistCnnError):
 
 class RunDirError(EmnistCnnError):
     """A run directory is locked, unwritable or holds unreadable state."""
+
+
+class WeightsError(DataError):
+    """A weights file is unreadable, truncated, foreign, or does not fit the model."""
+
+
+class ImageError(DataError):
+    """An image file is missing, unreadable, or holds no character."""
+
+
+class ExportError(EmnistCnnError):
+    """A model could not be written in a requested format."""
+
+
+def one_line(exc: BaseException, limit: int = 300) -> str:
+    """A library exception's text on one line, cut at `limit` characters."""
+    text = " ".join(str(exc).split())
+    return text[:limit] + ("..." if len(text) > limit else "")

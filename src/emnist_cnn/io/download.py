@@ -19,15 +19,17 @@ from types import MappingProxyType
 
 from tqdm import tqdm
 
-from emnist_cnn import __version__
-from emnist_cnn.data import default_data_dir
-from emnist_cnn.errors import ConfigError, DownloadError
+from .. import __version__
+from ..errors import ConfigError, DownloadError
+from .datasets import Dataset, default_data_dir, find_dataset_files, load_dataset
 
-logger = logging.getLogger(__name__)
+__all__ = ["NIST_BASE_URL", "MIRROR_ENV", "SPLITS", "ARCHIVES", "ARCHIVE_MD5S", "MEMBER_MD5S", "resolve_mirror",
+           "download_file", "download_emnist", "load_or_download"]
+
+log = logging.getLogger(__name__)
 
 NIST_BASE_URL = "https://biometrics.nist.gov/cs_links/EMNIST"
 MIRROR_ENV = "EMNIST_CNN_MIRROR"
-DATA_ENV = "EMNIST_CNN_DATA"
 
 SPLITS = ("digits", "mnist", "letters", "balanced", "byclass", "bymerge")
 ARCHIVES = ("gzip.zip", "matlab.zip")
@@ -101,21 +103,21 @@ def download_file(
     dest = Path(dest)
     if dest.is_file():
         if md5 is None:
-            logger.info("%s already exists; not downloading it again", dest)
+            log.info("%s already exists; not downloading it again", dest)
             return dest
         got = _file_md5(dest)
         if got == md5.lower():
-            logger.info("%s already exists with the expected md5; not downloading it again", dest)
+            log.info("%s already exists with the expected md5; not downloading it again", dest)
             return dest
         # The old file stays until the verified new one replaces it atomically.
-        logger.warning("%s has md5 %s, expected %s; downloading it again", dest, got, md5)
+        log.warning("%s has md5 %s, expected %s; downloading it again", dest, got, md5)
     _make_dir(dest.parent)
     part = dest.with_name(dest.name + ".part")
 
     try:
         _fetch(url, part, timeout=timeout, progress=progress, chunk_size=chunk_size, desc=dest.name)
     except _Restart as exc:
-        logger.warning("%s; discarding %s and downloading from the start", exc, part)
+        log.warning("%s; discarding %s and downloading from the start", exc, part)
         _unlink(part)
         try:
             _fetch(url, part, timeout=timeout, progress=progress, chunk_size=chunk_size, desc=dest.name)
@@ -130,7 +132,7 @@ def download_file(
                 f"checksum mismatch for {url}: expected md5 {md5.lower()}, got {got}; "
                 f"deleted the downloaded file {part}"
             )
-        logger.info("verified md5 of %s", dest.name)
+        log.info("verified md5 of %s", dest.name)
     try:
         os.replace(part, dest)
     except OSError as exc:
@@ -164,17 +166,17 @@ def download_emnist(
     members = _needed_members(split, archive)
     targets = [data_dir / name.rsplit("/", 1)[-1] for name in members]
     if all(t.is_file() for t in targets):
-        logger.info("all %d files of EMNIST %s are already in %s", len(targets), split, data_dir)
+        log.info("all %d files of EMNIST %s are already in %s", len(targets), split, data_dir)
         return targets
 
     if isinstance(archive_md5, _Known):
         archive_md5 = ARCHIVE_MD5S.get(archive)
     if archive_md5 is None:
-        logger.info("no checksum known for %s; it will not be verified", archive)
+        log.info("no checksum known for %s; it will not be verified", archive)
     url = f"{resolve_mirror(mirror)}/{archive}"
     archive_path = data_dir / archive
     _make_dir(data_dir)
-    logger.info("downloading %s to %s", url, archive_path)
+    log.info("downloading %s to %s", url, archive_path)
     try:
         download_file(url, archive_path, md5=archive_md5, timeout=timeout, progress=progress)
     except _HostUnreachable as exc:
@@ -187,10 +189,22 @@ def download_emnist(
     if not keep_archive:
         try:
             archive_path.unlink()
-            logger.info("deleted %s", archive_path)
+            log.info("deleted %s", archive_path)
         except OSError as exc:
-            logger.warning("could not delete %s: %s", archive_path, _why(exc))
+            log.warning("could not delete %s: %s", archive_path, _why(exc))
     return targets
+
+
+def load_or_download(name: str, data_dir=None, *, mirror=None, download: bool = True) -> tuple[Dataset, Path]:
+    """`load_dataset`, downloading an EMNIST split first when its files are absent.
+
+    Returns the dataset and the folder it was read from.
+    """
+    data_dir = Path(data_dir) if data_dir else default_data_dir()
+    if find_dataset_files(name, data_dir) is None and download and name.startswith("emnist-"):
+        log.info("%s not found in %s: downloading it", name, data_dir)
+        download_emnist(name[len("emnist-"):], data_dir, mirror=mirror)
+    return load_dataset(name, data_dir), data_dir
 
 
 def _needed_members(split: str, archive: str) -> list[str]:
@@ -208,7 +222,7 @@ def _fetch(url: str, part: Path, *, timeout: float, progress: bool, chunk_size: 
     headers = {"User-Agent": f"emnist-cnn/{__version__}", "Accept-Encoding": "identity"}
     if offset:
         headers["Range"] = f"bytes={offset}-"
-        logger.info("resuming %s from byte %d", url, offset)
+        log.info("resuming %s from byte %d", url, offset)
     try:
         resp = urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=timeout)
     except urllib.error.HTTPError as exc:
@@ -216,7 +230,7 @@ def _fetch(url: str, part: Path, *, timeout: float, progress: bool, chunk_size: 
         if exc.code == 416 and offset:
             _, total = _parse_content_range(exc.headers.get("Content-Range"))
             if total is None or total == offset:
-                logger.info("%s is already complete (%d bytes)", part, offset)
+                log.info("%s is already complete (%d bytes)", part, offset)
                 return
             raise _Restart(f"{part} has {offset} bytes but {url} has {total}") from exc
         raise DownloadError(f"HTTP {exc.code} ({exc.reason}) for {url}") from exc
@@ -244,7 +258,7 @@ def _fetch(url: str, part: Path, *, timeout: float, progress: bool, chunk_size: 
             mode = "ab"
         else:
             if offset:
-                logger.info("%s ignored the resume request; downloading from the start", url)
+                log.info("%s ignored the resume request; downloading from the start", url)
                 offset = 0
             length = resp.headers.get("Content-Length")
             total = int(length) if length and length.isdigit() else None
@@ -304,7 +318,7 @@ def _extract(
         by_base = {}
         for info in infos:
             by_base.setdefault(info.filename.rsplit("/", 1)[-1], info)
-        logger.info("extracting %d files from %s", len(members), archive_path)
+        log.info("extracting %d files from %s", len(members), archive_path)
         for name, target in zip(members, targets):
             # Fall back to the bare file name so a repacked mirror archive still works.
             info = by_name.get(name) or by_base.get(target.name)
@@ -340,7 +354,7 @@ def _extract_member(
         raise
     got = digest.hexdigest()
     if md5 is None:
-        logger.info("no checksum known for %s; not verified", target.name)
+        log.info("no checksum known for %s; not verified", target.name)
     elif got != md5.lower():
         _unlink(tmp)
         raise DownloadError(
@@ -348,7 +362,7 @@ def _extract_member(
             f"got {got}; deleted the extracted file (the archive may be corrupt: delete it and rerun)"
         )
     else:
-        logger.info("verified md5 of %s", target.name)
+        log.info("verified md5 of %s", target.name)
     try:
         os.replace(tmp, target)
     except OSError as exc:
@@ -413,7 +427,7 @@ def _unlink(path: Path) -> None:
     try:
         path.unlink(missing_ok=True)
     except OSError as exc:
-        logger.warning("could not delete %s: %s", path, _why(exc))
+        log.warning("could not delete %s: %s", path, _why(exc))
 
 
 def _why(exc: BaseException | str | None) -> str:

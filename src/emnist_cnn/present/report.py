@@ -10,25 +10,20 @@ from __future__ import annotations
 import base64
 import html
 import io
-import json
 import logging
 import re
 from collections.abc import Mapping
 from datetime import datetime, timezone
 from pathlib import Path
 
-from .config import TrainConfig, dropout_dirname
-from .errors import DataError, RunDirError
-from .plots import (
-    find_fixed_lr_phase,
-    last_epoch,
-    load_errors,
-    load_histories,
-    load_run_config,
-    reference_best_ensemble,
-    select_dropout,
-)
-from .rundir import atomic_write_text
+from ..core.metrics import ErrorRate
+from ..errors import DataError
+from ..io.files import atomic_write_text
+from ..io.rundir import RunDir
+from .reference_history import reference_best_ensemble
+from .summary import find_fixed_lr_phase, load_results, select_dropout
+
+__all__ = ["caption_for", "render_report", "write_report"]
 
 log = logging.getLogger(__name__)
 
@@ -50,55 +45,6 @@ figure { margin: 1.5em 0; } figure img { max-width: 100%; height: auto; border: 
 figcaption { color: #444; font-size: 0.92em; margin-top: 0.3em; }
 code { background: #f4f4f4; padding: 0 0.2em; }
 """
-
-
-# ----------------------------------------------------------------------------- results
-
-
-def load_results(run_dir) -> list[dict]:
-    """Per dropout rate, the last checkpoint's errors and the choices made on validation.
-
-    Each item: dropout, epoch, members ([{name, val, test}] with errors.csv rows
-    or None), ensemble ({val, test}), best_member (name chosen on validation, or
-    None without a validation split), evaluation (the newest
-    `emnist-cnn evaluate` result on the test split at any epoch, or None).
-    """
-    run_dir = Path(run_dir)
-    config = TrainConfig.from_dict(load_run_config(run_dir)["config"])
-    out = []
-    for d in config.dropouts:
-        rows = load_errors(run_dir, d)
-        epoch = last_epoch(rows)
-        item = {"dropout": d, "epoch": epoch, "members": [], "ensemble": {}, "best_member": None,
-                "evaluation": _load_evaluation(run_dir, d)}
-        if epoch is not None:
-            by = {(r["model"], r["split"]): r for r in rows if r["epoch"] == epoch}
-            names = sorted({m for m, _ in by if m != "ensemble"}, key=int)
-            item["members"] = [{"name": m, "val": by.get((m, "val")), "test": by.get((m, "test"))} for m in names]
-            item["ensemble"] = {"val": by.get(("ensemble", "val")), "test": by.get(("ensemble", "test"))}
-            scored = [(by[m, "val"]["n_errors"], int(m)) for m in names if (m, "val") in by]
-            if scored and len(scored) == len(names):
-                item["best_member"] = str(min(scored)[1])
-        out.append(item)
-    return out
-
-
-def _load_evaluation(run_dir: Path, dropout: float) -> dict | None:
-    folder = run_dir / dropout_dirname(dropout) / "evaluation"
-    found = []
-    for path in folder.glob("test_epoch_*/evaluation.json"):
-        m = re.fullmatch(r"test_epoch_(\d+)", path.parent.name)  # plain evaluations only, not _ttaN
-        if m:
-            found.append((int(m.group(1)), path))
-    if not found:
-        return None
-    _, path = max(found)
-    try:
-        result = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise RunDirError(f"{path}: unreadable evaluation ({exc})") from exc
-    result["path"] = str(path)
-    return result
 
 
 # ----------------------------------------------------------------------------- images
@@ -157,10 +103,8 @@ def _e(x) -> str:
     return html.escape(str(x), quote=True)
 
 
-def _cell(row: Mapping | None) -> str:
-    if row is None:
-        return "-"
-    return f"{float(row['error_pct']):.3f}% ({int(row['n_errors'])}/{int(row['n'])})"
+def _cell(rate: ErrorRate | None) -> str:
+    return "-" if rate is None else str(rate)
 
 
 def _table(headers: list[str], rows: list[list[str]], row_classes: list[str] | None = None,
@@ -210,10 +154,7 @@ def _results_html(results: list[dict]) -> str:
                          "evaluate</code>): the k members ranked best on validation, averaged.</p>")
             krows = []
             for b in ev["best_k"]:
-                val = f"{float(b['val_error_pct']):.3f}% ({b['val_n_errors']}/{n_val})" if n_val else \
-                    f"{float(b['val_error_pct']):.3f}% ({b['val_n_errors']})"
-                test = f"{float(b['error_pct']):.3f}% ({b['n_errors']}/{n})" if n else \
-                    f"{float(b['error_pct']):.3f}% ({b['n_errors']})"
+                val, test = _cell(ErrorRate(b["val_n_errors"], n_val or 0)), _cell(ErrorRate(b["n_errors"], n or 0))
                 krows.append([_e(b["k"]), _e(" ".join(str(x) for x in b.get("members", []))), _e(val), _e(test)])
             parts.append(_table(["k", "members", "val error", "test error"], krows, left=2))
     return "\n".join(parts)
@@ -252,7 +193,7 @@ def _reference_row(t) -> list[str]:
     return [_e(f"{int(t.epochs[0])}-{int(t.epochs[-1])}"), _e(last), _e(at_min(t.ensemble)), _e(at_min(t.best))]
 
 
-def _settings_html(saved: dict, run_dir: Path) -> str:
+def _settings_html(saved: dict, run: RunDir) -> str:
     cfg = saved.get("config", {})
     rows = []
     for k, v in cfg.items():
@@ -269,57 +210,47 @@ def _settings_html(saved: dict, run_dir: Path) -> str:
     parts += ["<h3>Data</h3>", _table(["field", "value"], drows, left=2)]
     parts += ["<h3>Versions</h3>", _table(["library", "version"],
                                           [[_e(k), _e(v)] for k, v in saved.get("versions", {}).items()], left=2)]
-    inv = run_dir / "invocations.jsonl"
-    if inv.is_file():
-        irows = []
-        for line in inv.read_text().splitlines():
-            try:
-                rec = json.loads(line)
-            except ValueError:
-                continue
-            argv = rec.get("argv") or []
-            irows.append([_e(rec.get("time", "")), _e(rec.get("epochs", "")),
-                          _e("-" if rec.get("fixed_lr") is None else f"{rec['fixed_lr']:g}"),
-                          _e(" ".join(str(a) for a in argv))])
-        if irows:
-            parts += ["<h3>Training commands on this run</h3>",
-                      _table(["time", "epochs", "fixed lr", "command"], irows, left=4)]
+    irows = []
+    for rec in run.read_invocations():
+        argv = rec.get("argv") or []
+        irows.append([_e(rec.get("time", "")), _e(rec.get("epochs", "")),
+                      _e("-" if rec.get("fixed_lr") is None else f"{rec['fixed_lr']:g}"),
+                      _e(" ".join(str(a) for a in argv))])
+    if irows:
+        parts += ["<h3>Training commands on this run</h3>",
+                  _table(["time", "epochs", "fixed lr", "command"], irows, left=4)]
     return "\n".join(parts)
 
 
-def render_report(run_dir, images: Mapping | None = None, *, captions: Mapping[str, str] | None = None,
-                  reference: Mapping | None = None) -> str:
-    """The report page as one HTML string (see `write_report`)."""
-    run_dir = Path(run_dir)
-    saved = load_run_config(run_dir)
-    config = TrainConfig.from_dict(saved["config"])
-    data = saved.get("data", {})
-    results = load_results(run_dir)
-    name = run_dir.resolve().name
-    title = f"emnist-cnn report: {name}"
-
-    errors = {r["dropout"]: load_errors(run_dir, r["dropout"]) for r in results}
+def _headline(results: list[dict], errors: Mapping, reference: Mapping | None) -> str:
+    """The chosen ensemble's test and validation error (chosen on validation), and the reference's best."""
     chosen = select_dropout(errors)
-    headline = "No checkpoint has been evaluated yet."
-    if chosen is not None:
-        r = next(x for x in results if x["dropout"] == chosen)
-        how = "lowest validation error" if r["ensemble"].get("val") else "first rate (no validation split)"
-        headline = (f"Ensemble of dropout {chosen:g} ({how}) at epoch {r['epoch']}: test error "
-                    f"<b>{_e(_cell(r['ensemble'].get('test')))}</b>, validation error "
-                    f"{_e(_cell(r['ensemble'].get('val')))}.")
-        best = reference_best_ensemble(reference) if reference else None
-        if best is not None:
-            headline += f" The reference's best published ensemble: {best[0]:.3f}% (epoch {best[1]})."
+    if chosen is None:
+        return "No checkpoint has been evaluated yet."
+    r = next(x for x in results if x["dropout"] == chosen)
+    how = "lowest validation error" if r["ensemble"].get("val") else "first rate (no validation split)"
+    headline = (f"Ensemble of dropout {chosen:g} ({how}) at epoch {r['epoch']}: test error "
+                f"<b>{_e(_cell(r['ensemble'].get('test')))}</b>, validation error "
+                f"{_e(_cell(r['ensemble'].get('val')))}.")
+    best = reference_best_ensemble(reference) if reference else None
+    if best is not None:
+        headline += f" The reference's best published ensemble: {best[0]:.3f}% (epoch {best[1]})."
+    return headline
+
+
+def _run_rows(run: RunDir, saved: dict) -> list[list[str]]:
+    """The "Run" table: data, ensembles, training settings, fixed-LR phase, where and when."""
+    config = run.read_config()
+    data = saved.get("data", {})
     phases = []
     for d in config.dropouts:
-        p = find_fixed_lr_phase(load_histories(run_dir, d, config.models), config.lr)
+        p = find_fixed_lr_phase(run.read_histories(d, config.models), config.lr)
         if p is not None:
             phases.append(f"dropout {d:g}: epochs {p[0] + 1}-{p[1]} at learning rate "
                           f"{', '.join(f'{x:g}' for x in p[2])}")
     phase_txt = ("; ".join(phases) + f" (base rate {config.lr:g})") if phases else \
         f"none (every epoch at the base rate {config.lr:g})"
-
-    summary = [
+    return [
         ["dataset", _e(f"{data.get('name', config.dataset)}: {data.get('n_train', '?')} train, "
                        f"{data.get('n_val', '?')} validation, {data.get('n_test', '?')} test images, "
                        f"{len(data.get('classes', '')) or '?'} classes")],
@@ -330,9 +261,20 @@ def render_report(run_dir, images: Mapping | None = None, *, captions: Mapping[s
                         f"augmentation {'on' if config.augment.enabled else 'off'}, BN recalibration on "
                         f"{config.bn_recalibration_images} images")],
         ["fixed-learning-rate phase", _e(phase_txt)],
-        ["run directory", _e(str(run_dir.resolve()))],
+        ["run directory", _e(str(run.path.resolve()))],
         ["created / updated", _e(f"{saved.get('created', '?')} / {saved.get('updated', '?')}")],
     ]
+
+
+def render_report(run_dir, images: Mapping | None = None, *, captions: Mapping[str, str] | None = None,
+                  reference: Mapping | None = None) -> str:
+    """The report page as one HTML string (see `write_report`)."""
+    run = RunDir(run_dir)
+    saved = run.read_record()
+    results = load_results(run.path)
+    title = f"emnist-cnn report: {run.path.resolve().name}"
+    headline = _headline(results, {r["dropout"]: run.read_errors(r["dropout"]) for r in results}, reference)
+    summary = _run_rows(run, saved)
 
     figures = []
     for key, image in (images or {}).items():
@@ -358,7 +300,7 @@ def render_report(run_dir, images: Mapping | None = None, *, captions: Mapping[s
         body += ["<h2>The reference's published results (test error)</h2>", _reference_html(reference)]
     if figures:
         body += ["<h2>Plots</h2>", *figures]
-    body += ["<h2>Settings</h2>", _settings_html(saved, run_dir)]
+    body += ["<h2>Settings</h2>", _settings_html(saved, run)]
     return ("<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
             "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\n"
             f"<title>{_e(title)}</title>\n<style>{_CSS}</style>\n</head>\n<body>\n"
@@ -373,7 +315,7 @@ def write_report(run_dir, images: Mapping | None = None, *, captions: Mapping[st
     (in page order; `plot_run`'s result fits); `captions` overrides
     `caption_for`; `reference` is `load_reference_history`'s result.
     """
-    path = Path(out_path) if out_path is not None else Path(run_dir) / "report.html"
+    path = Path(out_path) if out_path is not None else RunDir(run_dir).report_path
     atomic_write_text(path, render_report(run_dir, images, captions=captions, reference=reference))
     log.info("wrote %s", path)
     return path

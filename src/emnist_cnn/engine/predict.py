@@ -20,17 +20,22 @@ background subtracted, contrast stretched, and a crop to the ink's bounding box.
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
 
-from .errors import ConfigError, DataError, EmnistCnnError
+from ..errors import DataError, EmnistCnnError, ImageError, one_line
+from ..io.reference_weights import REFERENCE_CLASSES, is_reference_weights, load_reference_weights, sibling_json
+from ..io.rundir import RunDir
+from ..io.weights import load_member_model, load_weights_any
+from .export import image_preprocessing
+
+__all__ = ["STYLES", "Predictor", "read_grayscale", "ink_image", "emnist_frame", "mnist_frame", "preprocess",
+           "load_image_for_emnist", "load_predictor", "predict_files"]
 
 log = logging.getLogger(__name__)
 
@@ -45,10 +50,6 @@ MNIST_CENTER = 14.0  # ... and its center of mass at this pixel index (MNIST's t
 INK_THRESHOLD = 0.2  # fraction of the strongest ink that counts as ink for the bounding box
 MIN_CONTRAST = 0.1  # ink must differ from the paper by at least this much (of full scale)
 STYLES = ("auto", "emnist", "mnist")
-
-
-class ImageError(DataError):
-    """An image file is missing, unreadable, or holds no character."""
 
 
 # ----------------------------------------------------------------------------- reading and preprocessing
@@ -232,8 +233,6 @@ def load_predictor(path) -> Predictor:
       architecture comes from the run's config.json);
     - the reference's Keras 2 weight files (``*.pkl``, ``*.h5`` + JSON).
     """
-    from .interop import WeightsError, is_reference_weights
-
     path = Path(path)
     if not path.exists():
         raise DataError(f"{path}: no such model file or folder")
@@ -265,11 +264,10 @@ def load_predictor(path) -> Predictor:
             return _load_run_weights(path)
         raise DataError(f"{path}: not a model we can load (.keras, .json + .weights.h5, SavedModel folder, .onnx, "
                         "a run's .weights.h5, or the reference's Keras 2 weights)")
-    except (EmnistCnnError, WeightsError):
+    except EmnistCnnError:
         raise
     except Exception as exc:  # Keras/TF raise many types for a damaged file: one line
-        text = " ".join(str(exc).split())[:300]
-        raise DataError(f"{path}: cannot load the model ({type(exc).__name__}: {text})") from exc
+        raise DataError(f"{path}: cannot load the model ({type(exc).__name__}: {one_line(exc)})") from exc
 
 
 def _finish(path: Path, kind: str, model_or_fn, n_out: int, meta: dict, default_style="emnist") -> Predictor:
@@ -304,8 +302,6 @@ def _load_json(path: Path, meta: dict) -> Predictor:
         raise DataError(f"{path}: no weights beside it ({candidates[0].name})")
     # What keras.models.model_from_json does, with safe mode explicit: no code from the file runs.
     model = keras.saving.deserialize_keras_object(spec, safe_mode=True)
-    from .interop import load_weights_any
-
     load_weights_any(model, weights)
     return _finish(path, "json+h5", model, model.output_shape[-1], meta)
 
@@ -332,8 +328,7 @@ def _load_onnx(path: Path, meta: dict) -> Predictor:
 
 
 def _load_reference(path: Path, json_path=None) -> Predictor:
-    from .interop import REFERENCE_CLASSES, load_reference_weights, sibling_json
-    from .model import build_model
+    from ..core.model import build_model
 
     model = build_model(len(REFERENCE_CLASSES))
     load_reference_weights(model, path, json_path=json_path or sibling_json(path))
@@ -341,22 +336,19 @@ def _load_reference(path: Path, json_path=None) -> Predictor:
 
 
 def _load_run_weights(path: Path) -> Predictor:
-    from .rundir import read_run_config
-    from .interop import load_weights_any
-    from .model import build_model
-
-    run_dir = path.resolve().parents[2] if len(path.resolve().parents) > 2 else None
-    if run_dir is None or not (run_dir / "config.json").is_file() or not path.parent.parent.name.startswith("dropout_"):
+    resolved = path.resolve()
+    run = RunDir(resolved.parents[2]) if len(resolved.parents) > 2 else None
+    if run is None or not run.config_path.is_file() or not path.parent.parent.name.startswith("dropout_"):
         raise DataError(f"{path}: a bare weights file; pass an exported model, or a weights file inside its run "
                         "directory (RUN/dropout_X/weights/), whose config.json gives the architecture")
-    config, saved = read_run_config(run_dir)
-    data = saved.get("data", {})
+    saved = run.read_record()
+    config = run.read_config()
+    data = saved["data"]
     classes = list(str(data.get("classes", "0123456789")))
     dropout = float(path.parent.parent.name[len("dropout_"):])
-    model = build_model(len(classes), dropout, float(data["mean"]), float(data["std"]), config.model)
-    load_weights_any(model, path)
-    style = "mnist" if config.dataset == "mnist" and "imported" not in saved else "emnist"
-    return Predictor(str(path), "run weights", classes, style, _keras_fn(model))
+    model = load_member_model(path, num_classes=len(classes), dropout=dropout, mean=float(data["mean"]),
+                              std=float(data["std"]), model_config=config.model)
+    return Predictor(str(path), "run weights", classes, image_preprocessing(config, saved), _keras_fn(model))
 
 
 # ----------------------------------------------------------------------------- predicting files
@@ -395,48 +387,3 @@ def predict_files(model_path, images: Sequence, *, preprocessing: str = "auto", 
                 order = np.argsort(-p)[:top]
                 results[k]["top"] = [[pred.classes[int(j)], float(p[j])] for j in order]
     return results
-
-
-# ----------------------------------------------------------------------------- command line
-
-
-def register(subparsers) -> argparse.ArgumentParser:
-    """Add `predict` to an argparse subparsers object."""
-    p = subparsers.add_parser(
-        "predict", help="classify PNG/JPEG image files with an exported model, a run's weights or the reference's",
-        description=("Classify image files of any size and either polarity (dark ink on light paper or light on "
-                     "dark). Each image is preprocessed the way the model's training images were made (EMNIST: "
-                     "blur, crop to the character, center in a square keeping the aspect ratio, 2-pixel border, "
-                     "bicubic 28x28; MNIST: fit into 20x20, center of mass at the center). Prints the top class "
-                     "and its probability per file. Exit status 1 if any file could not be predicted."),
-    )
-    p.add_argument("model", type=Path, metavar="MODEL",
-                   help="an export folder, model.keras, model.json (+ model.weights.h5), a SavedModel folder, "
-                        "model.onnx, a run's weights file, or a reference .pkl/.h5 (required)")
-    p.add_argument("images", type=Path, nargs="+", metavar="IMAGE", help="image files to classify (required)")
-    p.add_argument("--json", action="store_true",
-                   help="print one JSON list of objects (file, class, probability or error) (default: text lines)")
-    p.add_argument("--preprocessing", choices=STYLES, default="auto",
-                   help="how images are turned into 28x28: the model's own (EMNIST's unless trained on MNIST), "
-                        "emnist or mnist (default: auto)")
-    p.add_argument("--top", type=int, default=1, help="also list the N most probable classes (default: 1)")
-    p.set_defaults(func=cmd_predict)
-    return p
-
-
-def cmd_predict(args: argparse.Namespace) -> int:
-    if args.top < 1:
-        raise ConfigError(f"--top must be >= 1, got {args.top}")
-    results = predict_files(args.model, args.images, preprocessing=args.preprocessing, top=args.top)
-    if args.json:
-        print(json.dumps(results, indent=2))
-    else:
-        for r in results:
-            if "error" in r:
-                print(f"emnist-cnn: error: {r['error']}", file=sys.stderr)
-                continue
-            line = f"{r['file']}: {r['class']} ({100 * r['probability']:.2f}%)"
-            if "top" in r:
-                line += "  top: " + ", ".join(f"{c} {100 * q:.2f}%" for c, q in r["top"])
-            print(line)
-    return 1 if any("error" in r for r in results) else 0

@@ -1,4 +1,10 @@
-"""The reference CNN in Keras 3 (channels_last) and BatchNormalization recalibration."""
+"""The reference CNN in Keras 3 (channels_last), its ensembles as single models, BatchNormalization recalibration.
+
+Three ways to run several members as one Keras model, one per purpose:
+`build_fused_trainer` (training: one compiled step trains every member),
+`build_member_predictor` (inference: one output per member) and
+`build_averaged_ensemble` (deployment: one output, the mean softmax).
+"""
 
 from __future__ import annotations
 
@@ -7,13 +13,14 @@ import logging
 import keras
 import numpy as np
 
-from .config import ModelConfig
+from ..config import EMNIST_DIGITS_MEAN, EMNIST_DIGITS_STD, ModelConfig
+
+__all__ = ["EMNIST_DIGITS_MEAN", "EMNIST_DIGITS_STD", "build_model", "compile_model", "build_fused_trainer",
+           "fused_member_logs", "copy_optimizer_state", "accelerator_available", "build_member_predictor",
+           "build_averaged_ensemble", "predict_members", "predict_probabilities", "recalibrate_batchnorm",
+           "read_variable"]
 
 log = logging.getLogger(__name__)
-
-# EMNIST Digits training-set pixel statistics in [0, 1], as hard-coded by the reference.
-EMNIST_DIGITS_MEAN = 0.17325132
-EMNIST_DIGITS_STD = 0.3316614
 
 
 def build_model(
@@ -83,7 +90,7 @@ def compile_model(model: keras.Model, lr: float) -> keras.Model:
     return model
 
 
-def build_fused_model(models: list[keras.Model], lr: float) -> keras.Model:
+def build_fused_trainer(models: list[keras.Model], lr: float) -> keras.Model:
     """All `models` in one compiled graph: input i feeds member i, one step trains them all.
 
     The fused model shares its variables with `models` (weights, BatchNormalization
@@ -154,20 +161,20 @@ def accelerator_available() -> bool:
     return False
 
 
-def build_stacked_model(models: list[keras.Model]) -> keras.Model:
+def build_member_predictor(models: list[keras.Model]) -> keras.Model:
     """One input, one output per member: every member predicts a batch in a single call."""
     inputs = keras.Input(models[0].inputs[0].shape[1:], name="pixels")
     outputs = [keras.Model(m.inputs[0], m.outputs[0], name=f"member_{i}")(inputs) for i, m in enumerate(models)]
     return keras.Model(inputs, outputs, name="stacked_ensemble")
 
 
-def predict_ensemble(models, images: np.ndarray, batch_size: int = 2000) -> np.ndarray:
+def predict_members(models, images: np.ndarray, batch_size: int = 2000) -> np.ndarray:
     """Inference-mode softmax of every member, (members, N, classes), in one pass over `images`.
 
-    `models` is a list of models or a model from `build_stacked_model`; each
+    `models` is a list of models or a model from `build_member_predictor`; each
     batch is converted once and fed to all members in one call.
     """
-    stacked = models if isinstance(models, keras.Model) else build_stacked_model(list(models))
+    stacked = models if isinstance(models, keras.Model) else build_member_predictor(list(models))
     n_members = len(stacked.outputs)
     out = []
     for start in range(0, len(images), batch_size):
@@ -192,7 +199,7 @@ def recalibrate_batchnorm(model: keras.Model, images: np.ndarray, batch_size: in
     bns = [layer for layer in model.layers if isinstance(layer, keras.layers.BatchNormalization)]
     if not bns or len(images) == 0:
         return
-    for k, layer in enumerate(bns):
+    for layer in bns:
         # Truncated at this layer, so the pass skips everything after it.
         probe = keras.Model(model.inputs[0], layer.input)
         total, total_sq, count = 0.0, 0.0, 0
@@ -218,6 +225,40 @@ def predict_probabilities(model: keras.Model, images: np.ndarray, batch_size: in
     if not out:
         return np.zeros((0, model.output_shape[-1]), np.float32)
     return np.concatenate(out).astype(np.float32)
+
+
+def build_averaged_ensemble(members, name: str = "emnist_cnn_ensemble") -> keras.Model:
+    """One Keras model whose output is the mean of the members' softmax outputs (for export).
+
+    Each member is cloned with its layer names prefixed ``m{i}_`` (so no two
+    layers clash) and its weights copied; the members share the input
+    ``pixels``. A single member is returned as it is.
+    """
+    members = list(members)
+    if not members:
+        raise ValueError("an ensemble needs at least one member")
+    if len(members) == 1:
+        return members[0]
+    inputs = keras.Input(tuple(members[0].inputs[0].shape[1:]), name="pixels")
+    outputs = []
+    for i, member in enumerate(members):
+        def rename(layer, i=i):
+            cfg = layer.get_config()
+            cfg["name"] = f"m{i}_{layer.name}"
+            return layer.__class__.from_config(cfg)
+
+        clone = keras.models.clone_model(member, input_tensors=inputs, clone_function=rename)
+        for src, dst in zip(member.layers, clone.layers):
+            if src.weights:
+                dst.set_weights(src.get_weights())
+        outputs.append(clone.outputs[0])
+    mean = keras.layers.Average(name="probabilities")(outputs)
+    return keras.Model(inputs, mean, name=name)
+
+
+def read_variable(variable) -> float:
+    """A scalar backend variable (learning rate, step count) as a Python float."""
+    return float(keras.ops.convert_to_numpy(variable))
 
 
 def _to_float(x: np.ndarray) -> np.ndarray:

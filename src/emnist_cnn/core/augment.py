@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from .config import AugmentConfig
+from ..config import AugmentConfig
+
+__all__ = ["sample_affine_params", "build_affine_transforms", "augment_batch"]
 
 
 def sample_affine_params(rng: np.random.Generator, n: int, cfg: AugmentConfig) -> dict[str, np.ndarray]:

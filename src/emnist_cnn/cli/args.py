@@ -1,0 +1,203 @@
+"""The flags of every subcommand, in argparse groups; every help text states its default."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from ..config import DATASETS, PRECISIONS, PRESETS
+
+__all__ = ["EXPORT_FORMATS", "PREPROCESSING_STYLES", "Parser", "add_run_args", "add_train_args", "add_evaluate_args",
+           "add_plot_args", "add_export_args", "add_predict_args", "add_import_reference_args", "add_download_args"]
+
+# Kept in step with engine.export.FORMATS and engine.predict.STYLES (checked by the tests); spelled out
+# here so that `--help` never imports the engine.
+EXPORT_FORMATS = ("json_h5", "keras", "saved_model", "onnx")
+PREPROCESSING_STYLES = ("auto", "emnist", "mnist")
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors instead of the usage block."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def _add_data_group(p: argparse.ArgumentParser, *, dataset_default: str | None = None) -> None:
+    g = p.add_argument_group("data")
+    g.add_argument("--dataset", choices=DATASETS, default=dataset_default,
+                   help="dataset to train on (default: emnist-digits, or the run's own when resuming)"
+                   if dataset_default is None else f"data the run is built on (default: {dataset_default})")
+    g.add_argument("--data-dir", type=Path, default=None,
+                   help="folder with the dataset files (default: $EMNIST_CNN_DATA, else ~/.cache/emnist-cnn/data)")
+    g.add_argument("--mirror", default=None,
+                   help="base URL to download EMNIST from (default: $EMNIST_CNN_MIRROR, else NIST)")
+    g.add_argument("--no-download", action="store_true",
+                   help="fail instead of downloading a missing EMNIST split (default: download it)")
+
+
+def _add_training_group(p: argparse.ArgumentParser) -> None:
+    t = p.add_argument_group(
+        "training",
+        "Unset flags take the run's saved values when --run-dir already holds a run, else the defaults. "
+        "Resuming: run the same command again; every member continues from its last finished epoch. "
+        "Raising --epochs continues a finished run; changing the data, members, dropout rates, batch "
+        "size, augmentation, split or seed of an existing run is refused.",
+    )
+    t.add_argument("--dropout", type=float, nargs="+", default=None, metavar="D",
+                   help="dropout rates, one ensemble each (default: 0.2 0.3 0.4 0.5)")
+    t.add_argument("--models", type=int, default=None, help="members per ensemble (default: 10)")
+    t.add_argument("--epochs", type=int, default=None, help="total epochs per member (default: 256)")
+    t.add_argument("--checkpoint-every", type=int, default=None,
+                   help="epochs between weight checkpoints and ensemble evaluations (default: 16)")
+    t.add_argument("--batch-size", type=int, default=None, help="images per step (default: 512)")
+    t.add_argument("--lr", type=float, default=None,
+                   help="fixed Adam learning rate for the epochs this command trains, e.g. 1e-5 to continue "
+                        "a finished run (default: the run's base rate, 1e-3 for a new run)")
+    t.add_argument("--val-fraction", type=float, default=None,
+                   help="share of the training set held out for validation, by writer when writer ids "
+                        "exist; 0 reproduces the reference protocol (default: 0.1)")
+    t.add_argument("--seed", type=int, default=None, help="seed for everything random (default: 0)")
+    t.add_argument("--limit-train", type=int, default=None,
+                   help="train on a stratified subset of N images (default: all)")
+    t.add_argument("--bn-recalibration", type=int, default=None, metavar="N",
+                   help="training images used to recompute BatchNormalization statistics before each "
+                        "evaluation; 0 keeps Keras' moving averages like the reference (default: 10000)")
+    t.add_argument("--no-augment", action="store_true", help="train without augmentation (default: augment)")
+    t.add_argument("--precision", choices=PRECISIONS, default=None,
+                   help="compute precision: mixed_bfloat16 computes in bfloat16 with float32 weights, faster on "
+                        "CPUs with AVX-512 BF16 and recent GPUs; part of the experiment (default: float32)")
+    t.add_argument("--fused", action=argparse.BooleanOptionalAction, default=None,
+                   help="train each ensemble's members together in one compiled step; same weights and "
+                        "histories as one by one, faster on a GPU, more memory (default: on with a GPU, "
+                        "off on a CPU)")
+    t.add_argument("--quiet", action="store_true",
+                   help="no progress bars, only one line per epoch (default: progress bars)")
+
+
+def add_train_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("run directory")
+    g.add_argument("--run-dir", type=Path, required=True,
+                   help="where config, weights, state and histories live (required, no default)")
+    _add_data_group(p)
+    _add_training_group(p)
+
+
+def add_run_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--preset", choices=sorted(PRESETS), default="quick",
+                   help="quick: 2 members x 4 epochs on 20,000 images, minutes on a laptop CPU; "
+                        "reference: the original 4 x 10 x 256-epoch protocol for a GPU (default: quick)")
+    g = p.add_argument_group("run directory")
+    g.add_argument("--run-dir", type=Path, default=None,
+                   help="where config, weights, state and histories live (default: runs/<preset>-<dataset>)")
+    _add_data_group(p)
+    _add_training_group(p)
+
+
+def add_evaluate_args(p: argparse.ArgumentParser) -> None:
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--run-dir", type=Path, default=None, help="a run directory to evaluate (default: none)")
+    src.add_argument("--weights", type=Path, nargs="+", default=None, metavar="FILE",
+                     help="weight files evaluated as one ensemble: ours (.weights.h5) or the reference's "
+                          "Keras 2 files (default: none)")
+    p.add_argument("--dropout", type=float, nargs="+", default=None, metavar="D",
+                   help="dropout rates to evaluate (default: all of the run's)")
+    p.add_argument("--epoch", default="latest", help="checkpoint epoch, or 'latest' (default: latest)")
+    p.add_argument("--split", choices=("test", "val"), default="test", help="split to report (default: test)")
+    p.add_argument("--tta", type=int, default=0, metavar="N",
+                   help="average each prediction over N augmented copies too (default: 0, off)")
+    p.add_argument("--dataset", choices=DATASETS, default="emnist-digits",
+                   help="dataset for --weights (default: emnist-digits; a run uses its own)")
+    p.add_argument("--data-dir", type=Path, default=None,
+                   help="dataset folder (default: the run's recorded folder, else $EMNIST_CNN_DATA or "
+                        "~/.cache/emnist-cnn/data)")
+    p.add_argument("--out", type=Path, default=None,
+                   help="with --weights: folder for the confusion matrix and misclassified CSVs "
+                        "(default: none; a run writes into RUN/dropout_X/evaluation/)")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of tables (default: off)")
+
+
+def add_plot_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--run-dir", type=Path, required=True, help="the run directory to plot (required, no default)")
+    p.add_argument("--out-dir", type=Path, default=None, help="folder for the PNGs (default: RUN/plot_history)")
+    p.add_argument("--report", type=Path, default=None, help="path of the HTML report (default: RUN/report.html)")
+    p.add_argument("--compare-reference", type=Path, default=None, metavar="DIR",
+                   help="the reference's plot_history folder (training_history_emnist_*.csv) to overlay, "
+                        "e.g. ../shared/reference/plot_history (default: no overlay)")
+    p.add_argument("--data-dir", type=Path, default=None,
+                   help="folder with the dataset files, for the image plots (default: the folder recorded in "
+                        "RUN/config.json)")
+    p.add_argument("--dropout", type=float, default=None, metavar="D",
+                   help="ensemble whose misclassified images and confusion matrix are drawn (default: the "
+                        "dropout rate with the lowest validation error at its last checkpoint)")
+    p.add_argument("--no-images", action="store_true",
+                   help="skip the plots that need the data and weights: misclassified, correct, confusion "
+                        "matrix, augmentation (default: draw them)")
+
+
+def add_export_args(p: argparse.ArgumentParser) -> None:
+    formats = EXPORT_FORMATS
+    p.add_argument("--run-dir", type=Path, required=True, help="the run directory to export from (required)")
+    p.add_argument("--dropout", type=float, default=None,
+                   help="dropout rate (default: the run's only one, else the one with the lowest validation "
+                        "error)")
+    p.add_argument("--epoch", default="latest",
+                   help="checkpoint epoch, or 'latest': the latest checkpoint holding every needed member "
+                        "(default: latest)")
+    p.add_argument("--model", default="best",
+                   help="best: the member with the lowest validation error; ensemble: all members averaged; "
+                        "or a member index I (default: best)")
+    p.add_argument("--out", type=Path, default=None, help="output folder (default: RUN/export_json_h5/)")
+    p.add_argument("--formats", nargs="+", choices=formats, default=list(formats), metavar="FORMAT",
+                   help=f"formats to write, from {', '.join(formats)}; a format the stack cannot produce is "
+                        f"skipped with a warning unless named here explicitly (default: all: {' '.join(formats)})")
+
+
+def add_predict_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", type=Path, metavar="MODEL",
+                   help="an export folder, model.keras, model.json (+ model.weights.h5), a SavedModel folder, "
+                        "model.onnx, a run's weights file, or a reference .pkl/.h5 (required)")
+    p.add_argument("images", type=Path, nargs="+", metavar="IMAGE", help="image files to classify (required)")
+    p.add_argument("--json", action="store_true",
+                   help="print one JSON list of objects (file, class, probability or error) (default: text lines)")
+    p.add_argument("--preprocessing", choices=PREPROCESSING_STYLES, default="auto",
+                   help="how images are turned into 28x28: the model's own (EMNIST's unless trained on MNIST), "
+                        "emnist or mnist (default: auto)")
+    p.add_argument("--top", type=int, default=1, help="also list the N most probable classes (default: 1)")
+
+
+def add_import_reference_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("ref_dir", type=Path, metavar="DIR",
+                   help="the reference's folder holding dropout_*/weights/ (or one dropout_X folder) (required)")
+    p.add_argument("--run-dir", type=Path, required=True,
+                   help="new run directory to create (required, no default)")
+    _add_data_group(p, dataset_default="emnist-digits")
+    g = p.add_argument_group("the run's settings for continued training")
+    g.add_argument("--models", type=int, default=None, metavar="N",
+                   help="import only members 0..N-1 (default: every member found)")
+    g.add_argument("--val-fraction", type=float, default=None,
+                   help="share of the training set held out for validation (default: 0.1)")
+    g.add_argument("--seed", type=int, default=None, help="seed of the split and of continued training (default: 0)")
+    g.add_argument("--limit-train", type=int, default=None,
+                   help="continue on a stratified subset of N training images (default: all)")
+    g.add_argument("--batch-size", type=int, default=None, help="images per step when continuing (default: 512)")
+    g.add_argument("--checkpoint-every", type=int, default=None,
+                   help="epochs between checkpoints when continuing (default: 16, as the reference)")
+    g.add_argument("--lr", type=float, default=None,
+                   help="the run's base Adam learning rate; continue with train --lr for a fixed one (default: 0.001)")
+    g.add_argument("--bn-recalibration", type=int, default=None, metavar="N",
+                   help="training images used to recompute BatchNormalization statistics after each continued "
+                        "epoch; 0 keeps the moving averages (default: 10000)")
+    g.add_argument("--no-augment", action="store_true",
+                   help="continue without augmentation (default: the reference's augmentation)")
+    p.add_argument("--no-evaluate", action="store_true",
+                   help="skip evaluating the imported checkpoints on validation and test (default: evaluate)")
+
+
+def add_download_args(p: argparse.ArgumentParser) -> None:
+    _add_data_group(p)
+    p.add_argument("--format", choices=("idx", "mat"), default="idx",
+                   help="idx: NIST's gzip.zip (536 MB); mat: NIST's matlab.zip (default: idx)")
+    p.add_argument("--timeout", type=float, default=60.0, metavar="SECONDS",
+                   help="give up when the server sends nothing for this long; the partial file is kept and "
+                        "the next run resumes it (default: 60)")

@@ -1,0 +1,220 @@
+"""What each subcommand does: turn flags into library calls and print the results.
+
+Engine and presentation modules are imported inside the handlers: they pull
+in Keras, TensorFlow and matplotlib, which `--help` and flag errors never need.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import sys
+from pathlib import Path
+
+from ..config import AugmentConfig, TrainConfig
+from ..errors import ConfigError
+from ..io.rundir import RunDir
+
+__all__ = ["config_from_args", "cmd_run", "cmd_train", "cmd_evaluate", "cmd_plot", "cmd_export", "cmd_predict",
+           "cmd_import_reference", "cmd_download"]
+
+
+def config_from_args(args: argparse.Namespace, preset: str | None = None) -> TrainConfig:
+    """Defaults, then the run's saved config (when resuming), then the preset, then explicit flags."""
+    run = RunDir(args.run_dir) if args.run_dir else None
+    if run is not None and run.exists():
+        base = run.read_config()
+    elif preset:
+        base = TrainConfig.from_preset(preset)
+    else:
+        base = TrainConfig()
+    explicit = {
+        "dataset": args.dataset, "models": args.models, "epochs": args.epochs,
+        "checkpoint_every": args.checkpoint_every, "batch_size": args.batch_size,
+        "val_fraction": args.val_fraction, "seed": args.seed, "limit_train": args.limit_train,
+        "bn_recalibration_images": args.bn_recalibration,
+        "dropouts": tuple(args.dropout) if args.dropout else None,
+    }
+    changes = {k: v for k, v in explicit.items() if v is not None}
+    if args.no_augment:
+        changes["augment"] = AugmentConfig(enabled=False)
+    if args.precision is not None:
+        changes["model"] = dataclasses.replace(base.model, precision=args.precision)
+    return base.replace(**changes)
+
+
+def _check_lr_and_data_dir(args: argparse.Namespace) -> None:
+    """--lr must be usable; a resumed run finds its data where it was trained unless told otherwise."""
+    if args.lr is not None and not (args.lr > 0 and math.isfinite(args.lr)):
+        raise ConfigError(f"--lr must be a positive number, got {args.lr!r}")
+    run = RunDir(args.run_dir) if args.run_dir else None
+    if args.data_dir is None and run is not None and run.exists():
+        recorded = run.read_record()["data"].get("data_dir")
+        if recorded:
+            args.data_dir = Path(recorded)
+
+
+def _train(args: argparse.Namespace, preset: str | None = None):
+    from ..engine.train import train_and_evaluate
+
+    _check_lr_and_data_dir(args)
+    config = config_from_args(args, preset)
+    return train_and_evaluate(config, args.run_dir, data_dir=args.data_dir, mirror=args.mirror, fixed_lr=args.lr,
+                              download=not args.no_download, verbose=0 if args.quiet else 1, fused=args.fused)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    """`train`: train or resume, then print each dropout rate's last-checkpoint table."""
+    from ..present.tables import format_results
+
+    errors = _train(args)
+    print(format_results(errors))
+    print(f"\nrun directory: {args.run_dir}")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    """`run`: train (or resume) a preset, then evaluate the last checkpoint, plot, and write the report page."""
+    from ..engine.evaluate import evaluate_run
+    from ..engine.prepare import load_run_data
+    from ..present.report import write_report
+    from ..present.run_plots import plot_run
+    from ..present.tables import format_evaluation
+
+    if args.run_dir is None:
+        args.run_dir = Path("runs") / f"{args.preset}-{args.dataset or 'emnist-digits'}"
+    _train(args, args.preset)
+    config, data = load_run_data(args.run_dir, args.data_dir)  # once, for evaluation and plots
+    result = evaluate_run(args.run_dir, config=config, data=data)
+    pngs = plot_run(args.run_dir, data=data)
+    report = write_report(args.run_dir, pngs)
+    print(format_evaluation(result))
+    print(f"\nrun directory: {args.run_dir}")
+    print(f"plots: {Path(next(iter(pngs.values()))).parent}/ ({len(pngs)} PNG files)")
+    print(f"report: {report}")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    """`evaluate`: a run's checkpoint, or weight files as one ensemble."""
+    if args.tta < 0:
+        raise ConfigError(f"--tta must be >= 0, got {args.tta}")
+    if args.epoch != "latest" and not str(args.epoch).isdigit():
+        raise ConfigError(f"--epoch must be a checkpoint epoch number or 'latest', got {args.epoch!r}")
+    from ..engine.evaluate import evaluate_run, evaluate_weights
+    from ..present.tables import format_evaluation
+
+    if args.run_dir is not None:
+        result = evaluate_run(args.run_dir, dropouts=args.dropout, epoch=args.epoch, split=args.split,
+                              tta=args.tta, data_dir=args.data_dir)
+    else:
+        result = evaluate_weights(args.weights, dataset=args.dataset, data_dir=args.data_dir, split=args.split,
+                                  tta=args.tta, out_dir=args.out)
+    print(json.dumps(result, indent=2) if args.json else format_evaluation(result))
+    return 0
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    """`plot`: write the PNGs and report.html, print the report's path."""
+    from ..present.reference_history import load_reference_history
+    from ..present.report import write_report
+    from ..present.run_plots import plot_run
+
+    pngs = plot_run(args.run_dir, args.out_dir, args.compare_reference, args.data_dir,
+                    dropout=args.dropout, images=not args.no_images)
+    reference = load_reference_history(args.compare_reference) if args.compare_reference else None
+    print(write_report(args.run_dir, pngs, reference=reference, out_path=args.report))
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    """`export`: write the chosen model in every asked format and print where."""
+    from ..core.metrics import ErrorRate
+    from ..engine.export import FORMATS, export_run
+
+    explicit = list(args.formats) != list(FORMATS)
+    meta = export_run(args.run_dir, dropout=args.dropout, epoch=args.epoch, model=args.model, out_dir=args.out,
+                      formats=args.formats, strict=explicit)
+    out = Path(args.out) if args.out is not None else RunDir(args.run_dir).export_dir
+    what = {"best": f"member {meta['members'][0]} (best on validation)", "ensemble":
+            f"ensemble of {len(meta['members'])} members", "member": f"member {meta['members'][0]}"}[meta["model"]]
+
+    def err(e):
+        return "-" if e is None else str(ErrorRate(e["n_errors"], e["n"]))
+
+    print(f"exported dropout {meta['dropout']:g}, epoch {meta['epoch']}, {what}: "
+          f"validation error {err(meta['validation_error'])}, test error {err(meta['test_error'])}")
+    for key, name in meta["files"].items():
+        print(f"  {key:12s} {out / name}")
+    for key, why in meta["skipped"].items():
+        print(f"  {key:12s} skipped: {why}")
+    print(f"  {'metadata':12s} {out / 'metadata.json'}")
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    """`predict`: one line per image file; exit 1 if any file could not be predicted."""
+    if args.top < 1:
+        raise ConfigError(f"--top must be >= 1, got {args.top}")
+    from ..engine.predict import predict_files
+
+    results = predict_files(args.model, args.images, preprocessing=args.preprocessing, top=args.top)
+    if args.json:
+        print(json.dumps(results, indent=2))
+        return 1 if any("error" in r for r in results) else 0
+    for r in results:
+        if "error" in r:
+            print(f"emnist-cnn: error: {r['error']}", file=sys.stderr)
+            continue
+        line = f"{r['file']}: {r['class']} ({100 * r['probability']:.2f}%)"
+        if "top" in r:
+            line += "  top: " + ", ".join(f"{c} {100 * q:.2f}%" for c, q in r["top"])
+        print(line)
+    return 1 if any("error" in r for r in results) else 0
+
+
+def cmd_import_reference(args: argparse.Namespace) -> int:
+    """`import-reference`: convert the reference's weight tree into a run, print its table and how to continue."""
+    from ..engine.import_reference import import_reference
+    from ..present.tables import format_results
+
+    settings = {k: v for k, v in {
+        "val_fraction": args.val_fraction, "seed": args.seed, "limit_train": args.limit_train,
+        "batch_size": args.batch_size, "checkpoint_every": args.checkpoint_every, "lr": args.lr,
+        "bn_recalibration_images": args.bn_recalibration,
+    }.items() if v is not None}
+    if args.no_augment:
+        settings["augment"] = AugmentConfig(enabled=False)
+    result = import_reference(args.ref_dir, args.run_dir, dataset=args.dataset, data_dir=args.data_dir,
+                              models=args.models, evaluate=not args.no_evaluate, download=not args.no_download,
+                              mirror=args.mirror, settings=settings)
+    config: TrainConfig = result["config"]
+    n_files = sum(len(m["epochs"]) for m in result["members"])
+    print(f"imported {n_files} reference weight files: {config.models} members x "
+          f"{', '.join(f'dropout {d:g}' for d in config.dropouts)}, latest epoch {config.epochs}")
+    if any(result["errors"].values()):
+        print(format_results(result["errors"]))
+    print("\nThe reference saved no optimizer state: continuing starts a fresh Adam optimizer. Continue with")
+    data_dir = f" --data-dir {args.data_dir}" if args.data_dir else ""
+    print(f"  emnist-cnn train --run-dir {args.run_dir} --epochs {config.epochs + 1} --lr 1e-5{data_dir}")
+    print(f"\nrun directory: {args.run_dir}")
+    return 0
+
+
+def cmd_download(args: argparse.Namespace) -> int:
+    """`download`: fetch and unpack an EMNIST split, print its files."""
+    from ..io.download import download_emnist
+
+    name = args.dataset or "emnist-digits"
+    if not name.startswith("emnist-"):
+        raise ConfigError(f"--dataset {name}: only EMNIST splits are downloaded from NIST")
+    if not (args.timeout > 0 and math.isfinite(args.timeout)):
+        raise ConfigError(f"--timeout must be a positive number of seconds, got {args.timeout!r}")
+    archive = "gzip.zip" if args.format == "idx" else "matlab.zip"
+    paths = download_emnist(name[len("emnist-"):], args.data_dir, mirror=args.mirror, archive=archive,
+                            timeout=args.timeout)
+    for path in paths:
+        print(path)
+    return 0

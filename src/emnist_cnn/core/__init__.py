@@ -1,0 +1,1 @@
+"""Pure computation: augmentation, the model, error rates, choices on validation. No file I/O."""

@@ -1,0 +1,64 @@
+"""Error rates, losses and confusion counts from softmax outputs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+__all__ = ["ErrorRate", "evaluate_error", "evaluate_loss", "ensemble_probabilities", "confusion_matrix",
+           "misclassified_rows"]
+
+
+@dataclass(frozen=True)
+class ErrorRate:
+    """n_errors wrong of n images; `str()` is the one cell format every table uses."""
+
+    n_errors: int
+    n: int
+
+    @property
+    def pct(self) -> float:
+        return 100.0 * self.n_errors / self.n if self.n else float("nan")
+
+    def __str__(self) -> str:
+        if not self.n:
+            return "-"
+        return f"{self.pct:.3f}% ({self.n_errors}/{self.n})"
+
+
+def evaluate_error(probabilities: np.ndarray, labels: np.ndarray) -> ErrorRate:
+    """Top-1 error of (N, C) probabilities against integer labels."""
+    labels = np.asarray(labels)
+    if len(labels) == 0:
+        return ErrorRate(0, 0)
+    wrong = int(np.count_nonzero(np.argmax(probabilities, axis=1) != labels))
+    return ErrorRate(wrong, int(len(labels)))
+
+
+def ensemble_probabilities(member_probabilities: list[np.ndarray] | np.ndarray) -> np.ndarray:
+    """The ensemble's prediction: the mean of the members' softmax outputs."""
+    return np.mean(np.stack(list(member_probabilities)), axis=0)
+
+
+def evaluate_loss(probabilities: np.ndarray, labels: np.ndarray) -> float:
+    """Mean cross-entropy, clipped as Keras clips it."""
+    if len(labels) == 0:
+        return float("nan")
+    p = np.clip(probabilities[np.arange(len(labels)), labels], 1e-7, 1.0)
+    return float(-np.mean(np.log(p)))
+
+
+def confusion_matrix(labels: np.ndarray, predictions: np.ndarray, num_classes: int) -> np.ndarray:
+    """Counts: rows are true classes, columns predicted classes."""
+    cm = np.zeros((num_classes, num_classes), np.int64)
+    np.add.at(cm, (np.asarray(labels), np.asarray(predictions)), 1)
+    return cm
+
+
+def misclassified_rows(probabilities: np.ndarray, labels: np.ndarray) -> list[dict]:
+    """One row per wrong prediction: index, true label, predicted label, its probability."""
+    pred = np.argmax(probabilities, axis=1)
+    wrong = np.flatnonzero(pred != labels)
+    return [{"index": int(i), "label": int(labels[i]), "predicted": int(pred[i]),
+             "confidence": float(probabilities[i, pred[i]])} for i in wrong]

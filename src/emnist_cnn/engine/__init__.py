@@ -1,0 +1,1 @@
+"""What a command does: prepare data, train, evaluate, export, predict, import the reference."""

@@ -1,0 +1,230 @@
+"""Evaluate a run's checkpoints, or loose weight files, as members and ensembles, and write the tables.
+
+Per dropout rate: every member, the ensemble (mean softmax), the best member
+and the best-k ensembles, all chosen on the validation split; the evaluated
+split never drives a choice.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+
+from ..config import EMNIST_DIGITS_MEAN, EMNIST_DIGITS_STD, AugmentConfig
+from ..core.metrics import confusion_matrix, ensemble_probabilities, evaluate_error, misclassified_rows
+from ..core.selection import rank_on_validation
+from ..errors import ConfigError, DataError
+from ..io.download import load_or_download
+from ..io.files import atomic_write_text
+from ..io.rundir import RunDir
+from ..io.weights import load_member_model
+from .prepare import load_run_data
+
+__all__ = ["evaluate_ensemble", "predict_with_tta", "evaluate_run", "evaluate_weights"]
+
+
+def evaluate_ensemble(
+    member_probabilities: list[np.ndarray],
+    labels: np.ndarray,
+    names: list[str],
+    val_probabilities: list[np.ndarray] | None = None,
+    val_labels: np.ndarray | None = None,
+) -> dict:
+    """Errors of each member and of their mean, and the choices made on validation.
+
+    With validation outputs, `best_member` is the member with the lowest
+    validation error (ties: first), and `best_k[k-1]` is the ensemble of the k
+    members ranked best on validation, for k = 1..N. The evaluated split never
+    drives a choice. Returns a JSON-ready dict.
+    """
+    has_val = val_probabilities is not None and val_labels is not None and len(val_labels) > 0
+    members = []
+    val_errors = []
+    for i, (name, p) in enumerate(zip(names, member_probabilities)):
+        err = evaluate_error(p, labels)
+        row = {"name": name, "error_pct": err.pct, "n_errors": err.n_errors}
+        if has_val:
+            v = evaluate_error(val_probabilities[i], val_labels)
+            row.update(val_error_pct=v.pct, val_n_errors=v.n_errors)
+            val_errors.append(v)
+        members.append(row)
+    ens = evaluate_error(ensemble_probabilities(member_probabilities), labels)
+    result = {"n": int(len(labels)), "members": members,
+              "ensemble": {"error_pct": ens.pct, "n_errors": ens.n_errors}}
+    if has_val:
+        v = evaluate_error(ensemble_probabilities(val_probabilities), val_labels)
+        result["ensemble"].update(val_error_pct=v.pct, val_n_errors=v.n_errors)
+        result["n_val"] = int(len(val_labels))
+        order = rank_on_validation(dict(enumerate(val_errors)))
+        result["best_member"] = dict(members[order[0]])
+        best_k = []
+        for k in range(1, len(order) + 1):
+            chosen = order[:k]
+            e = evaluate_error(ensemble_probabilities([member_probabilities[i] for i in chosen]), labels)
+            ve = evaluate_error(ensemble_probabilities([val_probabilities[i] for i in chosen]), val_labels)
+            best_k.append({"k": k, "members": [names[i] for i in chosen], "val_error_pct": ve.pct,
+                           "val_n_errors": ve.n_errors, "error_pct": e.pct, "n_errors": e.n_errors})
+        result["best_k"] = best_k
+    return result
+
+
+def predict_with_tta(model, images: np.ndarray, tta: int, augment_cfg, seed: int = 0) -> np.ndarray:
+    """Softmax averaged over the image and `tta` augmented copies (0 = plain prediction)."""
+    from ..core.augment import augment_batch
+    from ..core.model import predict_probabilities
+
+    probs = predict_probabilities(model, images)
+    if tta <= 0 or len(images) == 0:
+        return probs
+    rng = np.random.default_rng([seed, 1234])
+    total = probs.astype(np.float64)
+    for _ in range(tta):
+        views = []
+        for start in range(0, len(images), 2000):
+            x = np.asarray(augment_batch(images[start : start + 2000], rng, augment_cfg))
+            views.append(np.asarray(model.predict_on_batch(x)))
+        total += np.concatenate(views)
+    return (total / (tta + 1)).astype(np.float32)
+
+
+def evaluate_run(run_dir, *, dropouts=None, epoch="latest", split: str = "test", tta: int = 0,
+                 data_dir=None, data=None, config=None, write: bool = True) -> dict:
+    """Evaluate a run's ensembles at one checkpoint and write the tables next to it.
+
+    Per dropout rate: every member, the ensemble (mean softmax), the best member
+    and the best-k ensembles chosen on the validation split. Writes
+    `RUN/dropout_X/evaluation/<split>_epoch_NNN/{evaluation.json,
+    confusion_matrix.csv, misclassified.csv}`. Returns a JSON-ready dict.
+    """
+    run = RunDir(run_dir)
+    if split not in ("test", "val"):
+        raise ConfigError(f"--split must be test or val, got {split!r}")
+    if data is None or config is None:
+        config, data = load_run_data(run.path, data_dir)
+    rates = list(config.dropouts) if dropouts is None else list(dropouts)
+    for d in rates:
+        if d not in config.dropouts:
+            raise ConfigError(f"--dropout {d:g} is not in this run (it has "
+                              f"{', '.join(f'{x:g}' for x in config.dropouts)})")
+    x, y = (data.x_test, data.y_test) if split == "test" else (data.x_val, data.y_val)
+    if len(y) == 0:
+        raise ConfigError(f"--split {split}: this run has no {split} images (val_fraction 0?)")
+    ensembles, all_probs, all_names = [], [], []
+    for d in rates:
+        e = _checkpoint_epoch(run, config.models, d, epoch)
+        probs, val_probs = _predict_checkpoint(run, config, data, d, e, x, split, tta)
+        names = [str(i) for i in range(config.models)]
+        result = {"dropout": d, "epoch": e, "tta": tta,
+                  **evaluate_ensemble(probs, y, names, val_probs or None, data.y_val if val_probs else None)}
+        if write:
+            result["files"] = _write_evaluation(run.evaluation_dir(d, split, e, tta), result,
+                                                ensemble_probabilities(probs), y, data.classes)
+        ensembles.append(result)
+        all_probs += probs
+        all_names += [f"dropout_{d:g}/model_{n}" for n in names]
+    overall = evaluate_ensemble(all_probs, y, all_names)
+    return {"dataset": data.name, "split": split, "n": int(len(y)), "tta": tta,
+            "members": overall["members"], "ensemble": overall["ensemble"], "ensembles": ensembles}
+
+
+def _checkpoint_epoch(run: RunDir, models: int, dropout: float, epoch) -> int:
+    """The checkpoint `epoch` asks for ("latest" or a number), checked to hold every member."""
+    epochs = run.complete_checkpoints(dropout, models)
+    if not epochs:
+        raise ConfigError(f"{run.dropout_dir(dropout)}: no checkpoint with all {models} members yet")
+    e = epochs[-1] if epoch in (None, "latest") else int(epoch)
+    if e not in epochs:
+        raise ConfigError(f"--epoch {e}: no checkpoint for dropout {dropout:g}; available: "
+                          f"{', '.join(map(str, epochs))}")
+    return e
+
+
+def _predict_checkpoint(run: RunDir, config, data, dropout: float, epoch: int, x, split: str, tta: int):
+    """Every member's softmax on `x` and on the validation split ([] when the run has none)."""
+    from ..core.model import build_member_predictor, predict_members
+
+    models = [load_member_model(run.weights_path(dropout, epoch, i), num_classes=data.num_classes,
+                                dropout=dropout, mean=data.mean, std=data.std, model_config=config.model)
+              for i in range(config.models)]
+    if tta:
+        def predict(images):
+            return [predict_with_tta(m, images, tta, config.augment, seed=i) for i, m in enumerate(models)]
+    else:
+        predictor = build_member_predictor(models)  # built once for both splits
+
+        def predict(images):
+            return list(predict_members(predictor, images))  # all members in one pass over the images
+    probs = predict(x)
+    if split == "val":
+        return probs, probs
+    return probs, predict(data.x_val) if len(data.y_val) else []
+
+
+def evaluate_weights(paths, *, dataset: str = "emnist-digits", data_dir=None, split: str = "test",
+                     tta: int = 0, out_dir=None) -> dict:
+    """Evaluate weight files outside a run as one ensemble (ours, or the reference's Keras 2 files).
+
+    Normalization statistics come from the run each file belongs to when it
+    has one (RUN/config.json), else the reference's EMNIST Digits values.
+    """
+    from ..core.model import predict_members
+
+    if split != "test":
+        raise ConfigError("--split with --weights: only test is defined outside a run")
+    paths = [Path(p) for p in paths]
+    for p in paths:
+        if not p.is_file():
+            raise DataError(f"{p}: weight file not found")
+    ds, _ = load_or_download(dataset, data_dir, download=True)
+    models = []
+    for p in paths:
+        mean, std = _file_normalization(p)
+        models.append(load_member_model(p, num_classes=ds.num_classes, dropout=0.0, mean=mean, std=std))
+    names = [p.name for p in paths]
+    x = np.asarray(ds.x_test)
+    if tta:
+        probs = [predict_with_tta(m, x, tta, AugmentConfig()) for m in models]
+    else:
+        probs = list(predict_members(models, x))  # every file's model in one pass over the images
+    y = np.asarray(ds.y_test)
+    result = {"dataset": ds.name, "split": split, "tta": tta, **evaluate_ensemble(probs, y, names)}
+    if out_dir is not None:
+        result["files"] = _write_evaluation(Path(out_dir), result, ensemble_probabilities(probs), y, ds.classes)
+    return result
+
+
+def _file_normalization(path: Path) -> tuple[float, float]:
+    """(mean, std) of the run a weights file belongs to (RUN/dropout_X/weights/), else EMNIST Digits'."""
+    run = RunDir(path.resolve().parent.parent.parent)
+    if not run.config_path.is_file():
+        return EMNIST_DIGITS_MEAN, EMNIST_DIGITS_STD
+    try:
+        data = run.read_record()["data"]
+        return float(data["mean"]), float(data["std"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise DataError(f"{run.config_path}: unreadable run configuration ({exc})") from exc
+
+
+def _write_evaluation(folder: Path, result: dict, ens_probs: np.ndarray, labels: np.ndarray, classes) -> dict:
+    cm = confusion_matrix(labels, np.argmax(ens_probs, axis=1), len(classes))
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["label", *classes])
+    for c, row in zip(classes, cm):
+        w.writerow([c, *row.tolist()])
+    atomic_write_text(folder / "confusion_matrix.csv", buf.getvalue())
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=["index", "label", "predicted", "confidence"], lineterminator="\n")
+    w.writeheader()
+    for row in misclassified_rows(ens_probs, labels):
+        w.writerow({**row, "confidence": f"{row['confidence']:.6f}"})
+    atomic_write_text(folder / "misclassified.csv", buf.getvalue())
+    files = {"confusion_matrix": str(folder / "confusion_matrix.csv"),
+             "misclassified": str(folder / "misclassified.csv"),
+             "evaluation": str(folder / "evaluation.json")}
+    atomic_write_text(folder / "evaluation.json", json.dumps({**result, "files": files}, indent=2) + "\n")
+    return files

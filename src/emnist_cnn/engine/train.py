@@ -1,0 +1,194 @@
+"""Resumable training of augmented CNN ensembles, one per dropout rate, and their checkpoint evaluations.
+
+`train_and_evaluate(config, run_dir)` is the library entry point. It is built
+from public steps that a scheduler can also call one at a time:
+`open_run` (lock held), `open_member` and `train_members_to` (engine.members),
+then `evaluate_checkpoint` and `record_checkpoint` once every member of a
+dropout rate has a checkpoint's weights.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+from ..config import RESUMABLE_CHANGES, TrainConfig
+from ..core.metrics import ensemble_probabilities, evaluate_error
+from ..errors import ConfigError, DataError, RunDirError
+from ..io.download import load_or_download
+from ..io.rundir import ErrorRecord, RunDir, collect_versions, utc_now
+from ..io.weights import load_member_model
+from .members import Member, TrainContext, calibration_images, fused_by_default, open_member, train_members_to
+from .prepare import PreparedData, prepare_data
+
+__all__ = ["check_compatible", "open_run", "evaluate_checkpoint", "record_checkpoint", "train_ensembles",
+           "train_and_evaluate"]
+
+log = logging.getLogger(__name__)
+
+
+def check_compatible(run: RunDir, config: TrainConfig) -> dict | None:
+    """Refuse a config that would change an existing run's experiment; returns its config.json.
+
+    Checked before any data is loaded or downloaded, and again with the data's
+    fingerprint once it is. Also refuses --epochs below what is already trained.
+    """
+    if not run.exists():
+        return None
+    saved = run.read_record()
+    if "fingerprint" not in saved["data"]:
+        raise RunDirError(f"{run.config_path}: unreadable run configuration (no data fingerprint)")
+    old_d, new_d = run.read_config().to_dict(), config.to_dict()
+    changed = [k for k in new_d if k not in RESUMABLE_CHANGES and old_d.get(k) != new_d[k]]
+    if changed:
+        details = "; ".join(f"{k}: run has {old_d.get(k)!r}, command asks {new_d[k]!r}" for k in changed)
+        raise ConfigError(
+            f"{run} holds a different experiment ({details}); use a new --run-dir or the original settings"
+        )
+    done = run.trained_epochs(config)
+    if done > config.epochs:
+        raise ConfigError(f"--epochs {config.epochs} is lower than the {done} epochs already trained in {run}")
+    return saved
+
+
+def open_run(run: RunDir, config: TrainConfig, data: PreparedData) -> TrainConfig:
+    """Create RUN/config.json, or check that a resumed run is the same experiment (hold the run's lock).
+
+    Returns the config to train with. Changing anything but the epoch count and
+    checkpoint interval of an existing run is refused.
+    """
+    saved = check_compatible(run, config)
+    if saved is not None:
+        old_fp = saved["data"]["fingerprint"]
+        if old_fp != data.fingerprint:
+            raise ConfigError(
+                f"{run} was trained on different data (fingerprint {old_fp[:12]} vs {data.fingerprint[:12]}); "
+                "use the same data files or a new --run-dir"
+            )
+        saved["config"] = config.to_dict()
+        saved["updated"] = utc_now()
+        run.write_record(saved)
+    else:
+        run.write_record({"config": config.to_dict(), "data": data.describe(), "versions": collect_versions(),
+                          "created": utc_now(), "updated": utc_now()})
+    return config
+
+
+def evaluate_checkpoint(run: RunDir, config: TrainConfig, data: PreparedData, dropout: float,
+                        epoch: int, members: dict[int, Member] | None = None) -> list[ErrorRecord]:
+    """Errors of every member and of the ensemble at one checkpoint, on val and test.
+
+    Members held in memory at exactly `epoch` are used as they are (their weights
+    are the checkpoint's) with the validation softmax of their last epoch; the
+    others are loaded from their checkpoint files. All members predict in one pass.
+    """
+    from ..core.model import build_member_predictor, predict_members
+
+    members = members or {}
+    models, val = [], {}
+    for i in range(config.models):
+        m = members.get(i)
+        if m is not None and m.epoch == epoch:
+            models.append(m.model)
+            if m.val_probs is not None and m.val_probs[0] == epoch:
+                val[i] = m.val_probs[1]
+            continue
+        models.append(load_member_model(run.weights_path(dropout, epoch, i), num_classes=data.num_classes,
+                                        dropout=dropout, mean=data.mean, std=data.std, model_config=config.model))
+    predictor = build_member_predictor(models)
+    probs = {"test": list(predict_members(predictor, data.x_test))}
+    missing = [i for i in range(config.models) if i not in val]
+    if len(data.y_val) and missing:
+        # Reuse the predictor when every member needs its validation pass (all loaded from files).
+        subset = predictor if len(missing) == config.models else [models[i] for i in missing]
+        for i, p in zip(missing, predict_members(subset, data.x_val)):
+            val[i] = p
+    probs["val"] = [val.get(i) for i in range(config.models)]
+    records = []
+    labels = {"val": data.y_val, "test": data.y_test}
+    for split in ("val", "test"):
+        if not len(labels[split]):
+            continue
+        for i, p in enumerate(probs[split]):
+            records.append(ErrorRecord(epoch, str(i), split, evaluate_error(p, labels[split])))
+        ens = evaluate_error(ensemble_probabilities(probs[split]), labels[split])
+        records.append(ErrorRecord(epoch, "ensemble", split, ens))
+    return records
+
+
+def record_checkpoint(run: RunDir, dropout: float, epoch: int, records: list[ErrorRecord]) -> None:
+    """Write a checkpoint's errors: the reference's text table, then errors.csv."""
+    # The text table first: errors.csv is what marks a checkpoint as evaluated on resume,
+    # so a kill between the two writes must leave errors.csv without it, not the reverse.
+    run.write_text_table(dropout, epoch, records)
+    old = [r for r in run.read_errors(dropout) if r.epoch != epoch]
+    run.write_errors(dropout, old + records)
+
+
+def train_ensembles(config: TrainConfig, run_dir, data: PreparedData, *, fixed_lr: float | None = None,
+                    verbose: int = 1, fused: bool | None = None) -> dict[float, list[ErrorRecord]]:
+    """Train (or resume) every ensemble of the run; returns each dropout rate's last-checkpoint errors.
+
+    `fixed_lr` sets the learning rate for the epochs this call trains (the
+    reference's "continue with a fixed learning rate"); without it the run's
+    configured rate is used. `fused` trains each ensemble's members in one
+    compiled step (same results as one by one); None: on a GPU only.
+    """
+    run = RunDir(run_dir)
+    with run.lock():
+        run.remove_stale_temporaries()
+        config = open_run(run, config, data)
+        run.append_invocation({"time": utc_now(), "argv": sys.argv, "epochs": config.epochs,
+                               "fixed_lr": fixed_lr, "fused": fused})
+        lr = fixed_lr if fixed_lr is not None else config.lr
+        ctx = TrainContext(run, config, data, calibration_images(config, data), verbose,
+                           fused_by_default() if fused is None else fused)
+        return {dropout: _train_ensemble(ctx, dropout, lr) for dropout in config.dropouts}
+
+
+def _train_ensemble(ctx: TrainContext, dropout: float, lr: float) -> list[ErrorRecord]:
+    """Train one dropout rate's members checkpoint by checkpoint, evaluating each complete checkpoint."""
+    run, config = ctx.run, ctx.config
+    members: dict[int, Member] = {}
+    done = run.evaluated_epochs(dropout)
+    ckpts = config.checkpoint_epochs()
+    for target in ckpts:
+        for i in range(config.models):
+            if i not in members:
+                members[i] = open_member(run, config, ctx.data, dropout, i, lr)
+        train_members_to(list(members.values()), target, ctx)
+        if target not in done and run.has_all_weights(dropout, target, config.models):
+            records = evaluate_checkpoint(run, config, ctx.data, dropout, target, members)
+            record_checkpoint(run, dropout, target, records)
+            done.add(target)
+            ens = {r.split: r.rate for r in records if r.is_ensemble}
+            log.info("dropout %g epoch %d: ensemble error val %s test %s", dropout, target,
+                     _pct(ens.get("val")), _pct(ens.get("test")))
+    ctx.fused_trainers.clear()
+    last = [r for r in run.read_errors(dropout) if r.epoch == ckpts[-1]]
+    if not last:
+        log.warning("dropout %g: no evaluation at epoch %d (not every member has its weights)", dropout, ckpts[-1])
+    return last
+
+
+def _pct(rate) -> str:
+    return "-" if rate is None else f"{rate.pct:.3f}%"
+
+
+def train_and_evaluate(config: TrainConfig, run_dir, *, data_dir=None, mirror=None, fixed_lr=None,
+                       dataset=None, download: bool = True, verbose: int = 1,
+                       fused: bool | None = None) -> dict[float, list[ErrorRecord]]:
+    """Load (or download) the data, then train and evaluate every ensemble in `run_dir`.
+
+    Returns each dropout rate's errors at the last checkpoint.
+    """
+    check_compatible(RunDir(run_dir), config)  # before a download or a long parse, not after
+    if dataset is None:
+        dataset, data_dir = load_or_download(config.dataset, data_dir, mirror=mirror, download=download)
+    if dataset.name != config.dataset:
+        raise DataError(f"dataset {dataset.name} given for a run configured with {config.dataset}")
+    data = prepare_data(config, dataset, data_dir)
+    log.info("data: %s, %d train / %d val / %d test images, %d classes", data.name, len(data.y_train),
+             len(data.y_val), len(data.y_test), data.num_classes)
+    return train_ensembles(config, Path(run_dir), data, fixed_lr=fixed_lr, verbose=verbose, fused=fused)

@@ -1,0 +1,146 @@
+"""Crash-safe files: atomic writes, an exclusive lock, CSV tables.
+
+Every file a run writes goes through a temporary file in the same folder,
+fsync, then a rename, so a reader (or a resumed run) sees the old file or the
+new one, never half of one.
+"""
+
+from __future__ import annotations
+
+import csv
+import errno
+import io
+import json
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Iterable
+
+from ..errors import RunDirError
+
+__all__ = ["atomic_write_bytes", "atomic_write_text", "atomic_write_json", "save_weights_atomic", "RunLock",
+           "read_csv_rows", "write_csv_rows", "io_error"]
+
+log = logging.getLogger(__name__)
+
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write to a temp file in the same folder, fsync, then rename over `path`.
+
+    A reader sees the old file or the new one, never half of one.
+    """
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:
+        raise io_error(path, exc) from exc
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; results are meant to be shared
+        os.replace(tmp, path)
+    except BaseException as exc:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        if isinstance(exc, OSError):
+            raise io_error(path, exc) from exc
+        raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def io_error(path: Path, exc: OSError) -> RunDirError:
+    """The one-line error for a failed write: disk full, not writable, or other."""
+    if exc.errno == errno.ENOSPC:
+        return RunDirError(f"{path}: no space left on device; earlier checkpoints are intact")
+    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return RunDirError(f"{path}: run directory is not writable ({exc.strerror})")
+    return RunDirError(f"{path}: could not write ({exc.strerror or exc})")
+
+
+class RunLock:
+    """An exclusive lock on a run directory; the OS releases it if the process dies."""
+
+    def __init__(self, run_dir: Path):
+        self.path = Path(run_dir) / ".lock"
+        self._fd: int | None = None
+
+    def __enter__(self) -> "RunLock":
+        import fcntl
+
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise io_error(self.path, exc) from exc
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            os.close(self._fd)
+            self._fd = None
+            raise RunDirError(
+                f"{self.path.parent}: another emnist-cnn process is training in this run directory"
+            ) from exc
+        os.ftruncate(self._fd, 0)
+        os.write(self._fd, f"{os.getpid()}\n".encode())
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+def save_weights_atomic(model, path: Path) -> None:
+    """`model.save_weights` (Keras picks the file name's format) via a synced temp file and a rename."""
+    path = Path(path)
+    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        model.save_weights(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as exc:  # also Ctrl-C: no temporary file is left behind
+        tmp.unlink(missing_ok=True)
+        if isinstance(exc, OSError):
+            raise io_error(path, exc) from exc
+        raise
+
+
+# ----------------------------------------------------------------------------- tables
+
+
+def read_csv_rows(path: Path) -> list[dict[str, str]]:
+    path = Path(path)
+    if not path.exists():
+        return []
+    try:
+        with open(path, newline="") as f:
+            return list(csv.DictReader(f))
+    except (OSError, csv.Error, UnicodeDecodeError) as exc:
+        raise RunDirError(f"{path}: unreadable table ({exc})") from exc
+
+
+def write_csv_rows(path: Path, columns: Iterable[str], rows: Iterable[dict]) -> None:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(columns), lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: row[k] for k in columns})
+    atomic_write_text(path, buf.getvalue())

@@ -1,0 +1,304 @@
+"""The run directory: the one owner of its layout and of typed reads of what it records.
+
+Layout (kept close to the reference's):
+
+    RUN/config.json                          every setting, versions, data fingerprint
+    RUN/invocations.jsonl                    one line per train/run/import command on this run
+    RUN/dropout_0.2/weights/016epochs_weights_model_0.weights.h5
+    RUN/dropout_0.2/state/model_0.npz        weights + optimizer + RNG state + epoch
+    RUN/dropout_0.2/history/model_0.csv      one row per epoch
+    RUN/dropout_0.2/history/errors.csv       per checkpoint, member and ensemble, val and test
+    RUN/dropout_0.2/history/test_errors_epoch_016.txt   the reference's format
+    RUN/dropout_0.2/evaluation/test_epoch_016/          `emnist-cnn evaluate` tables
+    RUN/plot_history/*.png, RUN/report.html, RUN/export_json_h5/
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import re
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+
+from .. import __version__
+from ..config import TrainConfig
+from ..core.metrics import ErrorRate
+from ..errors import ConfigError, RunDirError
+from .files import RunLock, atomic_write_json, atomic_write_text, read_csv_rows, write_csv_rows
+from .state import read_state_epoch
+
+__all__ = ["HISTORY_COLUMNS", "ERRORS_COLUMNS", "ErrorRecord", "RunDir", "dropout_dirname", "collect_versions",
+           "utc_now"]
+
+log = logging.getLogger(__name__)
+
+HISTORY_COLUMNS = ("epoch", "loss", "accuracy", "val_loss", "val_accuracy", "learning_rate", "seconds")
+ERRORS_COLUMNS = ("epoch", "model", "split", "error_pct", "n_errors", "n")
+_WEIGHTS_RE = re.compile(r"^(\d+)epochs_weights_model_(\d+)\.weights\.h5$")
+
+
+def dropout_dirname(rate: float) -> str:
+    """Folder name per dropout rate, as the reference named it: dropout_0.2."""
+    return f"dropout_{rate:g}"
+
+
+@dataclass(frozen=True)
+class ErrorRecord:
+    """One errors.csv row: a member ("0", "1", ...) or "ensemble", on "val" or "test", at a checkpoint."""
+
+    epoch: int
+    model: str
+    split: str
+    rate: ErrorRate
+
+    @property
+    def is_ensemble(self) -> bool:
+        return self.model == "ensemble"
+
+
+class RunDir:
+    """A run directory: every path in it, and typed reads and writes of its records."""
+
+    def __init__(self, path):
+        self.path = Path(path)
+
+    def __repr__(self) -> str:
+        return f"RunDir({str(self.path)!r})"
+
+    def __str__(self) -> str:
+        return str(self.path)
+
+    # ------------------------------------------------------------------ paths
+
+    @property
+    def config_path(self) -> Path:
+        return self.path / "config.json"
+
+    @property
+    def invocations_path(self) -> Path:
+        return self.path / "invocations.jsonl"
+
+    @property
+    def plots_dir(self) -> Path:
+        return self.path / "plot_history"
+
+    @property
+    def report_path(self) -> Path:
+        return self.path / "report.html"
+
+    @property
+    def export_dir(self) -> Path:
+        return self.path / "export_json_h5"  # named after the reference's json_h5_export
+
+    def dropout_dir(self, dropout: float) -> Path:
+        return self.path / dropout_dirname(dropout)
+
+    def weights_path(self, dropout: float, epoch: int, index: int) -> Path:
+        return self.dropout_dir(dropout) / "weights" / f"{epoch:03d}epochs_weights_model_{index}.weights.h5"
+
+    def state_path(self, dropout: float, index: int) -> Path:
+        return self.dropout_dir(dropout) / "state" / f"model_{index}.npz"
+
+    def history_path(self, dropout: float, index: int) -> Path:
+        return self.dropout_dir(dropout) / "history" / f"model_{index}.csv"
+
+    def errors_path(self, dropout: float) -> Path:
+        return self.dropout_dir(dropout) / "history" / "errors.csv"
+
+    def text_table_path(self, dropout: float, epoch: int) -> Path:
+        return self.dropout_dir(dropout) / "history" / f"test_errors_epoch_{epoch:03d}.txt"
+
+    def evaluation_dir(self, dropout: float, split: str, epoch: int, tta: int = 0) -> Path:
+        return self.dropout_dir(dropout) / "evaluation" / (f"{split}_epoch_{epoch:03d}" + (f"_tta{tta}" if tta else ""))
+
+    def lock(self) -> RunLock:
+        """The exclusive lock a process holds while it writes to this run."""
+        return RunLock(self.path)
+
+    # ------------------------------------------------------------------ config.json and invocations
+
+    def exists(self) -> bool:
+        """True when config.json is there: a run was started here."""
+        return self.config_path.exists()
+
+    def read_record(self) -> dict:
+        """The whole config.json (config, data, versions, created, updated; imported for imports)."""
+        path = self.config_path
+        try:
+            saved = json.loads(path.read_text())
+            TrainConfig.from_dict(saved["config"])
+        except FileNotFoundError as exc:
+            raise RunDirError(f"{path}: not found; is {self.path} a run directory?") from exc
+        except (OSError, ValueError, KeyError, TypeError, AttributeError, ConfigError) as exc:
+            raise RunDirError(f"{path}: unreadable run configuration ({exc})") from exc
+        if not isinstance(saved.get("data"), dict):
+            raise RunDirError(f"{path}: unreadable run configuration (no data record)")
+        return saved
+
+    def read_config(self) -> TrainConfig:
+        """The run's experiment, as recorded in config.json."""
+        return TrainConfig.from_dict(self.read_record()["config"])
+
+    def write_record(self, saved: dict) -> None:
+        atomic_write_json(self.config_path, saved)
+
+    def append_invocation(self, record: dict) -> None:
+        path = self.invocations_path
+        old = path.read_text() if path.exists() else ""
+        atomic_write_text(path, old + json.dumps(record, sort_keys=True) + "\n")
+
+    def read_invocations(self) -> list[dict]:
+        """Every recorded command, oldest first (unreadable lines are skipped)."""
+        if not self.invocations_path.is_file():
+            return []
+        out = []
+        for line in self.invocations_path.read_text().splitlines():
+            try:
+                out.append(json.loads(line))
+            except ValueError:
+                continue
+        return out
+
+    # ------------------------------------------------------------------ histories
+
+    def read_history_rows(self, dropout: float, index: int) -> list[dict[str, str]]:
+        """history/model_i.csv as written (text cells), for appending to it."""
+        return read_csv_rows(self.history_path(dropout, index))
+
+    def write_history_rows(self, dropout: float, index: int, rows: list[dict]) -> None:
+        write_csv_rows(self.history_path(dropout, index), HISTORY_COLUMNS, rows)
+
+    def read_histories(self, dropout: float, models: int) -> dict[int, dict[str, np.ndarray]]:
+        """Per member index, the columns of history/model_i.csv as float arrays (absent members omitted)."""
+        out = {}
+        for i in range(models):
+            rows = self.read_history_rows(dropout, i)
+            if not rows:
+                continue
+            try:
+                out[i] = {k: np.array([float(r[k]) for r in rows]) for k in rows[0]}
+            except (TypeError, ValueError) as exc:
+                raise RunDirError(f"{self.history_path(dropout, i)}: malformed value ({exc})") from exc
+        return out
+
+    # ------------------------------------------------------------------ error tables
+
+    def read_errors(self, dropout: float) -> list[ErrorRecord]:
+        """errors.csv of one dropout rate, typed; the percentages are recomputed from the counts."""
+        path = self.errors_path(dropout)
+        out = []
+        for k, row in enumerate(read_csv_rows(path), start=2):
+            try:
+                out.append(ErrorRecord(int(row["epoch"]), str(row["model"]), str(row["split"]),
+                                       ErrorRate(int(row["n_errors"]), int(row["n"]))))
+            except (KeyError, TypeError, ValueError) as exc:
+                raise RunDirError(f"{path}:{k}: malformed row ({exc})") from exc
+        return out
+
+    def write_errors(self, dropout: float, records: list[ErrorRecord]) -> None:
+        rows = [{"epoch": r.epoch, "model": r.model, "split": r.split, "error_pct": f"{r.rate.pct:.4f}",
+                 "n_errors": r.rate.n_errors, "n": r.rate.n} for r in sorted(records, key=lambda r: r.epoch)]
+        write_csv_rows(self.errors_path(dropout), ERRORS_COLUMNS, rows)
+
+    def write_text_table(self, dropout: float, epoch: int, records: list[ErrorRecord]) -> None:
+        """history/test_errors_epoch_NNN.txt in the reference's format: the ensemble's, then each member's."""
+        test = [r for r in records if r.split == "test"]
+        if not test:
+            return
+        ens = next(r for r in test if r.is_ensemble)
+        lines = [f"epoch: {epoch} test error on ensemble: {_pct4(ens)}"]
+        lines += [str(_pct4(r)) for r in test if not r.is_ensemble]
+        atomic_write_text(self.text_table_path(dropout, epoch), "\n".join(lines) + "\n")
+
+    def evaluated_epochs(self, dropout: float) -> set[int]:
+        """Checkpoint epochs whose ensemble evaluation is recorded in errors.csv."""
+        return {r.epoch for r in self.read_errors(dropout) if r.is_ensemble}
+
+    def latest_evaluation(self, dropout: float) -> dict | None:
+        """The newest plain `emnist-cnn evaluate` result on the test split (any epoch), or None."""
+        found = []
+        for path in (self.dropout_dir(dropout) / "evaluation").glob("test_epoch_*/evaluation.json"):
+            m = re.fullmatch(r"test_epoch_(\d+)", path.parent.name)  # not the _ttaN ones
+            if m:
+                found.append((int(m.group(1)), path))
+        if not found:
+            return None
+        _, path = max(found)
+        try:
+            result = json.loads(path.read_text())
+        except (OSError, ValueError) as exc:
+            raise RunDirError(f"{path}: unreadable evaluation ({exc})") from exc
+        result["path"] = str(path)
+        return result
+
+    # ------------------------------------------------------------------ checkpoints and states
+
+    def checkpoints(self, dropout: float) -> dict[int, set[int]]:
+        """{epoch: member indices with a weights file} of one dropout rate."""
+        folder = self.dropout_dir(dropout) / "weights"
+        out: dict[int, set[int]] = {}
+        if folder.is_dir():
+            for p in folder.iterdir():
+                m = _WEIGHTS_RE.match(p.name)
+                if m:
+                    out.setdefault(int(m.group(1)), set()).add(int(m.group(2)))
+        return out
+
+    def complete_checkpoints(self, dropout: float, models: int) -> list[int]:
+        """Checkpoint epochs at which every member's weights exist, ascending."""
+        everyone = set(range(models))
+        return sorted(e for e, have in self.checkpoints(dropout).items() if everyone <= have)
+
+    def has_all_weights(self, dropout: float, epoch: int, models: int) -> bool:
+        return all(self.weights_path(dropout, epoch, i).exists() for i in range(models))
+
+    def state_epoch(self, dropout: float, index: int) -> int:
+        """The epoch a member's state records (0: none yet, or unreadable)."""
+        return read_state_epoch(self.state_path(dropout, index))
+
+    def trained_epochs(self, config: TrainConfig) -> int:
+        """The most epochs any member of `config` has a state for."""
+        return max((self.state_epoch(d, i) for d in config.dropouts for i in range(config.models)), default=0)
+
+    def remove_stale_temporaries(self) -> None:
+        """Delete temp files a killed process left mid-write (call it holding the lock: none is live)."""
+        for pattern in (".tmp-*", ".*.tmp"):
+            for path in self.path.rglob(pattern):
+                log.debug("removing %s, left by an interrupted write", path)
+                path.unlink(missing_ok=True)
+
+
+def _pct4(record: ErrorRecord) -> float:
+    return float(f"{record.rate.pct:.4f}")
+
+
+def utc_now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def collect_versions(*, threads: bool = True) -> dict:
+    """Library versions and what decides a run's summation order (cores, threads, oneDNN)."""
+    import keras  # deferred: the backend is slow to import and readers of a run never need it
+
+    versions = {"emnist_cnn": __version__, "keras": keras.__version__, "backend": keras.backend.backend(),
+                "numpy": np.__version__, "python": platform.python_version(), "platform": platform.platform()}
+    # Kernel summation order follows the thread count and oneDNN: needed to rerun a run to the bit.
+    versions["cpu_count"] = os.cpu_count()
+    versions["env"] = {k: os.environ[k] for k in ("TF_ENABLE_ONEDNN_OPTS", "TF_DETERMINISTIC_OPS",
+                                                  "OMP_NUM_THREADS", "CUDA_VISIBLE_DEVICES") if k in os.environ}
+    try:
+        import tensorflow as tf
+
+        versions["tensorflow"] = tf.__version__
+        if threads:
+            versions["tf_threads"] = {"intra_op": tf.config.threading.get_intra_op_parallelism_threads(),
+                                      "inter_op": tf.config.threading.get_inter_op_parallelism_threads()}
+    except ImportError:
+        pass
+    return versions

@@ -1,0 +1,1 @@
+"""What a person reads: text tables, figures, the report page."""

@@ -1,0 +1,75 @@
+"""A run's results as they are shown: last checkpoints, the chosen dropout rate, the fixed-LR phase."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+from ..core.selection import select_best_dropout, select_best_member
+from ..io.rundir import ErrorRecord, RunDir
+
+__all__ = ["last_epoch", "select_dropout", "find_fixed_lr_phase", "load_results"]
+
+
+def last_epoch(rows: Sequence[ErrorRecord]) -> int | None:
+    """The last checkpoint epoch with an ensemble row, or None."""
+    epochs = [r.epoch for r in rows if r.is_ensemble]
+    return max(epochs) if epochs else None
+
+
+def select_dropout(errors_by_dropout: Mapping[float, Sequence[ErrorRecord]]) -> float | None:
+    """The dropout rate whose ensemble has the lowest validation error at its last checkpoint.
+
+    Without a validation split, the first rate with a checkpoint: the test
+    split is never used to choose.
+    """
+    val = {}
+    for d, rows in errors_by_dropout.items():
+        e = last_epoch(rows)
+        if e is not None:
+            val[d] = next((r.rate for r in rows if r.epoch == e and r.is_ensemble and r.split == "val"), None)
+    return select_best_dropout(val)
+
+
+def find_fixed_lr_phase(history: Mapping[int, Mapping[str, np.ndarray]], base_lr: float):
+    """The epochs trained at a rate other than `base_lr`: (last base-rate epoch, last epoch, rates), or None."""
+    fixed_epochs, rates = [], set()
+    for cols in history.values():
+        lr, epochs = cols.get("learning_rate"), cols.get("epoch")
+        if lr is None or epochs is None:
+            continue
+        # The history stores rates with 6 significant digits.
+        off = ~np.isclose(lr, base_lr, rtol=1e-5, atol=0)
+        fixed_epochs += epochs[off].astype(int).tolist()
+        rates |= {float(f"{x:.6g}") for x in lr[off]}
+    if not fixed_epochs:
+        return None
+    last = max(int(c["epoch"].max()) for c in history.values())
+    return min(fixed_epochs) - 1, last, sorted(rates)
+
+
+def load_results(run_dir) -> list[dict]:
+    """Per dropout rate, the last checkpoint's errors and the choices made on validation.
+
+    Each item: dropout, epoch, members ([{name, val, test}] with ErrorRates or
+    None), ensemble ({val, test}), best_member (name chosen on validation, or
+    None without a validation split), evaluation (the newest
+    `emnist-cnn evaluate` result on the test split at any epoch, or None).
+    """
+    run = RunDir(run_dir)
+    out = []
+    for d in run.read_config().dropouts:
+        rows = run.read_errors(d)
+        epoch = last_epoch(rows)
+        item = {"dropout": d, "epoch": epoch, "members": [], "ensemble": {}, "best_member": None,
+                "evaluation": run.latest_evaluation(d)}
+        if epoch is not None:
+            by = {(r.model, r.split): r.rate for r in rows if r.epoch == epoch}
+            names = sorted({m for m, _ in by if m != "ensemble"}, key=int)
+            item["members"] = [{"name": m, "val": by.get((m, "val")), "test": by.get((m, "test"))} for m in names]
+            item["ensemble"] = {"val": by.get(("ensemble", "val")), "test": by.get(("ensemble", "test"))}
+            best = select_best_member({int(m): by.get((m, "val")) for m in names})
+            item["best_member"] = None if best is None else str(best)
+        out.append(item)
+    return out

@@ -1,0 +1,83 @@
+"""Plain-text tables for the terminal: training results, evaluations.
+
+Every error cell is `str(ErrorRate)`: "0.160% (64/40000)".
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+from ..core.metrics import ErrorRate
+from ..core.selection import select_best_member
+from ..io.rundir import ErrorRecord
+
+__all__ = ["format_table", "format_results", "format_evaluation"]
+
+
+def format_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """A plain aligned text table."""
+    widths = [max(len(str(x)) for x in col) for col in zip(headers, *rows)]
+    lines = ["  ".join(str(h).ljust(w) for h, w in zip(headers, widths)).rstrip()]
+    lines.append("  ".join("-" * w for w in widths))
+    for row in rows:
+        lines.append("  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip())
+    return "\n".join(lines)
+
+
+def format_results(errors: Mapping[float, Sequence[ErrorRecord]]) -> str:
+    """Per dropout rate, the member and ensemble table at the last checkpoint, and the best member on val."""
+    out = []
+    for dropout in sorted(d for d, records in errors.items() if records):
+        records = errors[dropout]
+        by = {(r.model, r.split): r.rate for r in records}
+        members = sorted({r.model for r in records if not r.is_ensemble}, key=int)
+
+        def cell(m: str, split: str, by=by) -> str:
+            return str(by[m, split]) if (m, split) in by else "-"
+
+        table = [[f"model {m}", cell(m, "val"), cell(m, "test")] for m in members]
+        table.append(["ensemble", cell("ensemble", "val"), cell("ensemble", "test")])
+        out.append(f"dropout {dropout:g}, epoch {records[0].epoch}:")
+        out.append(format_table(["member", "val error", "test error"], table))
+        best = select_best_member({int(m): by.get((m, "val")) for m in members})
+        if best is not None:
+            out.append(f"best member on validation: model {best}, test error {cell(str(best), 'test')}")
+        out.append("")
+    return "\n".join(out).rstrip()
+
+
+def format_evaluation(result: dict) -> str:
+    """Human-readable tables for `evaluate_run` / `evaluate_weights` results."""
+    split = result["split"]
+    blocks = result.get("ensembles") or [result]
+    out = [f"{result['dataset']}, {split} split, {result['n']} images"
+           + (f", test-time augmentation x{result['tta']}" if result.get("tta") else "")]
+    for b in blocks:
+        n, n_val = b.get("n", result["n"]), b.get("n_val", 0)
+        has_val = "best_member" in b
+        head = ["member"] + (["val error"] if has_val else []) + [f"{split} error"]
+        rows = []
+        for m in b["members"] + [{"name": "ensemble", **b["ensemble"]}]:
+            row = [m["name"] if m["name"] == "ensemble" else f"model {m['name']}"]
+            if has_val:
+                row.append(str(ErrorRate(m["val_n_errors"], n_val)))
+            row.append(str(ErrorRate(m["n_errors"], n)))
+            rows.append(row)
+        if "dropout" in b:
+            out.append(f"\ndropout {b['dropout']:g}, epoch {b['epoch']}:")
+        out.append(format_table(head, rows))
+        if has_val:
+            best = b["best_member"]
+            out.append(f"best member on validation: model {best['name']}, {split} error "
+                       f"{ErrorRate(best['n_errors'], n)}")
+            out.append("best-k ensembles (members ranked on validation):")
+            out.append(format_table(["k", "val error", f"{split} error", "members"], [
+                [str(r["k"]), str(ErrorRate(r["val_n_errors"], n_val)), str(ErrorRate(r["n_errors"], n)),
+                 " ".join(r["members"])] for r in b["best_k"]]))
+        if b.get("files"):
+            out.append("wrote " + ", ".join(b["files"].values()))
+    if len(blocks) > 1:
+        e = result["ensemble"]
+        out.append(f"\nall {len(result['members'])} members together: {split} error "
+                   f"{ErrorRate(e['n_errors'], result['n'])}")
+    return "\n".join(out)

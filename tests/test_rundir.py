@@ -1,0 +1,133 @@
+"""RunDir: the one owner of a run directory's layout and of typed reads of its records."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import read_csv
+from emnist_cnn.config import TrainConfig
+from emnist_cnn.core.metrics import ErrorRate
+from emnist_cnn.errors import RunDirError
+from emnist_cnn.io.rundir import ErrorRecord, RunDir
+
+
+def test_layout_is_the_documented_one(tmp_path):
+    run = RunDir(tmp_path)
+    rel = {
+        "config": run.config_path, "invocations": run.invocations_path,
+        "weights": run.weights_path(0.2, 16, 3), "state": run.state_path(0.25, 0),
+        "history": run.history_path(0.5, 9), "errors": run.errors_path(0.3),
+        "text": run.text_table_path(0.2, 256), "evaluation": run.evaluation_dir(0.2, "val", 4, tta=8),
+        "plots": run.plots_dir, "report": run.report_path, "export": run.export_dir,
+    }
+    assert {k: str(p.relative_to(tmp_path)) for k, p in rel.items()} == {
+        "config": "config.json", "invocations": "invocations.jsonl",
+        "weights": "dropout_0.2/weights/016epochs_weights_model_3.weights.h5",
+        "state": "dropout_0.25/state/model_0.npz", "history": "dropout_0.5/history/model_9.csv",
+        "errors": "dropout_0.3/history/errors.csv", "text": "dropout_0.2/history/test_errors_epoch_256.txt",
+        "evaluation": "dropout_0.2/evaluation/val_epoch_004_tta8", "plots": "plot_history",
+        "report": "report.html", "export": "export_json_h5",
+    }
+
+
+def test_error_tables_round_trip_typed_and_sorted(tmp_path):
+    run = RunDir(tmp_path)
+    records = [ErrorRecord(2, "0", "test", ErrorRate(3, 200)), ErrorRecord(1, "ensemble", "val", ErrorRate(1, 120)),
+               ErrorRecord(2, "ensemble", "test", ErrorRate(2, 200))]
+    run.write_errors(0.2, records)
+    rows = read_csv(run.errors_path(0.2))
+    assert [r["epoch"] for r in rows] == ["1", "2", "2"]  # by epoch, stable within one
+    assert rows[1] == {"epoch": "2", "model": "0", "split": "test", "error_pct": "1.5000", "n_errors": "3", "n": "200"}
+    back = run.read_errors(0.2)
+    assert sorted(back, key=lambda r: (r.epoch, r.model)) == sorted(records, key=lambda r: (r.epoch, r.model))
+    assert run.evaluated_epochs(0.2) == {1, 2}
+    # The percentage is recomputed from the counts, never parsed back from text.
+    assert back[1].rate.pct == 100 * 3 / 200
+    run.write_text_table(0.2, 2, [r for r in records if r.epoch == 2])
+    assert run.text_table_path(0.2, 2).read_text() == "epoch: 2 test error on ensemble: 1.0\n1.5\n"
+
+
+def test_a_malformed_error_row_names_the_file_and_line(tmp_path):
+    run = RunDir(tmp_path)
+    run.errors_path(0.2).parent.mkdir(parents=True)
+    run.errors_path(0.2).write_text("epoch,model,split,error_pct,n_errors,n\n1,0,val,1.0,one,100\n")
+    with pytest.raises(RunDirError, match=r"errors\.csv:2: malformed row"):
+        run.read_errors(0.2)
+
+
+def test_histories_are_typed_columns(tmp_path):
+    run = RunDir(tmp_path)
+    row = {"epoch": 1, "loss": "0.5", "accuracy": "0.9", "val_loss": "nan", "val_accuracy": "nan",
+           "learning_rate": "0.001", "seconds": "1.50"}
+    run.write_history_rows(0.2, 1, [row, {**row, "epoch": 2, "loss": "0.25"}])
+    hist = run.read_histories(0.2, 3)
+    assert list(hist) == [1]  # members without a history are left out
+    assert hist[1]["epoch"].tolist() == [1.0, 2.0] and hist[1]["loss"].tolist() == [0.5, 0.25]
+    run.write_history_rows(0.2, 0, [{**row, "loss": "x"}])
+    with pytest.raises(RunDirError, match="model_0.csv: malformed value"):
+        run.read_histories(0.2, 1)
+
+
+def test_checkpoints_complete_only_with_every_member(tmp_path):
+    run = RunDir(tmp_path)
+    for epoch, index in ((1, 0), (1, 1), (2, 0), (3, 1), (3, 0)):
+        path = run.weights_path(0.2, epoch, index)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"")
+    (run.weights_path(0.2, 4, 0).parent / "notes.txt").write_text("not a checkpoint")
+    assert run.checkpoints(0.2) == {1: {0, 1}, 2: {0}, 3: {0, 1}}
+    assert run.complete_checkpoints(0.2, 2) == [1, 3]
+    assert run.has_all_weights(0.2, 3, 2) and not run.has_all_weights(0.2, 2, 2)
+    assert run.complete_checkpoints(0.5, 2) == []
+
+
+def test_config_record_reads_and_refusals(tmp_path):
+    run = RunDir(tmp_path)
+    assert not run.exists()
+    with pytest.raises(RunDirError, match="not found; is .* a run directory"):
+        run.read_config()
+    config = TrainConfig(dataset="mnist", models=3)
+    run.write_record({"config": config.to_dict(), "data": {"fingerprint": "abc"}})
+    assert run.exists() and run.read_config() == config
+    run.write_record({"config": config.to_dict(), "data": "?"})
+    with pytest.raises(RunDirError, match="no data record"):
+        run.read_record()
+    run.config_path.write_text("{not json")
+    with pytest.raises(RunDirError, match="unreadable run configuration"):
+        run.read_config()
+    run.write_record({"config": {**config.to_dict(), "models": 0}, "data": {"fingerprint": "abc"}})
+    with pytest.raises(RunDirError, match="--models must be >= 1"):
+        run.read_config()
+
+
+def test_invocations_append_and_skip_damaged_lines(tmp_path):
+    run = RunDir(tmp_path)
+    run.append_invocation({"argv": ["a"], "epochs": 1})
+    run.append_invocation({"argv": ["b"], "epochs": 2})
+    with open(run.invocations_path, "a") as f:
+        f.write("{half a line\n")
+    assert [r["argv"] for r in run.read_invocations()] == [["a"], ["b"]]
+
+
+def test_stale_temporaries_are_swept_and_results_kept(tmp_path):
+    run = RunDir(tmp_path)
+    keep = run.weights_path(0.2, 1, 0)
+    keep.parent.mkdir(parents=True)
+    keep.write_bytes(b"w")
+    stale = [keep.parent / ".tmp-123-001epochs_weights_model_0.weights.h5", keep.parent / ".errors.csv.x1y2.tmp"]
+    for p in stale:
+        p.write_bytes(b"half")
+    run.remove_stale_temporaries()
+    assert keep.exists() and not any(p.exists() for p in stale)
+
+
+def test_latest_evaluation_is_the_newest_plain_test_one(tmp_path):
+    run = RunDir(tmp_path)
+    assert run.latest_evaluation(0.2) is None
+    for split, epoch, tta in (("test", 2, 0), ("test", 4, 0), ("test", 8, 4), ("val", 9, 0)):
+        folder = run.evaluation_dir(0.2, split, epoch, tta)
+        folder.mkdir(parents=True)
+        (folder / "evaluation.json").write_text(json.dumps({"epoch": epoch}))
+    assert run.latest_evaluation(0.2)["epoch"] == 4

@@ -299,7 +299,7 @@ def print_environment(env: dict) -> None:
 
 
 def new_member(seed: int, name: str = "emnist_cnn", cfg=None):
-    """A compiled member as `train._new_model` makes one (default mean/std, dropout 0.2)."""
+    """A compiled member as `engine.members.build_member_model` makes one (default mean/std, dropout 0.2)."""
     import keras
 
     from emnist_cnn.core.model import build_model, compile_model
@@ -534,7 +534,7 @@ def bench_torch(res: Results, s: Sizes, ctx: dict) -> None:
 
 
 def torch_cnn():
-    """The reference CNN in plain PyTorch (NCHW), layer for layer as emnist_cnn.model.build_model."""
+    """The reference CNN in plain PyTorch (NCHW), layer for layer as emnist_cnn.core.model.build_model."""
     import torch
     from torch import nn
 
@@ -672,7 +672,7 @@ def bench_ensemble(res: Results, s: Sizes, ctx: dict) -> None:
     try:
         from emnist_cnn.core.model import build_fused_trainer
     except ImportError:
-        fused_note = "fused API not available (emnist_cnn.model.build_fused_trainer missing)"
+        fused_note = "fused API not available (emnist_cnn.core.model.build_fused_trainer missing)"
     if fused_note is None:
         log.info("ensemble: building the fused model")
         fused = build_fused_trainer(members, LR)
@@ -750,7 +750,7 @@ def bench_predict(res: Results, s: Sizes, ctx: dict) -> None:
                 f"{paired_ratio(n, t['predict_members'], n, t['predict_probabilities loop']):.2f}x the loop"
                 + extra)
     else:
-        res.set("predict_img_s", loop_rate, "predict_members not in emnist_cnn.model: the per-member loop "
+        res.set("predict_img_s", loop_rate, "predict_members not in emnist_cnn.core.model: the per-member loop "
                 "(= predict_loop_img_s)")
     ctx.pop("members", None)
     gc.collect()

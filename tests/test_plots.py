@@ -19,7 +19,7 @@ from emnist_cnn.present.image_plots import plot_confusion_matrix, plot_misclassi
 from emnist_cnn.present.plots import plot_checkpoint_errors, plot_ensemble_comparison, plot_fixed_lr_phase
 from emnist_cnn.present.reference_history import load_reference_history, reference_best_ensemble
 from emnist_cnn.present.run_plots import plot_run_figures
-from emnist_cnn.present.summary import find_fixed_lr_phase, last_epoch, select_dropout
+from emnist_cnn.present.summary import find_fixed_lr_phase, find_last_epoch, select_dropout
 
 TITLE_RE = re.compile(r"^(\w)/(\w)/#(\d+)$")
 DROPOUTS = (0.2, 0.3)
@@ -231,7 +231,7 @@ def test_misclassified_grid_has_one_titled_subplot_per_error(tiny_run, run_figur
 
     errors = _errors(tiny_run)
     d = select_dropout(errors)
-    epoch = last_epoch(errors[d])
+    epoch = find_last_epoch(errors[d])
     expected = next(r for r in errors[d] if r.epoch == epoch and r.model == "ensemble" and r.split == "test")
     assert expected.rate.n_errors > 0
     _, data = load_run_data(tiny_run)

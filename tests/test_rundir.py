@@ -9,7 +9,7 @@ import pytest
 from conftest import read_csv
 from emnist_cnn.config import TrainConfig
 from emnist_cnn.core.metrics import ErrorRate
-from emnist_cnn.errors import RunDirError
+from emnist_cnn.errors import ConfigError, RunDirError
 from emnist_cnn.io.rundir import ErrorRecord, RunDir
 
 
@@ -97,8 +97,9 @@ def test_config_record_reads_and_refusals(tmp_path):
     run.config_path.write_text("{not json")
     with pytest.raises(RunDirError, match="unreadable run configuration"):
         run.read_config()
+    # A recorded setting out of range is a configuration error (exit 2) that names the file.
     run.write_record({"config": {**config.to_dict(), "models": 0}, "data": {"fingerprint": "abc"}})
-    with pytest.raises(RunDirError, match="--models must be >= 1"):
+    with pytest.raises(ConfigError, match=r"config\.json: --models must be >= 1"):
         run.read_config()
 
 
@@ -121,6 +122,20 @@ def test_stale_temporaries_are_swept_and_results_kept(tmp_path):
         p.write_bytes(b"half")
     run.remove_stale_temporaries()
     assert keep.exists() and not any(p.exists() for p in stale)
+
+
+def test_a_checkpoint_file_finds_its_run(tmp_path):
+    run = RunDir(tmp_path / "run")
+    path = run.weights_path(0.25, 16, 3)
+    path.parent.mkdir(parents=True)
+    path.write_bytes(b"")
+    assert RunDir.find_checkpoint(path) is None  # no config.json: not a run
+    run.write_record({"config": TrainConfig().to_dict(), "data": {}})
+    found = RunDir.find_checkpoint(path)
+    assert found is not None and (found[0].path, *found[1:]) == (run.path.resolve(), 0.25, 16, 3)
+    loose = tmp_path / "016epochs_weights_model_3.weights.h5"
+    loose.write_bytes(b"")
+    assert RunDir.find_checkpoint(loose) is None
 
 
 def test_latest_evaluation_is_the_newest_plain_test_one(tmp_path):

@@ -1,7 +1,7 @@
 """Error types: every expected failure is one of these, with a one-line message."""
 
 __all__ = ["EmnistCnnError", "DataError", "DownloadError", "ConfigError", "RunDirError", "WeightsError",
-           "ImageError", "ExportError", "one_line"]
+           "ImageError", "ExportError", "format_one_line"]
 
 
 class EmnistCnnError(Exception):
@@ -40,7 +40,7 @@ class ExportError(EmnistCnnError):
     """A model could not be written in a requested format."""
 
 
-def one_line(exc: BaseException, limit: int = 300) -> str:
+def format_one_line(exc: BaseException, limit: int = 300) -> str:
     """A library exception's text on one line, cut at `limit` characters."""
     text = " ".join(str(exc).split())
     return text[:limit] + ("..." if len(text) > limit else "")

@@ -20,8 +20,8 @@ from ..core.selection import rank_on_validation
 from ..errors import ConfigError, DataError
 from ..io.download import load_or_download
 from ..io.files import atomic_write_text
-from ..io.rundir import RunDir
-from ..io.weights import load_member_model
+from ..io.rundir import EVALUATION_FILES, RunDir
+from ..io.weights import load_checkpoint_model, load_member_model
 from .prepare import load_run_data
 
 __all__ = ["evaluate_ensemble", "predict_with_tta", "evaluate_run", "evaluate_weights"]
@@ -147,9 +147,7 @@ def _predict_checkpoint(run: RunDir, config, data, dropout: float, epoch: int, x
     """Every member's softmax on `x` and on the validation split ([] when the run has none)."""
     from ..core.model import build_member_predictor, predict_members
 
-    models = [load_member_model(run.weights_path(dropout, epoch, i), num_classes=data.num_classes,
-                                dropout=dropout, mean=data.mean, std=data.std, model_config=config.model)
-              for i in range(config.models)]
+    models = [load_checkpoint_model(run, dropout, epoch, i, config=config, data=data) for i in range(config.models)]
     if tta:
         def predict(images):
             return [predict_with_tta(m, images, tta, config.augment, seed=i) for i, m in enumerate(models)]
@@ -199,9 +197,10 @@ def evaluate_weights(paths, *, dataset: str = "emnist-digits", data_dir=None, sp
 
 def _file_normalization(path: Path) -> tuple[float, float]:
     """(mean, std) of the run a weights file belongs to (RUN/dropout_X/weights/), else EMNIST Digits'."""
-    run = RunDir(path.resolve().parent.parent.parent)
-    if not run.config_path.is_file():
+    found = RunDir.find_checkpoint(path)
+    if found is None:
         return EMNIST_DIGITS_MEAN, EMNIST_DIGITS_STD
+    run = found[0]
     try:
         data = run.read_record()["data"]
         return float(data["mean"]), float(data["std"])
@@ -216,15 +215,13 @@ def _write_evaluation(folder: Path, result: dict, ens_probs: np.ndarray, labels:
     w.writerow(["label", *classes])
     for c, row in zip(classes, cm):
         w.writerow([c, *row.tolist()])
-    atomic_write_text(folder / "confusion_matrix.csv", buf.getvalue())
+    atomic_write_text(folder / EVALUATION_FILES["confusion_matrix"], buf.getvalue())
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=["index", "label", "predicted", "confidence"], lineterminator="\n")
     w.writeheader()
     for row in misclassified_rows(ens_probs, labels):
         w.writerow({**row, "confidence": f"{row['confidence']:.6f}"})
-    atomic_write_text(folder / "misclassified.csv", buf.getvalue())
-    files = {"confusion_matrix": str(folder / "confusion_matrix.csv"),
-             "misclassified": str(folder / "misclassified.csv"),
-             "evaluation": str(folder / "evaluation.json")}
-    atomic_write_text(folder / "evaluation.json", json.dumps({**result, "files": files}, indent=2) + "\n")
+    atomic_write_text(folder / EVALUATION_FILES["misclassified"], buf.getvalue())
+    files = {key: str(folder / name) for key, name in EVALUATION_FILES.items()}
+    atomic_write_text(folder / EVALUATION_FILES["evaluation"], json.dumps({**result, "files": files}, indent=2) + "\n")
     return files

@@ -27,13 +27,12 @@ from typing import Sequence
 from ..config import TrainConfig
 from ..core.metrics import ErrorRate
 from ..core.selection import select_best_dropout, select_best_member
-from ..errors import ConfigError, EmnistCnnError, ExportError, RunDirError, one_line
+from ..errors import ConfigError, EmnistCnnError, ExportError, RunDirError, format_one_line
 from ..io.files import atomic_write_json, atomic_write_text
-from ..io.rundir import RunDir, collect_versions, utc_now
-from ..io.weights import load_member_model
+from ..io.rundir import RunDir, choose_image_preprocessing, collect_versions, format_utc_now
+from ..io.weights import load_checkpoint_model
 
-__all__ = ["FORMATS", "FILES", "Selection", "export_model", "export_run", "select_export", "load_member",
-           "image_preprocessing"]
+__all__ = ["FORMATS", "FILES", "Selection", "export_model", "export_run", "select_export", "load_member"]
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +85,8 @@ def export_model(model, out_dir, *, metadata: dict | None = None, formats: Seque
         except EmnistCnnError:
             raise
         except Exception as exc:  # Keras/TF/tf2onnx raise many types; one line for the user
-            raise ExportError(f"{out_dir}: exporting {fmt} failed ({type(exc).__name__}: {one_line(exc)})") from exc
+            why = f"{type(exc).__name__}: {format_one_line(exc)}"
+            raise ExportError(f"{out_dir}: exporting {fmt} failed ({why})") from exc
     meta = dict(metadata or {})
     meta["files"] = files
     meta["skipped"] = skipped
@@ -199,8 +199,6 @@ def _all_layers(model) -> list:
     return out
 
 
-
-
 # ----------------------------------------------------------------------------- choosing from a run
 
 
@@ -306,24 +304,11 @@ def _select_one(run: RunDir, config: TrainConfig, dropout: float, epoch, which) 
 
 def load_member(run_dir, dropout: float, epoch: int, index: int):
     """One member of a run at a checkpoint, as our Keras model (normalization from config.json)."""
-    run = RunDir(run_dir)
-    saved = run.read_record()
-    data = saved["data"]
-    return load_member_model(run.weights_path(dropout, epoch, index), num_classes=len(str(data.get("classes", ""))),
-                             dropout=dropout, mean=float(data["mean"]), std=float(data["std"]),
-                             model_config=run.read_config().model)
+    return load_checkpoint_model(RunDir(run_dir), dropout, epoch, index)
 
 
 def _error_dict(rate: ErrorRate | None) -> dict | None:
     return None if rate is None else {"pct": rate.pct, "n_errors": rate.n_errors, "n": rate.n}
-
-
-def image_preprocessing(config: TrainConfig, saved: dict) -> str:
-    """How `predict` turns image files into inputs for a run's models: as its training images were made.
-
-    The reference's imported weights learned 267 epochs of EMNIST, whatever data a run continues on.
-    """
-    return "mnist" if config.dataset == "mnist" and "imported" not in saved else "emnist"
 
 
 def export_run(run_dir, *, dropout: float | None = None, epoch="latest", model="best", out_dir=None,
@@ -338,7 +323,7 @@ def export_run(run_dir, *, dropout: float | None = None, epoch="latest", model="
     saved = run.read_record()
     config = run.read_config()
     sel = select_export(run, config, dropout=dropout, epoch=epoch, model=model)
-    members = [load_member(run.path, sel.dropout, sel.epoch, i) for i in sel.members]
+    members = [load_checkpoint_model(run, sel.dropout, sel.epoch, i, config=config) for i in sel.members]
     exported = build_averaged_ensemble(members) if sel.kind == "ensemble" else members[0]
     out = Path(out_dir) if out_dir is not None else run.export_dir
     log.info("exporting dropout %g epoch %d %s (members %s) to %s", sel.dropout, sel.epoch, sel.kind,
@@ -358,7 +343,7 @@ def _export_metadata(run: RunDir, config: TrainConfig, saved: dict, sel: Selecti
             "orientation": "upright, as a person reads the character",
             "polarity": "ink bright (1.0) on a dark (0.0) background",
             "normalization": "inside the model: (x - mean) / std", "mean": data.get("mean"), "std": data.get("std"),
-            "image_preprocessing": image_preprocessing(config, saved),
+            "image_preprocessing": choose_image_preprocessing(config, saved),
         },
         "output": {"name": "probabilities", "shape": [None, len(classes)],
                    "meaning": "softmax probabilities, in the order of classes"
@@ -373,7 +358,7 @@ def _export_metadata(run: RunDir, config: TrainConfig, saved: dict, sel: Selecti
         "validation_error": _error_dict(sel.val),
         "test_error": _error_dict(sel.test),
         "parameters": parameters,
-        "created": utc_now(),
+        "created": format_utc_now(),
         "versions": {k: v for k, v in collect_versions(threads=False).items()
                      if k in ("emnist_cnn", "keras", "backend", "tensorflow")},
     }

@@ -26,7 +26,7 @@ from ..io.reference_weights import (
     load_reference_weights,
     sibling_json,
 )
-from ..io.rundir import ErrorRecord, RunDir, utc_now
+from ..io.rundir import ErrorRecord, RunDir, format_utc_now
 from ..io.state import save_member_state
 from .members import build_member_model, member_seed
 from .prepare import PreparedData, prepare_data
@@ -85,7 +85,7 @@ def import_reference(ref_dir, run_dir, *, dataset: str = "emnist-digits", data_d
             "run_normalization": {"mean": data.mean, "std": data.std}, "note": _NOTE,
         }
         run.write_record(saved)
-        run.append_invocation({"time": utc_now(), "argv": sys.argv, "imported_from": str(ref_dir.resolve())})
+        run.append_invocation({"time": format_utc_now(), "argv": sys.argv, "imported_from": str(ref_dir.resolve())})
     return {"run_dir": str(run), "config": config, "members": members, "errors": errors}
 
 

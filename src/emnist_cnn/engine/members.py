@@ -24,11 +24,11 @@ from ..core.augment import augment_batch
 from ..core.metrics import evaluate_error, evaluate_loss
 from ..errors import ConfigError
 from ..io.files import save_weights_atomic
-from ..io.rundir import RunDir
+from ..io.rundir import RunDir, make_history_row
 from ..io.state import load_member_state, save_member_state
 from .prepare import PreparedData
 
-__all__ = ["Member", "TrainContext", "member_seed", "build_member_model", "open_member", "calibration_images",
+__all__ = ["Member", "TrainContext", "member_seed", "build_member_model", "open_member", "sample_calibration_images",
            "fused_by_default", "train_members_to"]
 
 log = logging.getLogger(__name__)
@@ -57,7 +57,7 @@ class TrainContext:
     calibration: np.ndarray  # uint8 training images for BatchNormalization recalibration
     verbose: int = 1
     fused: bool = False  # train same-epoch members in one compiled step where possible
-    fused_trainers: dict = field(default_factory=dict)  # built once per group of member indices
+    fused_trainers: dict = field(default_factory=dict)  # built once per group of member models
 
     @property
     def checkpoint_epochs(self) -> set[int]:
@@ -103,7 +103,7 @@ def open_member(run: RunDir, config: TrainConfig, data: PreparedData, dropout: f
     return member
 
 
-def calibration_images(config: TrainConfig, data: PreparedData) -> np.ndarray:
+def sample_calibration_images(config: TrainConfig, data: PreparedData) -> np.ndarray:
     """The training images BatchNormalization statistics are recomputed on (fixed per run seed)."""
     rng = np.random.default_rng([config.seed, 7])
     n = min(config.bn_recalibration_images, len(data.y_train))
@@ -152,7 +152,8 @@ def _fused_trainer(group: list[Member], ctx: TrainContext):
         log.info("members %s have taken different numbers of optimizer steps (%s); training them one by one",
                  [m.index for m in group], sorted(steps))
         return None
-    key = (group[0].dropout, tuple(m.index for m in group))
+    # Keyed by the model objects: members reopened from their states get a trainer of their own.
+    key = tuple(id(m.model) for m in group)
     if key not in ctx.fused_trainers:
         lr = group[0].model.optimizer.learning_rate
         ctx.fused_trainers[key] = build_fused_trainer([m.model for m in group], float(read_variable(lr)))
@@ -243,9 +244,7 @@ def _finish_epoch(member: Member, epoch: int, loss_acc: np.ndarray, train_second
     lr = read_variable(model.optimizer.learning_rate)
     # Training time (a fused epoch's shared equally among its members) plus recalibration and validation.
     seconds = train_seconds + time.perf_counter() - t0
-    row = {"epoch": epoch, "loss": f"{loss:.6f}", "accuracy": f"{accuracy:.6f}",
-           "val_loss": f"{val_loss:.6f}", "val_accuracy": f"{val_acc:.6f}", "learning_rate": f"{lr:.6g}",
-           "seconds": f"{seconds:.2f}"}
+    row = make_history_row(epoch, loss, accuracy, val_loss, val_acc, lr, seconds)
     # Order matters for crash safety: checkpoint weights, then history, then state.
     # A state at epoch E therefore always has its history row and checkpoint file.
     if epoch in ctx.checkpoint_epochs:

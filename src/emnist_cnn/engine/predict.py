@@ -21,23 +21,20 @@ background subtracted, contrast stretched, and a crop to the ink's bounding box.
 from __future__ import annotations
 
 import json
-import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
 
-from ..errors import DataError, EmnistCnnError, ImageError, one_line
+from ..errors import DataError, EmnistCnnError, ImageError, format_one_line
 from ..io.reference_weights import REFERENCE_CLASSES, is_reference_weights, load_reference_weights, sibling_json
-from ..io.rundir import RunDir
-from ..io.weights import load_member_model, load_weights_any
-from .export import image_preprocessing
+from ..io.rundir import RunDir, choose_image_preprocessing
+from ..io.weights import load_checkpoint_model, load_weights_any
 
 __all__ = ["STYLES", "Predictor", "read_grayscale", "ink_image", "emnist_frame", "mnist_frame", "preprocess",
            "load_image_for_emnist", "load_predictor", "predict_files"]
 
-log = logging.getLogger(__name__)
 
 SIDE = 28
 # The character's longer side (pixels) when EMNIST's sigma=1 blur is applied. NIST's 128x128 pages
@@ -267,7 +264,7 @@ def load_predictor(path) -> Predictor:
     except EmnistCnnError:
         raise
     except Exception as exc:  # Keras/TF raise many types for a damaged file: one line
-        raise DataError(f"{path}: cannot load the model ({type(exc).__name__}: {one_line(exc)})") from exc
+        raise DataError(f"{path}: cannot load the model ({type(exc).__name__}: {format_one_line(exc)})") from exc
 
 
 def _finish(path: Path, kind: str, model_or_fn, n_out: int, meta: dict, default_style="emnist") -> Predictor:
@@ -336,19 +333,16 @@ def _load_reference(path: Path, json_path=None) -> Predictor:
 
 
 def _load_run_weights(path: Path) -> Predictor:
-    resolved = path.resolve()
-    run = RunDir(resolved.parents[2]) if len(resolved.parents) > 2 else None
-    if run is None or not run.config_path.is_file() or not path.parent.parent.name.startswith("dropout_"):
+    found = RunDir.find_checkpoint(path)
+    if found is None:
         raise DataError(f"{path}: a bare weights file; pass an exported model, or a weights file inside its run "
                         "directory (RUN/dropout_X/weights/), whose config.json gives the architecture")
+    run, dropout, epoch, index = found
     saved = run.read_record()
     config = run.read_config()
-    data = saved["data"]
-    classes = list(str(data.get("classes", "0123456789")))
-    dropout = float(path.parent.parent.name[len("dropout_"):])
-    model = load_member_model(path, num_classes=len(classes), dropout=dropout, mean=float(data["mean"]),
-                              std=float(data["std"]), model_config=config.model)
-    return Predictor(str(path), "run weights", classes, image_preprocessing(config, saved), _keras_fn(model))
+    classes = list(str(saved["data"].get("classes", "0123456789")))
+    model = load_checkpoint_model(run, dropout, epoch, index, config=config)
+    return Predictor(str(path), "run weights", classes, choose_image_preprocessing(config, saved), _keras_fn(model))
 
 
 # ----------------------------------------------------------------------------- predicting files

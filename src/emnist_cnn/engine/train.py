@@ -17,9 +17,9 @@ from ..config import RESUMABLE_CHANGES, TrainConfig
 from ..core.metrics import ensemble_probabilities, evaluate_error
 from ..errors import ConfigError, DataError, RunDirError
 from ..io.download import load_or_download
-from ..io.rundir import ErrorRecord, RunDir, collect_versions, utc_now
-from ..io.weights import load_member_model
-from .members import Member, TrainContext, calibration_images, fused_by_default, open_member, train_members_to
+from ..io.rundir import ErrorRecord, RunDir, collect_versions, format_utc_now
+from ..io.weights import load_checkpoint_model
+from .members import Member, TrainContext, sample_calibration_images, fused_by_default, open_member, train_members_to
 from .prepare import PreparedData, prepare_data
 
 __all__ = ["check_compatible", "open_run", "evaluate_checkpoint", "record_checkpoint", "train_ensembles",
@@ -67,11 +67,11 @@ def open_run(run: RunDir, config: TrainConfig, data: PreparedData) -> TrainConfi
                 "use the same data files or a new --run-dir"
             )
         saved["config"] = config.to_dict()
-        saved["updated"] = utc_now()
+        saved["updated"] = format_utc_now()
         run.write_record(saved)
     else:
         run.write_record({"config": config.to_dict(), "data": data.describe(), "versions": collect_versions(),
-                          "created": utc_now(), "updated": utc_now()})
+                          "created": format_utc_now(), "updated": format_utc_now()})
     return config
 
 
@@ -94,8 +94,7 @@ def evaluate_checkpoint(run: RunDir, config: TrainConfig, data: PreparedData, dr
             if m.val_probs is not None and m.val_probs[0] == epoch:
                 val[i] = m.val_probs[1]
             continue
-        models.append(load_member_model(run.weights_path(dropout, epoch, i), num_classes=data.num_classes,
-                                        dropout=dropout, mean=data.mean, std=data.std, model_config=config.model))
+        models.append(load_checkpoint_model(run, dropout, epoch, i, config=config, data=data))
     predictor = build_member_predictor(models)
     probs = {"test": list(predict_members(predictor, data.x_test))}
     missing = [i for i in range(config.models) if i not in val]
@@ -139,10 +138,10 @@ def train_ensembles(config: TrainConfig, run_dir, data: PreparedData, *, fixed_l
     with run.lock():
         run.remove_stale_temporaries()
         config = open_run(run, config, data)
-        run.append_invocation({"time": utc_now(), "argv": sys.argv, "epochs": config.epochs,
+        run.append_invocation({"time": format_utc_now(), "argv": sys.argv, "epochs": config.epochs,
                                "fixed_lr": fixed_lr, "fused": fused})
         lr = fixed_lr if fixed_lr is not None else config.lr
-        ctx = TrainContext(run, config, data, calibration_images(config, data), verbose,
+        ctx = TrainContext(run, config, data, sample_calibration_images(config, data), verbose,
                            fused_by_default() if fused is None else fused)
         return {dropout: _train_ensemble(ctx, dropout, lr) for dropout in config.dropouts}
 

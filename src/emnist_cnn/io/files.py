@@ -11,7 +11,6 @@ import csv
 import errno
 import io
 import json
-import logging
 import os
 import tempfile
 from pathlib import Path
@@ -20,9 +19,7 @@ from typing import Any, Iterable
 from ..errors import RunDirError
 
 __all__ = ["atomic_write_bytes", "atomic_write_text", "atomic_write_json", "save_weights_atomic", "RunLock",
-           "read_csv_rows", "write_csv_rows", "io_error"]
-
-log = logging.getLogger(__name__)
+           "read_csv_rows", "write_csv_rows", "to_run_dir_error"]
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
@@ -38,7 +35,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     except OSError as exc:
-        raise io_error(path, exc) from exc
+        raise to_run_dir_error(path, exc) from exc
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -52,7 +49,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         except OSError:
             pass
         if isinstance(exc, OSError):
-            raise io_error(path, exc) from exc
+            raise to_run_dir_error(path, exc) from exc
         raise
 
 
@@ -64,7 +61,7 @@ def atomic_write_json(path: Path, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
-def io_error(path: Path, exc: OSError) -> RunDirError:
+def to_run_dir_error(path: Path, exc: OSError) -> RunDirError:
     """The one-line error for a failed write: disk full, not writable, or other."""
     if exc.errno == errno.ENOSPC:
         return RunDirError(f"{path}: no space left on device; earlier checkpoints are intact")
@@ -87,7 +84,7 @@ class RunLock:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as exc:
-            raise io_error(self.path, exc) from exc
+            raise to_run_dir_error(self.path, exc) from exc
         try:
             fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:
@@ -119,7 +116,7 @@ def save_weights_atomic(model, path: Path) -> None:
     except BaseException as exc:  # also Ctrl-C: no temporary file is left behind
         tmp.unlink(missing_ok=True)
         if isinstance(exc, OSError):
-            raise io_error(path, exc) from exc
+            raise to_run_dir_error(path, exc) from exc
         raise
 
 

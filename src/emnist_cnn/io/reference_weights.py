@@ -3,7 +3,7 @@
 The reference (a 2017 notebook workflow on Keras 2.0.8 with the Theano backend)
 saved its members with ``model.save_weights``. Despite the ``.pkl`` ending those
 files are HDF5; this module reads them with h5py only (nothing is ever
-unpickled) and loads them into our channels_last :func:`emnist_cnn.model.build_model`:
+unpickled) and loads them into our channels_last :func:`emnist_cnn.core.model.build_model`:
 
 - Theano convolved with flipped kernels (true convolution), TensorFlow does not:
   Theano-backend kernels are rotated 180 degrees. The file's ``backend``
@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 
 from ..config import EMNIST_DIGITS_MEAN, EMNIST_DIGITS_STD
-from ..errors import DataError, WeightsError, one_line
+from ..errors import DataError, WeightsError, format_one_line
 
 __all__ = ["REFERENCE_MEAN", "REFERENCE_STD", "REFERENCE_CLASSES", "REFERENCE_FILE_RE", "ReferenceLayer",
            "ReferenceWeights", "ReferenceFile", "parse_epoch", "is_reference_weights", "read_reference_weights",
@@ -160,7 +160,8 @@ def read_reference_weights(path) -> ReferenceWeights:
     except WeightsError:
         raise
     except Exception as exc:  # h5py raises OSError, KeyError, ValueError, TypeError, RuntimeError... on damage
-        raise WeightsError(f"{path}: unreadable HDF5 weights file, truncated or corrupt ({one_line(exc)})") from exc
+        why = format_one_line(exc)
+        raise WeightsError(f"{path}: unreadable HDF5 weights file, truncated or corrupt ({why})") from exc
 
 
 def _short_name(weight_name: str) -> str:
@@ -202,7 +203,7 @@ def check_reference_architecture(json_path, model) -> dict:
             layers = layers["layers"]
         classes = [layer["class_name"] for layer in layers]
     except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise WeightsError(f"{json_path}: unreadable Keras architecture JSON ({one_line(exc)})") from exc
+        raise WeightsError(f"{json_path}: unreadable Keras architecture JSON ({format_one_line(exc)})") from exc
     ours = [layer for layer in model.layers if not isinstance(layer, keras.layers.InputLayer)]
     ours_classes = [type(layer).__name__ for layer in ours]
     theirs = [_KERAS2_TO_OURS.get(c, c) for c in classes]

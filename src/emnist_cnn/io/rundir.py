@@ -33,12 +33,15 @@ from ..errors import ConfigError, RunDirError
 from .files import RunLock, atomic_write_json, atomic_write_text, read_csv_rows, write_csv_rows
 from .state import read_state_epoch
 
-__all__ = ["HISTORY_COLUMNS", "ERRORS_COLUMNS", "ErrorRecord", "RunDir", "dropout_dirname", "collect_versions",
-           "utc_now"]
+__all__ = ["HISTORY_COLUMNS", "ERRORS_COLUMNS", "EVALUATION_FILES", "ErrorRecord", "RunDir", "dropout_dirname",
+           "make_history_row", "choose_image_preprocessing", "collect_versions", "format_utc_now"]
 
 log = logging.getLogger(__name__)
 
 HISTORY_COLUMNS = ("epoch", "loss", "accuracy", "val_loss", "val_accuracy", "learning_rate", "seconds")
+# What `emnist-cnn evaluate` writes into RUN/dropout_X/evaluation/<split>_epoch_NNN/.
+EVALUATION_FILES = {"confusion_matrix": "confusion_matrix.csv", "misclassified": "misclassified.csv",
+                    "evaluation": "evaluation.json"}
 ERRORS_COLUMNS = ("epoch", "model", "split", "error_pct", "n_errors", "n")
 _WEIGHTS_RE = re.compile(r"^(\d+)epochs_weights_model_(\d+)\.weights\.h5$")
 
@@ -67,6 +70,23 @@ class RunDir:
 
     def __init__(self, path):
         self.path = Path(path)
+
+    @classmethod
+    def find_checkpoint(cls, weights_file) -> tuple["RunDir", float, int, int] | None:
+        """(run, dropout, epoch, index) of a checkpoint file inside a run (RUN/dropout_X/weights/), else None."""
+        path = Path(weights_file).resolve()
+        m = _WEIGHTS_RE.match(path.name)
+        if m is None or len(path.parents) < 3 or path.parent.name != "weights":
+            return None
+        folder = path.parent.parent.name
+        if not folder.startswith("dropout_"):
+            return None
+        try:
+            dropout = float(folder[len("dropout_"):])
+        except ValueError:
+            return None
+        run = cls(path.parents[2])
+        return (run, dropout, int(m.group(1)), int(m.group(2))) if run.config_path.is_file() else None
 
     def __repr__(self) -> str:
         return f"RunDir({str(self.path)!r})"
@@ -117,6 +137,19 @@ class RunDir:
     def evaluation_dir(self, dropout: float, split: str, epoch: int, tta: int = 0) -> Path:
         return self.dropout_dir(dropout) / "evaluation" / (f"{split}_epoch_{epoch:03d}" + (f"_tta{tta}" if tta else ""))
 
+    def read_misclassified(self, dropout: float, epoch: int) -> list[tuple[int, int, int]] | None:
+        """(test index, label, predicted) of every wrong test prediction that `evaluate` recorded, or None."""
+        table = self.evaluation_dir(dropout, "test", epoch) / EVALUATION_FILES["misclassified"]
+        if not table.is_file():
+            return None
+        out = []
+        for k, row in enumerate(read_csv_rows(table), start=2):
+            try:
+                out.append((int(row["index"]), int(row["label"]), int(row["predicted"])))
+            except (KeyError, TypeError, ValueError) as exc:
+                raise RunDirError(f"{table}:{k}: malformed row ({exc})") from exc
+        return out
+
     def lock(self) -> RunLock:
         """The exclusive lock a process holds while it writes to this run."""
         return RunLock(self.path)
@@ -135,7 +168,9 @@ class RunDir:
             TrainConfig.from_dict(saved["config"])
         except FileNotFoundError as exc:
             raise RunDirError(f"{path}: not found; is {self.path} a run directory?") from exc
-        except (OSError, ValueError, KeyError, TypeError, AttributeError, ConfigError) as exc:
+        except ConfigError as exc:  # a recorded setting out of range: a config error (exit 2), with its file
+            raise ConfigError(f"{path}: {exc}") from exc
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
             raise RunDirError(f"{path}: unreadable run configuration ({exc})") from exc
         if not isinstance(saved.get("data"), dict):
             raise RunDirError(f"{path}: unreadable run configuration (no data record)")
@@ -223,7 +258,7 @@ class RunDir:
     def latest_evaluation(self, dropout: float) -> dict | None:
         """The newest plain `emnist-cnn evaluate` result on the test split (any epoch), or None."""
         found = []
-        for path in (self.dropout_dir(dropout) / "evaluation").glob("test_epoch_*/evaluation.json"):
+        for path in (self.dropout_dir(dropout) / "evaluation").glob(f"test_epoch_*/{EVALUATION_FILES['evaluation']}"):
             m = re.fullmatch(r"test_epoch_(\d+)", path.parent.name)  # not the _ttaN ones
             if m:
                 found.append((int(m.group(1)), path))
@@ -278,7 +313,22 @@ def _pct4(record: ErrorRecord) -> float:
     return float(f"{record.rate.pct:.4f}")
 
 
-def utc_now() -> str:
+def make_history_row(epoch: int, loss: float, accuracy: float, val_loss: float, val_accuracy: float,
+                     learning_rate: float, seconds: float) -> dict[str, str | int]:
+    """One history/model_i.csv row, with the precision every history file uses."""
+    return {"epoch": epoch, "loss": f"{loss:.6f}", "accuracy": f"{accuracy:.6f}", "val_loss": f"{val_loss:.6f}",
+            "val_accuracy": f"{val_accuracy:.6f}", "learning_rate": f"{learning_rate:.6g}", "seconds": f"{seconds:.2f}"}
+
+
+def choose_image_preprocessing(config: TrainConfig, saved: dict) -> str:
+    """How `predict` turns image files into inputs for a run's models: as its training images were made.
+
+    The reference's imported weights learned 267 epochs of EMNIST, whatever data a run continues on.
+    """
+    return "mnist" if config.dataset == "mnist" and "imported" not in saved else "emnist"
+
+
+def format_utc_now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 

@@ -16,7 +16,7 @@ import numpy as np
 
 from ..errors import RunDirError
 from . import files
-from .files import io_error
+from .files import to_run_dir_error
 
 __all__ = ["save_member_state", "load_member_state", "read_state_epoch"]
 
@@ -47,7 +47,7 @@ def save_member_state(path: Path, model, epoch: int, extra: dict | None = None) 
         try:
             os.replace(path, prev)
         except OSError as exc:
-            raise io_error(prev, exc) from exc
+            raise to_run_dir_error(prev, exc) from exc
     # Through the module: one patch point (the kill-point tests) then sees every atomic write.
     files.atomic_write_bytes(path, buf.getvalue())
 

@@ -1,7 +1,7 @@
 """Loading weight files into our models: Keras 3 checkpoints and archives, or the reference's Keras 2 files.
 
 `load_member_model` is the one place that builds a member's model and loads
-a checkpoint into it.
+a weights file into it; `load_checkpoint_model` does it for a run's checkpoint.
 """
 
 from __future__ import annotations
@@ -12,11 +12,12 @@ import warnings
 import zipfile
 from pathlib import Path
 
-from ..config import ModelConfig
-from ..errors import WeightsError, one_line
+from ..config import ModelConfig, TrainConfig
+from ..errors import RunDirError, WeightsError, format_one_line
 from .reference_weights import is_keras2_file, load_reference_weights, sibling_json
+from .rundir import RunDir
 
-__all__ = ["load_weights_any", "load_member_model"]
+__all__ = ["load_weights_any", "load_member_model", "load_checkpoint_model"]
 
 
 def load_member_model(path, *, num_classes: int, dropout: float, mean: float, std: float,
@@ -27,6 +28,26 @@ def load_member_model(path, *, num_classes: int, dropout: float, mean: float, st
     model = build_model(num_classes, dropout, mean, std, model_config, name=name)
     load_weights_any(model, path)
     return model
+
+
+def load_checkpoint_model(run: RunDir, dropout: float, epoch: int, index: int, *, config: TrainConfig | None = None,
+                          data=None):
+    """Member `index` of `run` at checkpoint `epoch`, built as the run builds it.
+
+    The normalization and class count come from `data` (a PreparedData) when
+    given, else from config.json; the model settings from `config`, else config.json.
+    """
+    if data is not None:
+        num_classes, mean, std = data.num_classes, data.mean, data.std
+    else:
+        recorded = run.read_record()["data"]
+        try:
+            num_classes, mean, std = len(str(recorded["classes"])), float(recorded["mean"]), float(recorded["std"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise RunDirError(f"{run.config_path}: unreadable run configuration ({exc})") from exc
+    config = config or run.read_config()
+    return load_member_model(run.weights_path(dropout, epoch, index), num_classes=num_classes, dropout=dropout,
+                             mean=mean, std=std, model_config=config.model)
 
 
 def load_weights_any(model, path) -> dict:
@@ -52,7 +73,7 @@ def load_weights_any(model, path) -> dict:
             shapes = _keras3_shapes(f) if not reference else None
     except Exception as exc:  # OSError for a non-HDF5 file; RuntimeError, KeyError... for damaged metadata
         raise WeightsError(f"{path}: not a readable HDF5 weights file, truncated or not HDF5 "
-                           f"({one_line(exc)})") from exc
+                           f"({format_one_line(exc)})") from exc
     if reference:
         info = load_reference_weights(model, path, json_path=sibling_json(path))
         return {"format": "reference", **info}
@@ -98,8 +119,8 @@ def _keras_load_weights(model, path: Path, kind: str) -> None:
             warnings.simplefilter("ignore")
             model.load_weights(target)
     except Exception as exc:  # Keras raises ValueError/OSError/KeyError with multi-line messages
-        raise WeightsError(f"{path}: cannot load into the model ({one_line(exc).split(' List of objects')[0]})") \
-            from exc
+        why = format_one_line(exc).split(" List of objects")[0]
+        raise WeightsError(f"{path}: cannot load into the model ({why})") from exc
     finally:
         if link is not None:
             link.unlink(missing_ok=True)

@@ -18,9 +18,9 @@ from ..core.selection import select_best
 from ..io.files import atomic_write_bytes
 from ..io.rundir import ErrorRecord
 
-__all__ = ["SPLIT_NAMES", "MEMBER_CMAP", "REF_COLOR", "new_figure", "error_series", "member_names", "split_names",
-           "best_member_series", "set_error_scale", "set_epoch_axis", "line_marker", "member_colors",
-           "legend_outside", "write_figure"]
+__all__ = ["SPLIT_NAMES", "MEMBER_CMAP", "REF_COLOR", "new_figure", "get_error_series", "list_member_names",
+           "list_split_names", "get_best_member_series", "set_error_scale", "set_epoch_axis", "choose_line_marker",
+           "pick_member_colors", "legend_outside", "write_figure"]
 
 log = logging.getLogger(__name__)
 
@@ -36,31 +36,31 @@ def new_figure(width: float, height: float):
     return Figure(figsize=(width, height), layout="constrained")
 
 
-def error_series(rows: Sequence[ErrorRecord], model: str, split: str) -> tuple[np.ndarray, np.ndarray]:
+def get_error_series(rows: Sequence[ErrorRecord], model: str, split: str) -> tuple[np.ndarray, np.ndarray]:
     """(epochs, error %) of one member or "ensemble" on one split, by epoch."""
     pts = sorted((r.epoch, r.rate.pct) for r in rows
                  if r.model == model and r.split == split)
     return np.array([p[0] for p in pts], dtype=int), np.array([p[1] for p in pts], dtype=float)
 
 
-def member_names(rows: Sequence[ErrorRecord]) -> list[str]:
+def list_member_names(rows: Sequence[ErrorRecord]) -> list[str]:
     """The member names ("0", "1", ...) in the records, in index order."""
     return sorted({r.model for r in rows if r.model != "ensemble"}, key=int)
 
 
-def split_names(rows: Sequence[ErrorRecord]) -> list[str]:
+def list_split_names(rows: Sequence[ErrorRecord]) -> list[str]:
     """The splits in the records, test first."""
     present = {r.split for r in rows}
     return [s for s in ("test", "val") if s in present]
 
 
-def best_member_series(rows: Sequence[ErrorRecord], split: str) -> tuple[np.ndarray, np.ndarray, str]:
+def get_best_member_series(rows: Sequence[ErrorRecord], split: str) -> tuple[np.ndarray, np.ndarray, str]:
     """Per checkpoint, the `split` error of the member with the lowest validation error.
 
     Without validation rows the member is the best on `split` itself, and the label says so.
     """
     by = {(r.epoch, r.model, r.split): r.rate for r in rows}
-    members = member_names(rows)
+    members = list_member_names(rows)
     has_val = any(s == "val" for _, _, s in by)
     chooser = "val" if has_val else split
     epochs, values = [], []
@@ -113,12 +113,12 @@ def set_epoch_axis(ax, run_epochs: Sequence[int] = (), reference_epochs: Sequenc
         ax.set_xlabel("epoch")
 
 
-def line_marker(n_points: int) -> str | None:
+def choose_line_marker(n_points: int) -> str | None:
     """Markers on sparse lines: a one-checkpoint line would be invisible without them."""
     return "o" if n_points <= 24 else None
 
 
-def member_colors(n: int):
+def pick_member_colors(n: int):
     """`n` distinct colours for members, from MEMBER_CMAP."""
     from matplotlib import colormaps
 

@@ -15,16 +15,16 @@ from ..io.rundir import ErrorRecord
 from .figures import (
     REF_COLOR,
     SPLIT_NAMES,
-    best_member_series,
-    error_series,
+    get_best_member_series,
+    get_error_series,
     legend_outside,
-    line_marker,
-    member_colors,
-    member_names,
+    choose_line_marker,
+    pick_member_colors,
+    list_member_names,
     new_figure,
     set_epoch_axis,
     set_error_scale,
-    split_names,
+    list_split_names,
 )
 from .reference_history import ReferenceTable, reference_best_ensemble, reference_fixed_lr
 from .summary import find_fixed_lr_phase
@@ -38,19 +38,19 @@ def plot_checkpoint_errors(rows: Sequence[ErrorRecord], dropout: float, referenc
 
     `rows` are errors.csv rows; `reference` overlays the reference's test errors for this rate.
     """
-    splits = split_names(rows) or ["test"]
-    members = member_names(rows)
+    splits = list_split_names(rows) or ["test"]
+    members = list_member_names(rows)
     fig = new_figure(5.2 * len(splits) + 2.4, 4.6)
     axes = fig.subplots(1, len(splits), squeeze=False)[0]
-    colors = member_colors(len(members))
+    colors = pick_member_colors(len(members))
     for ax, split in zip(axes, splits):
         plotted = []
         for m, color in zip(members, colors):
-            e, v = error_series(rows, m, split)
-            ax.plot(e, v, lw=1.0, alpha=0.75, color=color, marker=line_marker(len(e)), ms=3, label=f"model {m}")
+            e, v = get_error_series(rows, m, split)
+            ax.plot(e, v, lw=1.0, alpha=0.75, color=color, marker=choose_line_marker(len(e)), ms=3, label=f"model {m}")
             plotted += list(v)
-        e, v = error_series(rows, "ensemble", split)
-        ax.plot(e, v, lw=2.8, color="black", marker=line_marker(len(e)), ms=5, label="ensemble", zorder=5)
+        e, v = get_error_series(rows, "ensemble", split)
+        ax.plot(e, v, lw=2.8, color="black", marker=choose_line_marker(len(e)), ms=5, label="ensemble", zorder=5)
         plotted += list(v)
         if split == "test" and reference is not None:
             plotted += _draw_reference(ax, reference, label_prefix=f"reference (dropout {dropout:g})")
@@ -90,7 +90,7 @@ def plot_ensemble_comparison(errors_by_dropout: Mapping[float, Sequence[ErrorRec
     from matplotlib import colormaps
 
     rates = [d for d, rows in errors_by_dropout.items() if rows]
-    splits = sorted({s for d in rates for s in split_names(errors_by_dropout[d])},
+    splits = sorted({s for d in rates for s in list_split_names(errors_by_dropout[d])},
                     key=["test", "val"].index) or ["test"]
     fig = new_figure(5.2 * len(splits) + 3.0, 4.8)
     axes = fig.subplots(1, len(splits), squeeze=False)[0]
@@ -101,10 +101,11 @@ def plot_ensemble_comparison(errors_by_dropout: Mapping[float, Sequence[ErrorRec
         plotted = []
         for d in rates:
             rows = errors_by_dropout[d]
-            e, v = error_series(rows, "ensemble", split)
-            ax.plot(e, v, lw=2.4, color=color[d], marker=line_marker(len(e)), ms=4, label=f"dropout {d:g} ensemble")
-            be, bv, blabel = best_member_series(rows, split)
-            ax.plot(be, bv, lw=1.2, ls="--", color=color[d], marker=line_marker(len(be)), ms=3,
+            e, v = get_error_series(rows, "ensemble", split)
+            ax.plot(e, v, lw=2.4, color=color[d], marker=choose_line_marker(len(e)), ms=4,
+                    label=f"dropout {d:g} ensemble")
+            be, bv, blabel = get_best_member_series(rows, split)
+            ax.plot(be, bv, lw=1.2, ls="--", color=color[d], marker=choose_line_marker(len(be)), ms=3,
                     label=f"dropout {d:g} {blabel}")
             plotted += list(v) + list(bv)
         if split == "test" and reference:
@@ -150,24 +151,24 @@ def plot_fixed_lr_phase(errors_by_dropout: Mapping[float, Sequence[ErrorRecord]]
         raise DataError(f"no epoch was trained at a learning rate other than the base rate {base_lr:g}")
     ref = reference_fixed_lr(reference) if reference else None
     ref_best = reference_best_ensemble(reference) if reference else None
-    splits = sorted({s for d in phases for s in split_names(errors_by_dropout[d])}, key=["test", "val"].index)
+    splits = sorted({s for d in phases for s in list_split_names(errors_by_dropout[d])}, key=["test", "val"].index)
     fig = new_figure(5.0 * len(splits) + 3.0, 3.6 * len(phases) + 0.6)
     axes = fig.subplots(len(phases), len(splits), squeeze=False)
     for row_axes, (d, (start, end, rates)) in zip(axes, phases.items()):
         rows = errors_by_dropout[d]
         back = context if context is not None else max(2 * (end - start), 2)
-        members = member_names(rows)
+        members = list_member_names(rows)
         for ax, split in zip(row_axes, splits):
             plotted = []
-            for m, color in zip(members, member_colors(len(members))):
-                e, v = error_series(rows, m, split)
+            for m, color in zip(members, pick_member_colors(len(members))):
+                e, v = get_error_series(rows, m, split)
                 keep = e >= start - back
                 ax.plot(e[keep] - start, v[keep], lw=1.0, alpha=0.75, color=color,
-                        marker=line_marker(int(keep.sum())), ms=3, label=f"model {m}")
+                        marker=choose_line_marker(int(keep.sum())), ms=3, label=f"model {m}")
                 plotted += list(v[keep])
-            e, v = error_series(rows, "ensemble", split)
+            e, v = get_error_series(rows, "ensemble", split)
             keep = e >= start - back
-            ax.plot(e[keep] - start, v[keep], lw=2.8, color="black", marker=line_marker(int(keep.sum())), ms=5,
+            ax.plot(e[keep] - start, v[keep], lw=2.8, color="black", marker=choose_line_marker(int(keep.sum())), ms=5,
                     label="ensemble", zorder=5)
             plotted += list(v[keep])
             rate_txt = ", ".join(f"{r:g}" for r in rates)
@@ -215,7 +216,7 @@ def plot_training_curves(history: Mapping[int, Mapping[str, np.ndarray]], dropou
     for (ax_loss, ax_err), i in zip(axes, members):
         cols = history[i]
         ep = cols["epoch"]
-        mk = line_marker(len(ep))
+        mk = choose_line_marker(len(ep))
         for ax, key, ylabel in ((ax_loss, "loss", "loss (cross-entropy)"), (ax_err, "accuracy", "error (%)")):
             to_y = (lambda a: a) if key == "loss" else (lambda a: 100.0 * (1.0 - a))
             train = to_y(cols[key])

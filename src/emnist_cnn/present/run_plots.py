@@ -13,14 +13,13 @@ from ..config import TrainConfig
 from ..core.metrics import confusion_matrix, ensemble_probabilities
 from ..engine.prepare import load_run_data
 from ..errors import ConfigError, EmnistCnnError, RunDirError
-from ..io.files import read_csv_rows
 from ..io.rundir import RunDir
-from ..io.weights import load_member_model
+from ..io.weights import load_checkpoint_model
 from .figures import write_figure
 from .image_plots import plot_augmented_samples, plot_confusion_matrix, plot_correct_samples, plot_misclassified
 from .plots import plot_checkpoint_errors, plot_ensemble_comparison, plot_fixed_lr_phase, plot_training_curves
 from .reference_history import load_reference_history, reference_best_ensemble
-from .summary import find_fixed_lr_phase, last_epoch, select_dropout
+from .summary import find_fixed_lr_phase, find_last_epoch, select_dropout
 
 __all__ = ["plot_run", "plot_run_figures"]
 
@@ -94,7 +93,7 @@ def _image_figures(run: RunDir, config: TrainConfig, errors: Mapping, data, data
             return {}
     figs = {}
     d = dropout if dropout is not None else select_dropout(errors)
-    epoch = last_epoch(errors.get(d, []))
+    epoch = find_last_epoch(errors.get(d, []))
     preds = _load_or_predict(run, config, data, d, epoch) if epoch is not None else None
     if preds is not None:
         y = np.asarray(data.y_test)
@@ -126,30 +125,26 @@ def _image_figures(run: RunDir, config: TrainConfig, errors: Mapping, data, data
 
 
 def _load_or_predict(run: RunDir, config: TrainConfig, data, dropout: float, epoch: int) -> np.ndarray | None:
-    """The ensemble's test predictions: from `emnist-cnn evaluate`'s misclassified.csv, else from the weights."""
-    table = run.evaluation_dir(dropout, "test", epoch) / "misclassified.csv"
+    """The ensemble's test predictions: from `emnist-cnn evaluate`'s misclassified table, else from the weights."""
     y = np.asarray(data.y_test)
-    if table.is_file():
+    wrong = run.read_misclassified(dropout, epoch)
+    if wrong is not None:
         preds = y.copy()
-        for k, row in enumerate(read_csv_rows(table), start=2):
-            try:
-                i, label, pred = int(row["index"]), int(row["label"]), int(row["predicted"])
-            except (KeyError, TypeError, ValueError) as exc:
-                raise RunDirError(f"{table}:{k}: malformed row ({exc})") from exc
+        for i, label, pred in wrong:
             if not 0 <= i < len(y) or y[i] != label or not 0 <= pred < len(data.classes):
-                raise RunDirError(f"{table}:{k}: index {i} or label {label} does not match this run's test set")
+                raise RunDirError(f"{run.evaluation_dir(dropout, 'test', epoch)}: misclassified index {i} or label "
+                                  f"{label} does not match this run's test set")
             preds[i] = pred
-        log.info("predictions of dropout %g epoch %d from %s", dropout, epoch, table)
+        log.info("predictions of dropout %g epoch %d from the evaluation tables", dropout, epoch)
         return preds
-    paths = [run.weights_path(dropout, epoch, i) for i in range(config.models)]
-    missing = [p for p in paths if not p.is_file()]
+    missing = [i for i in range(config.models) if not run.weights_path(dropout, epoch, i).is_file()]
     if missing:
-        log.warning("skipping misclassified and confusion plots: %s is missing", missing[0])
+        log.warning("skipping misclassified and confusion plots: %s is missing",
+                    run.weights_path(dropout, epoch, missing[0]))
         return None
     from ..core.model import predict_members
 
     log.info("predicting the test set with the %d members of dropout %g (no evaluation tables found)",
-             len(paths), dropout)
-    models = [load_member_model(p, num_classes=data.num_classes, dropout=dropout, mean=data.mean, std=data.std,
-                                model_config=config.model) for p in paths]
+             config.models, dropout)
+    models = [load_checkpoint_model(run, dropout, epoch, i, config=config, data=data) for i in range(config.models)]
     return ensemble_probabilities(predict_members(models, data.x_test)).argmax(axis=1)

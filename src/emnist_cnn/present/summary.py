@@ -9,10 +9,10 @@ import numpy as np
 from ..core.selection import select_best_dropout, select_best_member
 from ..io.rundir import ErrorRecord, RunDir
 
-__all__ = ["last_epoch", "select_dropout", "find_fixed_lr_phase", "load_results"]
+__all__ = ["find_last_epoch", "select_dropout", "find_fixed_lr_phase", "load_results"]
 
 
-def last_epoch(rows: Sequence[ErrorRecord]) -> int | None:
+def find_last_epoch(rows: Sequence[ErrorRecord]) -> int | None:
     """The last checkpoint epoch with an ensemble row, or None."""
     epochs = [r.epoch for r in rows if r.is_ensemble]
     return max(epochs) if epochs else None
@@ -26,7 +26,7 @@ def select_dropout(errors_by_dropout: Mapping[float, Sequence[ErrorRecord]]) -> 
     """
     val = {}
     for d, rows in errors_by_dropout.items():
-        e = last_epoch(rows)
+        e = find_last_epoch(rows)
         if e is not None:
             val[d] = next((r.rate for r in rows if r.epoch == e and r.is_ensemble and r.split == "val"), None)
     return select_best_dropout(val)
@@ -61,7 +61,7 @@ def load_results(run_dir) -> list[dict]:
     out = []
     for d in run.read_config().dropouts:
         rows = run.read_errors(d)
-        epoch = last_epoch(rows)
+        epoch = find_last_epoch(rows)
         item = {"dropout": d, "epoch": epoch, "members": [], "ensemble": {}, "best_member": None,
                 "evaluation": run.latest_evaluation(d)}
         if epoch is not None:

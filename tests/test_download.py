@@ -127,7 +127,7 @@ def server():
 def _offline(monkeypatch):
     """Only 127.0.0.1 may be resolved, and no proxy or user setting leaks in."""
     for var in ("http_proxy", "https_proxy", "all_proxy", "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY",
-                dl.MIRROR_ENV, dl.DATA_ENV):
+                dl.MIRROR_ENV, "EMNIST_CNN_DATA"):
         monkeypatch.delenv(var, raising=False)
     real = socket.getaddrinfo
 
@@ -365,7 +365,7 @@ def test_file_url_mirror(emnist, tmp_path):
 
 def test_data_dir_from_env(server, emnist, tmp_path, monkeypatch):
     server.files["/gzip.zip"] = emnist["zip"]
-    monkeypatch.setenv(dl.DATA_ENV, str(tmp_path / "envdata"))
+    monkeypatch.setenv("EMNIST_CNN_DATA", str(tmp_path / "envdata"))
     paths = dl.download_emnist(
         mirror=server.url, archive_md5=emnist["md5"], member_md5s=emnist["member_md5s"], progress=False
     )
@@ -380,7 +380,7 @@ def test_default_data_dir(monkeypatch, tmp_path):
     assert default_data_dir() == tmp_path / "home" / ".cache" / "emnist-cnn" / "data"
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     assert default_data_dir() == tmp_path / "xdg" / "emnist-cnn" / "data"
-    monkeypatch.setenv(dl.DATA_ENV, "~/emnist")
+    monkeypatch.setenv("EMNIST_CNN_DATA", "~/emnist")
     assert default_data_dir() == tmp_path / "home" / "emnist"
 
 
@@ -518,7 +518,8 @@ def _cli_download(data_dir, mirror, *extra, timeout=60):
     import sys
 
     env = {k: v for k, v in os.environ.items()
-           if k.lower() not in ("http_proxy", "https_proxy", "all_proxy") and k not in (dl.MIRROR_ENV, dl.DATA_ENV)}
+           if k.lower() not in ("http_proxy", "https_proxy", "all_proxy")
+           and k not in (dl.MIRROR_ENV, "EMNIST_CNN_DATA")}
     return subprocess.run([sys.executable, "-m", "emnist_cnn", "download", "--data-dir", str(data_dir),
                            "--mirror", mirror, "--format", "mat", *extra], capture_output=True, text=True,
                           timeout=timeout, env=env)

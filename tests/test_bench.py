@@ -3,6 +3,8 @@
 import importlib.util
 import json
 import math
+import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -38,7 +40,8 @@ def quick_run(tmp_path_factory):
 
 def test_quick_bench_reports_every_key(quick_run):
     stdout, figures = quick_run
-    keys = list(_bench_module().KEYS)
+    bench = _bench_module()
+    keys = list(bench.KEYS)
     assert len(keys) >= 20
     # Figures that may be missing for a stated reason, and only then.
     may_be_null = set()
@@ -59,11 +62,31 @@ def test_quick_bench_reports_every_key(quick_run):
             assert note and "null" in table[key], f"{key}: null without a note in the table"
         else:
             assert isinstance(value, (int, float)) and math.isfinite(value) and value > 0, (key, value)
-        assert figures["units"][key]
+        assert figures["units"][key] == bench.KEYS[key][0]
+    # Every target is judged on its figure: met exactly when the figure passes the threshold, and the
+    # printed verdict says the same.
+    assert set(figures["targets"]) == set(bench.TARGETS)
+    printed_targets = stdout.split("\ntargets:")[1]
     for key, target in figures["targets"].items():
-        assert key in keys and target["met"] in (True, False, None)
+        op, threshold, _ = bench.TARGETS[key]
+        assert target["target"] == f"{op} {threshold:g}"
+        value = figures[key]
+        expected = None if value is None else value >= threshold if op == ">=" else value < threshold
+        assert target["met"] is expected, (key, value, target)
+        verdict = {True: "met", False: "NOT met", None: "not measured"}[expected]
+        assert re.search(rf"^  {key}\s+{re.escape(target['target'])}\s+{verdict}\s", printed_targets, re.M), key
+    # Derived figures follow from the measured ones: 61.4 MFLOP per training image, counted here from the
+    # architecture (3 x forward, 2 FLOP per multiply-add of the convolutions and dense layers).
+    macs = (26 * 26 * 32 * 9 * 1 + 24 * 24 * 32 * 9 * 32 + 10 * 10 * 64 * 9 * 32 + 8 * 8 * 64 * 9 * 64
+            + 1024 * 512 + 512 * 10)
+    assert macs == 10_235_008
+    assert figures["gflops_achieved"] == pytest.approx(figures["train_noaug_img_s"] * 3 * 2 * macs / 1e9, rel=1e-6)
+    assert figures["peak_fraction"] == pytest.approx(figures["gflops_achieved"] / figures["gflops_peak"], rel=1e-9)
     assert figures["quick"] is True
-    assert figures["env"]["cores"] >= 1 and figures["env"]["tensorflow"]
+    assert figures["env"]["cpu_count"] == os.cpu_count() and figures["env"]["cores"] >= 1
+    import tensorflow as tf
+
+    assert figures["env"]["tensorflow"] == tf.__version__
     # The environment is printed above the table.
     assert stdout.lstrip().startswith("cpu:")
 
@@ -102,6 +125,24 @@ def test_reference_augmentation_matches_keras_208_geometry():
     still = AugmentConfig(rotation_deg=0, shift_frac=0, shear_rad=0, zoom_min=1, zoom_max=1)
     out = bench.k208_random_transform(img, np.random.RandomState(0), still)
     np.testing.assert_array_equal(out, img)
+
+    # A pure shift: Keras 2.0.8 draws theta, then tx (rows, height_shift_range), ty (columns), shear, zoom;
+    # its matrix maps output pixel (r, c) to input (r + tx, c + ty), resampled to the nearest pixel.
+    shift_only = AugmentConfig(rotation_deg=0, shift_frac=0.2, shear_rad=0, zoom_min=1, zoom_max=1)
+    rows, cols = np.mgrid[0:28, 0:28]
+    moved = set()
+    for seed in range(6):
+        draws = np.random.RandomState(seed)
+        draws.uniform(-0.0, 0.0)  # theta
+        tx, ty = draws.uniform(-0.2, 0.2) * 28, draws.uniform(-0.2, 0.2) * 28
+        source_r = np.clip(np.rint(rows + tx).astype(int), 0, 27)  # fill_mode "nearest" repeats the edge
+        source_c = np.clip(np.rint(cols + ty).astype(int), 0, 27)
+        want = img[0][source_r, source_c]
+        out = bench.k208_random_transform(img, np.random.RandomState(seed), shift_only)
+        np.testing.assert_array_equal(out[0], want, err_msg=f"seed {seed}: shift ({tx:.2f}, {ty:.2f})")
+        moved.add((int(np.rint(tx)), int(np.rint(ty))))
+    assert len(moved) >= 4  # the seeds drew different shifts, of several pixels
+    assert max(abs(v) for shift in moved for v in shift) >= 3
 
     batch = (np.random.default_rng(0).random((4, 28, 28)) > 0.8).astype(np.uint8) * 255
     aug = bench.reference_augment_batch(batch, np.random.RandomState(0), AugmentConfig())

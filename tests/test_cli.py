@@ -1,17 +1,18 @@
 """The command line as a user meets it: errors, kill-and-resume, and a real training run."""
 
 import argparse
+import json
 import os
 import signal
 import socket
 import subprocess
 import sys
-import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 
-from conftest import read_csv
+from conftest import planned_steps, read_csv
 
 from emnist_cnn.cli import build_parser
 
@@ -111,53 +112,73 @@ def test_offline_download_says_so(tmp_path):
     assert "could not reach" in line and "offline" in line
 
 
-def test_train_downloads_missing_emnist_and_reports_offline(tmp_path):
+def test_train_tries_to_download_missing_emnist_and_reports_offline(tmp_path):
     mirror = f"http://127.0.0.1:{_closed_port()}"
     run = tmp_path / "run"
     r = cli("train", "--run-dir", run, "--dataset", "emnist-digits", "--data-dir", tmp_path / "data",
             "--mirror", mirror, "--epochs", "1")
-    assert r.returncode == 1 and "offline" in r.stderr and "Traceback" not in r.stderr
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    [line] = error_lines(r.stderr)
+    assert f"could not reach {mirror}/" in line and "offline" in line  # it went to the mirror it was given
     assert not (run / "config.json").exists()
-    r = cli("train", "--run-dir", run, "--dataset", "emnist-digits", "--data-dir", tmp_path / "data",
-            "--no-download", "--epochs", "1")
-    assert r.returncode == 1 and "emnist-cnn download" in r.stderr
+    # --no-download: no connection at all (the listening mirror is never called), and the command to run.
+    with socket.socket() as listening:
+        listening.bind(("127.0.0.1", 0))
+        listening.listen(1)
+        listening.setblocking(False)
+        r = cli("train", "--run-dir", run, "--dataset", "emnist-digits", "--data-dir", tmp_path / "data",
+                "--mirror", f"http://127.0.0.1:{listening.getsockname()[1]}", "--no-download", "--epochs", "1")
+        with pytest.raises(BlockingIOError):
+            listening.accept()
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    [line] = error_lines(r.stderr)
+    assert "emnist-cnn download" in line and str(tmp_path / "data") in line
+    assert not (run / "config.json").exists()
 
 
-def _wait_for(predicate, proc, timeout=300):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        if proc.poll() is not None:
-            raise AssertionError(f"training ended early: {proc.stderr.read()}")
-        time.sleep(0.05)
-    raise AssertionError("timed out")
+KILL_WRAPPER = Path(__file__).with_name("killwrap.py")  # the CLI, killing itself at a chosen call
+STEP = "keras.Model.train_on_batch"
 
 
-@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT])
+def wrapped_cli(args, spec: dict, timeout=600):
+    """The CLI through tests/killwrap.py: `spec` says which calls to count, and where to kill the process."""
+    # SIGINT reset in the child: a background job of a non-interactive shell inherits it ignored.
+    return subprocess.run([sys.executable, str(KILL_WRAPPER), *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout, env=dict(os.environ, EMNIST_CNN_KILL_SPEC=json.dumps(spec)),
+                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+
+
+@pytest.mark.parametrize("sig", ["SIGKILL", "SIGINT"])
 def test_killed_training_resumes_with_nothing_lost(tmp_path, tiny_mnist_dir, sig):
     run = tmp_path / "run"
-    args = ["train", "--run-dir", run, "--data-dir", tiny_mnist_dir, *TINY_ARGS, "--epochs", "3"]
-    # SIGINT reset in the child: a background job of a non-interactive shell inherits it ignored.
-    proc = subprocess.Popen([sys.executable, "-m", "emnist_cnn", *map(str, args)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-    hist1 = run / "dropout_0.2" / "history" / "model_1.csv"
-    # Kill in the middle of model 1's first epoch after model 0 saved its state.
-    _wait_for(lambda: (run / "dropout_0.2" / "state" / "model_0.npz").exists(), proc)
-    time.sleep(0.5)
-    proc.send_signal(sig)
-    _, stderr = proc.communicate(timeout=120)
-    if sig == signal.SIGINT:
-        assert proc.returncode == 130 and "run the same command to resume" in stderr
+    args = ["train", "--run-dir", run, "--data-dir", tiny_mnist_dir, *TINY_ARGS, "--epochs", "3", "--no-fused"]
+    # 480 training images in steps of 64: 8 steps per member epoch, members one after the other. Step 12 is in
+    # the middle of model 1's first epoch, after model 0 saved its epoch-1 state.
+    fired = tmp_path / "fired.json"
+    r = wrapped_cli(args, {"targets": [STEP], "target": STEP, "n": 12, "when": "before", "how": sig,
+                           "fired_file": str(fired)})
+    assert fired.exists(), r.stderr
+    if sig == "SIGINT":
+        assert r.returncode == 130 and "run the same command to resume" in r.stderr
+        assert "Traceback" not in r.stderr
     else:
-        assert proc.returncode == -signal.SIGKILL
-    r = cli(*args)
+        assert r.returncode == -signal.SIGKILL
+    per_epoch, planned = planned_steps(run)
+    assert (per_epoch, planned) == (8, 2 * 3 * 8)
+    state = run / "dropout_0.2" / "state"
+    assert (state / "model_0.npz").exists() and not (state / "model_1.npz").exists()
+    taken = json.loads(fired.read_text())["counts"][STEP] - 1  # killed before its 12th step
+    # The same command resumes it at the first attempt, and trains only what is left: model 0's two
+    # remaining epochs, model 1 from the start (its epoch in flight lost), never a restart from epoch 0.
+    counted = tmp_path / "counts.json"
+    r = wrapped_cli(args, {"targets": [STEP], "count_file": str(counted), "fired_file": str(tmp_path / "never")})
     assert r.returncode == 0, r.stderr
+    resumed = json.loads(counted.read_text())["counts"][STEP]
+    assert planned - taken <= resumed <= planned - taken + per_epoch, (resumed, taken, planned)
+    assert resumed == planned - per_epoch  # model 0's finished epoch 1 was not trained again
     for i in (0, 1):
         hist = read_csv(run / "dropout_0.2" / "history" / f"model_{i}.csv")
         assert [int(row["epoch"]) for row in hist] == [1, 2, 3]
-    assert hist1.exists()
     errors = read_csv(run / "dropout_0.2" / "history" / "errors.csv")
     keys = [(row["epoch"], row["model"], row["split"]) for row in errors]
     assert len(keys) == len(set(keys)) == 3 * 3 * 2
@@ -167,9 +188,11 @@ def test_killed_training_resumes_with_nothing_lost(tmp_path, tiny_mnist_dir, sig
     from emnist_cnn.core.model import build_model
 
     model = build_model()
-    for f in sorted((run / "dropout_0.2" / "weights").iterdir()):
+    weights = sorted((run / "dropout_0.2" / "weights").iterdir())
+    assert [f.name for f in weights] == [f"{e:03d}epochs_weights_model_{i}.weights.h5"
+                                         for e in (1, 2, 3) for i in (0, 1)]
+    for f in weights:
         model.load_weights(f)  # every checkpoint loads
-    assert len(list((run / "dropout_0.2" / "weights").iterdir())) == 6
 
 
 def test_resume_with_changed_experiment_is_refused(tmp_path, tiny_mnist_dir):
@@ -180,9 +203,14 @@ def test_resume_with_changed_experiment_is_refused(tmp_path, tiny_mnist_dir):
     assert r.returncode == 2 and "Traceback" not in r.stderr
     [line] = error_lines(r.stderr)
     assert "models" in line and "different experiment" in line
-    # Refused before any data is loaded: no download is attempted for the other dataset.
-    r = cli("train", "--run-dir", run, "--dataset", "emnist-letters", "--data-dir", tmp_path / "nowhere")
-    assert r.returncode == 2 and "different experiment" in r.stderr and "download" not in r.stderr
+    # Refused before any data is loaded: no download is attempted for the other dataset (a download would
+    # create the data folder, then fail on the closed mirror with exit 1).
+    r = cli("train", "--run-dir", run, "--dataset", "emnist-letters", "--data-dir", tmp_path / "nowhere",
+            "--mirror", f"http://127.0.0.1:{_closed_port()}")
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    [line] = error_lines(r.stderr)
+    assert "dataset" in line and "different experiment" in line
+    assert not (tmp_path / "nowhere").exists()
     # Unset flags take the run's saved values, the data folder included: --epochs and --lr continue it.
     r = cli("train", "--run-dir", run, "--epochs", "2", "--lr", "1e-5", "--quiet")
     assert r.returncode == 0, r.stderr

@@ -5,7 +5,6 @@ import json
 import logging
 import os
 import struct
-import time
 from pathlib import Path
 
 import numpy as np
@@ -471,7 +470,7 @@ def test_missing_files_message(tmp_path, split):
 # Decoded cache
 
 
-def test_cache_reopens_memory_mapped_and_fast(tmp_path, split, cache_root, monkeypatch):
+def test_cache_reopens_memory_mapped_without_decoding(tmp_path, split, cache_root, monkeypatch):
     write_emnist_mat(tmp_path, "emnist-digits", split)
     first = load_dataset(data_dir=tmp_path)
     assert not isinstance(first.x_train, np.memmap)
@@ -483,10 +482,8 @@ def test_cache_reopens_memory_mapped_and_fast(tmp_path, split, cache_root, monke
     def no_decode(*args, **kwargs):
         raise AssertionError("decoded again instead of using the cache")
 
-    monkeypatch.setattr(data, "_decode", no_decode)
-    start = time.perf_counter()
+    monkeypatch.setattr(data, "_decode", no_decode)  # the proof that the cache is used (no clock needed)
     second = load_dataset(data_dir=tmp_path)
-    assert time.perf_counter() - start < 0.5
     assert isinstance(second.x_train, np.memmap) and isinstance(second.y_test, np.memmap)
     assert second.fingerprint == first.fingerprint and second.classes == first.classes
     for key in ("x_train", "y_train", "x_test", "y_test", "writers_train"):

@@ -13,11 +13,12 @@ import numpy as np
 import pytest
 
 import emnist_cnn  # noqa: F401  (selects the backend before keras is imported)
-from conftest import run_cli
+from conftest import REQUIRE_DEPS_ENV, optional_module, require_module, run_cli
 import keras
 from emnist_cnn.errors import ConfigError
 from emnist_cnn.core.model import build_averaged_ensemble, build_model
 from emnist_cnn.engine.export import FORMATS, export_model, export_run, load_member
+from emnist_cnn.engine.prepare import load_run_data
 
 TOLERANCE = 1e-5  # max abs difference of probabilities, as the issue asks
 
@@ -57,7 +58,7 @@ RELOAD = textwrap.dedent('''
 
 
 def _reload_in_fresh_process(tmp_path: Path, x: np.ndarray, folders: list[Path]) -> dict:
-    pytest.importorskip("onnxruntime")
+    require_module("onnxruntime", "runs the exported ONNX model")
     script = tmp_path / "reload.py"
     script.write_text(RELOAD)
     np.save(tmp_path / "x.npy", x)
@@ -70,39 +71,87 @@ def _reload_in_fresh_process(tmp_path: Path, x: np.ndarray, folders: list[Path])
         return {k: z[k] for k in z.files}
 
 
+def _scaled(images: np.ndarray) -> np.ndarray:
+    return images.astype(np.float32)[..., None] / np.float32(255)
+
+
+def _n_errors(probs: np.ndarray, labels: np.ndarray) -> int:
+    return int(np.sum(np.argmax(probs, axis=1) != labels))
+
+
 def test_best_member_and_ensemble_round_trip_in_every_format(run_dir, tmp_path):
     saved = json.loads((run_dir / "config.json").read_text())
-    errors = list(csv.DictReader(open(run_dir / "dropout_0.2" / "history" / "errors.csv")))
-    val = {r["model"]: r for r in errors if r["epoch"] == "2" and r["split"] == "val"}
-    test = {r["model"]: r for r in errors if r["epoch"] == "2" and r["split"] == "test"}
-    best = min(("0", "1"), key=lambda m: (float(val[m]["error_pct"]), int(m)))
+    _, data = load_run_data(run_dir)  # the run's own validation and test splits
+    n_val, n_test = len(data.y_val), len(data.y_test)
+    assert (n_val, n_test) == (120, 200)
+    # "Best" from the members' own predictions on the validation split (the first on a tie).
+    members = [load_member(run_dir, 0.2, 2, i) for i in (0, 1)]
+    member_val = [_n_errors(m.predict(_scaled(data.x_val), verbose=0), data.y_val) for m in members]
+    best = min((0, 1), key=lambda i: (member_val[i], i))
 
     meta = export_run(run_dir, model="best", out_dir=tmp_path / "best")
     assert meta["skipped"] == {} and set(meta["files"]) == {"json", "weights", "keras", "saved_model", "onnx"}
-    assert (meta["model"], meta["members"], meta["epoch"], meta["dropout"]) == ("best", [int(best)], 2, 0.2)
+    assert (meta["model"], meta["members"], meta["epoch"], meta["dropout"]) == ("best", [best], 2, 0.2)
     assert meta["classes"] == list("0123456789")
     assert meta["input"]["shape"] == [None, 28, 28, 1] and meta["input"]["range"] == [0.0, 1.0]
     assert meta["dataset"]["name"] == "mnist" and meta["dataset"]["fingerprint"] == saved["data"]["fingerprint"]
     assert meta["input"]["image_preprocessing"] == "mnist"  # a model trained on MNIST reads MNIST-style inputs
-    assert meta["validation_error"]["pct"] == pytest.approx(float(val[best]["error_pct"]))
-    assert meta["test_error"]["n_errors"] == int(test[best]["n_errors"])
     assert json.loads((tmp_path / "best" / "metadata.json").read_text()) == json.loads(json.dumps(meta))
 
     ens_meta = export_run(run_dir, model="ensemble", out_dir=tmp_path / "ensemble")
     assert (ens_meta["model"], ens_meta["members"]) == ("ensemble", [0, 1])
-    assert ens_meta["test_error"]["n_errors"] == int(test["ensemble"]["n_errors"])
 
-    # In memory: the member as trained, and the mean of both members' softmax.
-    x = _x()
-    members = [load_member(run_dir, 0.2, 2, i) for i in (0, 1)]
-    want = {"best": members[int(best)].predict(x, verbose=0),
-            "ensemble": np.mean([m.predict(x, verbose=0) for m in members], axis=0)}
+    # Random inputs, then the run's test and validation images, through every exported file in a fresh process.
+    x = np.concatenate([_x(), _scaled(data.x_test), _scaled(data.x_val)])
     got = _reload_in_fresh_process(tmp_path, x, [tmp_path / "best", tmp_path / "ensemble"])
     assert len(got) == 2 * len(FORMATS)
+    # In memory: the member as trained, and the mean of both members' softmax.
+    want = {"best": members[best].predict(x, verbose=0),
+            "ensemble": np.mean([m.predict(x, verbose=0) for m in members], axis=0)}
+    metas = {"best": meta, "ensemble": ens_meta}
     for key, probs in got.items():
         which = Path(key.split("|")[0]).name
         assert np.abs(probs - want[which]).max() <= TOLERANCE, key
+        # The metadata's errors are what the exported file scores on the run's splits.
+        test_probs, val_probs = probs[50 : 50 + n_test], probs[50 + n_test :]
+        assert metas[which]["test_error"] == {"pct": pytest.approx(100 * _n_errors(test_probs, data.y_test) / n_test),
+                                              "n_errors": _n_errors(test_probs, data.y_test), "n": n_test}, key
+        assert metas[which]["validation_error"]["n_errors"] == _n_errors(val_probs, data.y_val), key
+        assert metas[which]["validation_error"]["n"] == n_val, key
     assert np.abs(want["best"] - want["ensemble"]).max() > 1e-3  # two different models were compared
+
+
+def test_member_metadata_scores_that_member_at_that_epoch(run_dir, tmp_path):
+    """An exported member at an earlier checkpoint: its metadata's errors are that file's own scores."""
+    _, data = load_run_data(run_dir)
+    for member, epoch in ((1, 1), (0, 1)):
+        out = tmp_path / f"m{member}e{epoch}"
+        meta = export_run(run_dir, model=str(member), epoch=epoch, out_dir=out, formats=["keras"])
+        assert (meta["model"], meta["members"], meta["epoch"]) == ("member", [member], epoch)
+        model = keras.saving.load_model(out / "model.keras")
+        assert meta["test_error"]["n_errors"] == _n_errors(model.predict(_scaled(data.x_test), verbose=0),
+                                                           data.y_test)
+        assert meta["validation_error"]["n_errors"] == _n_errors(model.predict(_scaled(data.x_val), verbose=0),
+                                                                 data.y_val)
+
+
+def test_missing_test_dependency_skips_locally_and_fails_in_ci(monkeypatch):
+    monkeypatch.delenv(REQUIRE_DEPS_ENV, raising=False)
+    with pytest.raises(pytest.skip.Exception, match="no_such_module_for_emnist_cnn"):
+        require_module("no_such_module_for_emnist_cnn", "a test")
+    with pytest.warns(UserWarning, match="no_such_module_for_emnist_cnn"):
+        assert optional_module("no_such_module_for_emnist_cnn", "a test") is None
+    monkeypatch.setenv(REQUIRE_DEPS_ENV, "1")
+    for helper in (require_module, optional_module):
+        with pytest.raises(pytest.fail.Exception, match="missing test dependency fails"):
+            helper("no_such_module_for_emnist_cnn", "a test")
+    assert require_module("json", "a test").dumps({}) == "{}"
+
+
+def test_ci_requires_every_test_dependency():
+    """.ci/run sets EMNIST_CNN_REQUIRE_DEPS=1, so that the ONNX tests fail rather than skip on a bare machine."""
+    ci = (Path(__file__).resolve().parents[1] / ".ci" / "run").read_text()
+    assert f"export {REQUIRE_DEPS_ENV}=1" in ci and "export EMNIST_CNN_REQUIRE_SHARED=1" in ci
 
 
 def test_ensemble_model_is_one_model_with_unique_layer_names():

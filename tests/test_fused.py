@@ -2,9 +2,12 @@
 
 import csv
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
+
+from conftest import make_tiny_digits, planned_steps, run_cli, write_mnist_idx
 
 import emnist_cnn  # noqa: F401  (selects the backend before keras is imported)
 import keras
@@ -31,7 +34,7 @@ def tiny(tiny_mnist_dir):
     return load_dataset("mnist", tiny_mnist_dir)
 
 
-def read_rows(path, drop=("seconds",)):
+def read_rows(path: Path, drop=("seconds",)):
     with open(path, newline="") as f:
         return [{k: v for k, v in r.items() if k not in drop} for r in csv.DictReader(f)]
 
@@ -77,31 +80,79 @@ def test_fused_step_equals_one_step_per_member():
             np.testing.assert_array_equal(np.asarray(va), np.asarray(vb))
 
 
-def test_fused_run_equals_sequential_run(tmp_path, tiny):
-    """Same histories, errors, checkpoints and states, whichever way the members trained."""
-    train_and_evaluate(TINY, tmp_path / "seq", dataset=tiny, verbose=0, fused=False)
-    train_and_evaluate(TINY, tmp_path / "fused", dataset=tiny, verbose=0, fused=True)
-    hist = tmp_path / "{}" / "dropout_0.3" / "history"
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return write_mnist_idx(tmp_path_factory.mktemp("fused-data"), *make_tiny_digits())
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory, data_dir):
+    """TINY trained without interruption: one member at a time in ROOT/seq, fused in ROOT/fused."""
+    root = tmp_path_factory.mktemp("fused-straight")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("EMNIST_CNN_CACHE", str(root / "cache"))
+        ds = load_dataset("mnist", data_dir)
+        train_and_evaluate(TINY, root / "seq", dataset=ds, verbose=0, fused=False)
+        train_and_evaluate(TINY, root / "fused", dataset=ds, verbose=0, fused=True)
+    return root
+
+
+def assert_same_run(run, expected) -> None:
+    """Histories (but for the wall time), errors, every checkpoint and the final states, to the bit."""
+    hist = "dropout_0.3/history"
     for i in range(TINY.models):
-        assert read_rows(str(hist / f"model_{i}.csv").format("seq")) == \
-            read_rows(str(hist / f"model_{i}.csv").format("fused"))
-    assert read_rows(str(hist / "errors.csv").format("seq")) == read_rows(str(hist / "errors.csv").format("fused"))
+        assert read_rows(run / hist / f"model_{i}.csv") == read_rows(expected / hist / f"model_{i}.csv")
+    assert read_rows(run / hist / "errors.csv") == read_rows(expected / hist / "errors.csv")
     for i in range(TINY.models):
         for epoch in (1, 2):
             a, b = build_model(10, 0.3), build_model(10, 0.3)
-            a.load_weights(RunDir(tmp_path / "seq").weights_path(0.3, epoch, i))
-            b.load_weights(RunDir(tmp_path / "fused").weights_path(0.3, epoch, i))
+            a.load_weights(RunDir(run).weights_path(0.3, epoch, i))
+            b.load_weights(RunDir(expected).weights_path(0.3, epoch, i))
             for wa, wb in zip(a.get_weights(), b.get_weights()):
                 np.testing.assert_array_equal(wa, wb)
-        sa = state_arrays(RunDir(tmp_path / "seq").state_path(0.3, i))
-        sb = state_arrays(RunDir(tmp_path / "fused").state_path(0.3, i))
+        sa = state_arrays(RunDir(run).state_path(0.3, i))
+        sb = state_arrays(RunDir(expected).state_path(0.3, i))
         assert sa.keys() == sb.keys()
         for k in sa:
             np.testing.assert_array_equal(sa[k], sb[k], err_msg=f"model {i} {k}")
+
+
+def test_fused_run_equals_sequential_run(straight):
+    """Same histories, errors, checkpoints and states, whichever way the members trained."""
+    assert_same_run(straight / "fused", straight / "seq")
     # Members differ from each other (their own seeds), so the comparison above is not vacuous.
-    h0 = read_rows(str(hist / "model_0.csv").format("fused"))
-    h1 = read_rows(str(hist / "model_1.csv").format("fused"))
+    h0 = read_rows(straight / "fused" / "dropout_0.3" / "history" / "model_0.csv")
+    h1 = read_rows(straight / "fused" / "dropout_0.3" / "history" / "model_1.csv")
     assert h0[0]["loss"] != h1[0]["loss"]
+
+
+CLI_TINY = ["--dataset", "mnist", "--dropout", "0.3", "--models", "2", "--checkpoint-every", "1", "--batch-size",
+            "64", "--val-fraction", "0.2", "--bn-recalibration", "200", "--quiet"]
+
+
+@pytest.mark.parametrize("first, then", [("--fused", "--no-fused"), ("--no-fused", "--fused")])
+def test_switching_between_fused_and_one_at_a_time_on_resume(straight, data_dir, tmp_path, monkeypatch, first,
+                                                             then):
+    """Epoch 1 trained one way, the resume the other: the uninterrupted run's result, to the bit."""
+    steps = []
+    real_step = keras.Model.train_on_batch
+
+    def counting_step(self, *args, **kwargs):
+        steps.append(type(self).__name__)
+        return real_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(keras.Model, "train_on_batch", counting_step)
+    run = tmp_path / "run"
+    assert run_cli(["train", "--run-dir", run, "--data-dir", data_dir, *CLI_TINY, "--epochs", "1", first]) == 0
+    first_steps, steps[:] = len(steps), []
+    assert run_cli(["train", "--run-dir", run, "--epochs", "2", "--quiet", then]) == 0
+    # Each half really trained its way: fused, both members take each step in one call.
+    per_epoch = planned_steps(run)[0]
+    calls = {"--fused": per_epoch, "--no-fused": TINY.models * per_epoch}
+    assert (first_steps, len(steps)) == (calls[first], calls[then])
+    assert [r["fused"] for r in RunDir(run).read_invocations()] == [first == "--fused", then == "--fused"]
+    assert RunDir(run).read_config() == TINY  # the experiment of the straight runs
+    assert_same_run(run, straight / "seq")
 
 
 def test_fused_resume_catches_up_a_member_left_behind(tmp_path, tiny):

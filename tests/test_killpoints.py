@@ -1,7 +1,7 @@
 """Kill-and-resume harness: kill `emnist-cnn train` at chosen points, resume it with the plain command,
 and require the result to be the uninterrupted run's, bit for bit.
 
-A small wrapper script (written to the test's tmp folder) runs the real CLI in a subprocess with one function
+A small wrapper script (tests/killwrap.py) runs the real CLI in a subprocess with one function
 patched to kill its own process at its Nth call, before or after the real call, with SIGKILL (nothing runs
 afterwards) or SIGINT (Ctrl-C: Python raises KeyboardInterrupt where the signal lands, and every `finally`
 and `except BaseException` on the way up runs). Patched functions:
@@ -15,11 +15,14 @@ and `except BaseException` on the way up runs). Patched functions:
 - `emnist_cnn.engine.members.save_member_state` and `save_weights_atomic`, `emnist_cnn.io.rundir.write_csv_rows`:
   around whole saves.
 
-After the kill, the same command (without the wrapper) runs until it succeeds; then every history CSV must
-hold each epoch exactly once, in order, equal to the uninterrupted run's (but for the `seconds` column);
-`errors.csv` and the per-checkpoint text tables must be byte-identical; every checkpoint must load and hold
-the same arrays; the members' state files (weights, Adam state, dropout RNG, metadata) must be identical to
-the bit; no temporary file may be left.
+After the kill, the same command runs once and must succeed, training no more than what the kill left
+undone: its training steps (`keras.Model.train_on_batch` calls, counted by the wrapper) are at most the
+uninterrupted run's minus those the killed run had taken, plus one epoch (the one in flight). A resume that
+started again from epoch 0 would give the same bits, so only this count shows that nothing finished is
+recomputed. Then every history CSV must hold each epoch exactly once, in order, equal to the uninterrupted
+run's (but for the `seconds` column); `errors.csv` and the per-checkpoint text tables must be
+byte-identical; every checkpoint must load and hold the same arrays; the members' state files (weights, Adam
+state, dropout RNG, metadata) must be identical to the bit; no temporary file may be left.
 
 CI runs 8 kill points covering every category with both signals (about 2.5 minutes on 2 idle cores).
 `EMNIST_CNN_KILL_POINTS=all` sweeps every call of every patched function instead (147 points, about 40
@@ -42,88 +45,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import make_tiny_digits, write_mnist_idx
+from conftest import make_tiny_digits, planned_steps, write_mnist_idx
 
+# --no-fused: members train one at a time on any machine (the default on a CPU), so every
+# keras.Model.train_on_batch call is one member's step.
 RUN_ARGS = ["--dataset", "mnist", "--dropout", "0.2", "--models", "2", "--epochs", "2", "--checkpoint-every", "1",
-            "--batch-size", "32", "--val-fraction", "0.2", "--bn-recalibration", "100", "--quiet"]
+            "--batch-size", "32", "--val-fraction", "0.2", "--bn-recalibration", "100", "--quiet", "--no-fused"]
 
-WRAPPER = r'''
-"""emnist-cnn with one function patched to kill this process at its Nth call (see test_killpoints.py)."""
-import atexit
-import importlib
-import json
-import os
-import signal
-import sys
-import time
-
-spec = json.loads(os.environ["EMNIST_CNN_KILL_SPEC"])
-
-import emnist_cnn  # noqa: F401  (selects the backend)
-import emnist_cnn.engine.train  # noqa: F401
-import keras  # noqa: F401
-
-
-def resolve(target):
-    parts = target.split(".")
-    for i in range(len(parts) - 1, 0, -1):
-        try:
-            owner = importlib.import_module(".".join(parts[:i]))
-        except ImportError:
-            continue
-        for name in parts[i:-1]:
-            owner = getattr(owner, name)
-        return owner, parts[-1]
-    raise LookupError(target)
-
-
-counts = {}
-calls = {}  # target -> per call, the file names among its first two arguments (written in count mode)
-
-
-def names(args):
-    return [os.path.basename(os.fspath(a)) for a in args[:2] if isinstance(a, (str, os.PathLike))]
-
-
-def fire(target, n, when, args):
-    with open(spec["fired_file"], "w") as f:
-        json.dump({"target": target, "n": n, "when": when, "args": [str(a) for a in args[:2]]}, f)
-    if spec["how"] == "SIGKILL":
-        os.kill(os.getpid(), signal.SIGKILL)
-    os.kill(os.getpid(), signal.SIGINT)  # Python raises KeyboardInterrupt at its next check, i.e. here
-    for _ in range(500):
-        time.sleep(0.01)
-    raise RuntimeError("SIGINT was not delivered")
-
-
-def patch(target):
-    owner, attr = resolve(target)
-    original = getattr(owner, attr)
-
-    def wrapper(*args, **kwargs):
-        counts[target] = n = counts.get(target, 0) + 1
-        calls.setdefault(target, []).append(names(args))
-        hit = target == spec.get("target") and n == spec.get("n")
-        if hit and spec["when"] == "before":
-            fire(target, n, "before", args)
-        result = original(*args, **kwargs)
-        if hit and spec["when"] == "after":
-            fire(target, n, "after", args)
-        return result
-
-    setattr(owner, attr, wrapper)
-
-
-for target in spec["targets"]:
-    patch(target)
-if spec.get("count_file"):
-    atexit.register(lambda: open(spec["count_file"], "w").write(json.dumps({"counts": counts, "calls": calls})))
-
-from emnist_cnn.cli import main  # noqa: E402
-
-sys.argv = ["emnist-cnn", *sys.argv[1:]]
-sys.exit(main(sys.argv[1:]))
-'''
+WRAPPER = Path(__file__).with_name("killwrap.py")  # the CLI with patched functions (see its docstring)
+STEP = "keras.Model.train_on_batch"  # one training step (of a member, or of fused members)
 
 TARGETS = ("os.replace", "emnist_cnn.io.files.atomic_write_bytes", "keras.Model.train_on_batch",
            "emnist_cnn.engine.train.evaluate_checkpoint", "emnist_cnn.engine.members.save_member_state",
@@ -229,11 +159,6 @@ def default_sigint() -> None:
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
-def run_cli(harness: dict, args, *, timeout=300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "emnist_cnn", *map(str, args)], capture_output=True, text=True,
-                          timeout=timeout, env=_env(harness["cache"]))
-
-
 def run_wrapped(harness: dict, args, spec: dict, *, timeout=300) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(harness["wrapper"]), *map(str, args)], capture_output=True,
                           preexec_fn=default_sigint,
@@ -245,10 +170,9 @@ def run_wrapped(harness: dict, args, spec: dict, *, timeout=300) -> subprocess.C
 def harness(tmp_path_factory):
     """Tiny data, the wrapper script, and one uninterrupted run with its call counts."""
     root = tmp_path_factory.mktemp("killpoints")
-    h = {"root": root, "cache": root / "decoded-cache", "wrapper": root / "killwrap.py",
+    h = {"root": root, "cache": root / "decoded-cache", "wrapper": WRAPPER,
          "data": write_mnist_idx(root / "data", *make_tiny_digits(n_train=200, n_test=60)),
          "baseline": root / "baseline"}
-    h["wrapper"].write_text(WRAPPER)
     counts_file = root / "counts.json"
     r = run_wrapped(h, ["train", "--run-dir", h["baseline"], "--data-dir", h["data"], *RUN_ARGS],
                     {"targets": list(TARGETS), "count_file": str(counts_file), "fired_file": str(root / "never")})
@@ -339,6 +263,8 @@ def test_every_ci_kill_point_is_reached_by_an_uninterrupted_run(harness):
         assert point.resolve(harness["calls"].get(point.target, [])) is not None, (point, harness["counts"])
     assert harness["counts"]["emnist_cnn.engine.train.evaluate_checkpoint"] == 2
     assert harness["counts"]["emnist_cnn.engine.members.save_member_state"] == 4
+    # Every planned step, and no more: 2 members x 2 epochs x ceil(160 / 32) = 20.
+    assert harness["counts"][STEP] == planned_steps(harness["baseline"])[1] == 20
 
 
 @pytest.mark.parametrize("point", POINTS, ids=[p.id for p in POINTS])
@@ -349,9 +275,12 @@ def test_killed_run_resumes_to_the_uninterrupted_result(harness, tmp_path, point
     run = tmp_path / "run"
     args = ["train", "--run-dir", run, "--data-dir", harness["data"], *RUN_ARGS]
     fired = tmp_path / "fired.json"
-    r = run_wrapped(harness, args, {"targets": [point.target], "target": point.target, "n": n,
-                                               "when": point.when, "how": point.how, "fired_file": str(fired)})
+    r = run_wrapped(harness, args, {"targets": sorted({point.target, STEP}), "target": point.target, "n": n,
+                                    "when": point.when, "how": point.how, "fired_file": str(fired)})
     assert fired.exists(), f"the kill point never fired: {r.stderr[-2000:]}"
+    killed = json.loads(fired.read_text())
+    # Steps the killed run took (a step killed before its real call was not taken).
+    taken = killed["counts"].get(STEP, 0) - (point.target == STEP and point.when == "before")
     if point.how == "SIGKILL":
         assert r.returncode == -signal.SIGKILL, r.stderr[-2000:]
     else:
@@ -360,11 +289,15 @@ def test_killed_run_resumes_to_the_uninterrupted_result(harness, tmp_path, point
         assert "interrupted; finished epochs are saved, run the same command to resume" in r.stderr
         # Ctrl-C unwinds through the writers, which remove their temporary files on the way out.
         assert not list(run.rglob("*.tmp")) and not list(run.rglob(".tmp-*"))
-    # Resume with the plain command until it finishes (once should do).
-    for _attempt in range(3):
-        r = run_cli(harness, args)
-        if r.returncode == 0:
-            break
+    # The plain command resumes it, at the first attempt (the wrapper only counts the training steps).
+    counted = tmp_path / "resume-counts.json"
+    r = run_wrapped(harness, args, {"targets": [STEP], "count_file": str(counted), "fired_file": str(fired)})
     assert r.returncode == 0, r.stderr[-3000:]
     assert "Traceback" not in r.stderr
+    # Nothing finished is trained again: at most the steps the killed run had not taken, plus the epoch it
+    # was in (lost unless its state landed), never a restart (all 20).
+    per_epoch, planned = planned_steps(run)
+    resumed = json.loads(counted.read_text())["counts"].get(STEP, 0)
+    assert planned - taken <= resumed <= planned - taken + per_epoch, \
+        f"resume took {resumed} steps after {taken} of {planned} ({per_epoch} per epoch)"
     assert_matches_baseline(run, harness["baseline"])

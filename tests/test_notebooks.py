@@ -2,6 +2,10 @@
 
 from pathlib import Path
 
+import csv
+import json
+import re
+
 import nbformat
 import pytest
 from nbclient import NotebookClient
@@ -9,19 +13,31 @@ from nbclient import NotebookClient
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
 
 
-def execute(name: str, params: dict, cwd: Path):
-    """Run a notebook with `params` injected after its parameters cell (papermill style)."""
+def execute(name: str, params: dict, cwd: Path, probe: str | None = None):
+    """Run a notebook with `params` injected after its parameters cell (papermill style), and `probe`, code
+    that prints what the test inspects, appended as a last cell."""
     nb = nbformat.read(NOTEBOOKS / name, as_version=4)
     at = next(i for i, c in enumerate(nb.cells) if "parameters" in c.metadata.get("tags", []))
     source = "\n".join(f"{k} = {v!r}" for k, v in params.items())
     nb.cells.insert(at + 1, nbformat.v4.new_code_cell(source, metadata={"tags": ["injected-parameters"]}))
+    if probe:
+        nb.cells.append(nbformat.v4.new_code_cell(probe, metadata={"tags": ["test-probe"]}))
     NotebookClient(nb, timeout=900, kernel_name="python3", resources={"metadata": {"path": str(cwd)}}).execute()
     return nb
 
 
-def outputs(nb, kind):
-    return [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])
-            if kind in o.get("data", {})]
+def cell_with(nb, text: str):
+    """The code cell whose source contains `text`."""
+    [cell] = [c for c in nb.cells if c.cell_type == "code" and text in c.source]
+    return cell
+
+
+def pngs(cell) -> int:
+    return sum("image/png" in o.get("data", {}) for o in cell.get("outputs", []))
+
+
+def printed(cell) -> str:
+    return "".join(o.get("text", "") for o in cell.get("outputs", []))
 
 
 def test_notebooks_are_committed_without_outputs():
@@ -50,20 +66,67 @@ def notebook_run(tmp_path_factory):
 
 def test_emnist_notebook_trains_evaluates_and_exports(notebook_run):
     nb, run = notebook_run
-    assert len(outputs(nb, "image/png")) >= 5  # samples, balance, augmentation, mistakes, confusion, ...
-    text = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
-    assert "best-k ensembles" in text and "ensemble" in text
-    hist = (run / "dropout_0.2" / "history" / "model_0.csv").read_text().splitlines()
-    assert [line.split(",")[0] for line in hist[1:]] == ["1", "2", "3"]
-    assert hist[-1].split(",")[5] == "1e-05"  # the fixed-LR epoch
-    assert list((run / "export_json_h5").glob("*.keras")) or list(run.rglob("*.keras"))
+    # The data: the quick preset's 10% validation split of the 600 training digits, and three figures.
+    data_cell = cell_with(nb, "plot_samples(")
+    assert "540 train / 60 validation / 200 test images, classes 0123456789" in printed(data_cell)
+    assert pngs(data_cell) == 3  # samples, class balance, augmentation
+    # Trained 2 epochs, then 1 more at the fixed rate, checkpointed every epoch.
+    for i in (0, 1):
+        with open(run / "dropout_0.2" / "history" / f"model_{i}.csv", newline="") as f:
+            hist = list(csv.DictReader(f))
+        assert [(r["epoch"], float(r["learning_rate"])) for r in hist] == [("1", 1e-3), ("2", 1e-3), ("3", 1e-5)]
+    with open(run / "dropout_0.2" / "history" / "errors.csv", newline="") as f:
+        errors = list(csv.DictReader(f))
+    assert sorted({r["epoch"] for r in errors}) == ["1", "2", "3"]
+    last = {(r["model"], r["split"]): int(r["n_errors"]) for r in errors if r["epoch"] == "3"}
+    # The evaluation printed epoch 3's errors, as errors.csv has them.
+    table = printed(cell_with(nb, "evaluate_run("))
+    assert "dropout 0.2, epoch 3:" in table and "best-k ensembles" in table
+    for name, key in (("model 0", "0"), ("model 1", "1"), ("ensemble", "ensemble")):
+        row = re.search(rf"^{name}\s+[\d.]+% \((\d+)/60\)\s+[\d.]+% \((\d+)/200\)$", table, re.M)
+        assert row and (int(row[1]), int(row[2])) == (last[key, "val"], last[key, "test"]), name
+    # Mistakes, confusion matrix, the errors over checkpoints and the fixed-LR phase.
+    assert pngs(cell_with(nb, "plot_run_figures(")) == 4
+    # The exported ensemble: one .keras file of both members at epoch 3, scored as errors.csv scored it.
+    meta = json.loads((run / "export_json_h5" / "metadata.json").read_text())
+    assert (meta["model"], meta["members"], meta["epoch"], meta["files"]) == (
+        "ensemble", [0, 1], 3, {"keras": "model.keras"})
+    assert meta["test_error"]["n_errors"] == last["ensemble", "test"]
+    import emnist_cnn  # noqa: F401  (selects the backend before keras is imported)
+    import keras
+    import numpy as np
+
+    from conftest import make_tiny_digits
+
+    model = keras.saving.load_model(run / "export_json_h5" / "model.keras")
+    assert model.count_params() == 2 * 601_578
+    _, _, x_test, y_test = make_tiny_digits()  # the notebook's data
+    probs = model.predict(x_test.astype(np.float32)[..., None] / 255, verbose=0)
+    assert int(np.sum(np.argmax(probs, axis=1) != y_test)) == meta["test_error"]["n_errors"]
+
+
+PROBE_LEGENDS = """
+import json
+print("LEGENDS " + json.dumps({name: [t.get_text() for legend in [*fig.legends, *(ax.get_legend() for ax in fig.axes)]
+                                      if legend is not None for t in legend.get_texts()]
+                               for figs in figures.values() for name, fig in figs.items()}))
+"""
 
 
 def test_plot_history_notebook_compares_runs(notebook_run, shared_dir):
     _, run = notebook_run
     nb = execute("plot_history.ipynb", dict(run_dirs=[str(run)],
                                              reference_dir=str(shared_dir / "reference" / "plot_history")),
-                 run.parent)
-    assert len(outputs(nb, "image/png")) >= 4  # errors, ensembles, fixed-LR phase, training curves
+                 run.parent, probe=PROBE_LEGENDS)
     text = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
     assert "reference overlay: " + str(shared_dir / "reference" / "plot_history") in text
+    # One figure per section: errors per checkpoint, ensembles, the fixed-LR phase (the run has one), curves.
+    assert [pngs(cell_with(nb, key)) for key in ('startswith("errors_dropout_")', 'figs["ensembles"]',
+                                                   'figs["fixed_lr"]', 'startswith("training_curves_")')] == [1] * 4
+    assert "no fixed-learning-rate phase" not in text
+    # The reference's published curves are drawn into the comparison plots, not only announced.
+    legends = json.loads(re.search(r"^LEGENDS (.*)$", text, re.M)[1])
+    assert set(legends) == {"errors_dropout_0.2", "ensembles", "fixed_lr", "training_curves_dropout_0.2"}
+    for name in ("errors_dropout_0.2", "ensembles", "fixed_lr"):
+        assert any("reference" in label for label in legends[name]), (name, legends[name])
+    assert any("0.160%" in label for label in legends["ensembles"])  # its best ensemble, 0.16%

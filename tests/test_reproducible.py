@@ -1,10 +1,11 @@
-"""Reproducibility through the command line: the same command twice with the same seed on CPU gives
+"""Reproducibility through the command line: the same settings twice with the same seed on CPU give
 bit-identical results (every history CSV, errors.csv, the text tables, every checkpoint and the members'
-full state), another seed does not, and the run directory records everything needed to rerun it."""
+full state), another seed does not, and the run directory records everything needed to rerun it: the second
+run is started from nothing but the first one's config.json."""
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import json
 import os
 import subprocess
@@ -22,13 +23,38 @@ ARGS = ["--dataset", "mnist", "--dropout", "0.2", "--models", "2", "--epochs", "
         "--batch-size", "32", "--val-fraction", "0.2", "--bn-recalibration", "100", "--seed", "3", "--quiet"]
 
 
-def train(run_dir: Path, data: Path, *extra) -> subprocess.CompletedProcess:
+def cli(argv: list[str], cache: Path) -> subprocess.CompletedProcess:
     # A module fixture runs outside conftest's per-test cache folder: never the user's ~/.cache.
-    env = dict(os.environ, EMNIST_CNN_CACHE=str(data.parent / "decoded-cache"))
-    r = subprocess.run([sys.executable, "-m", "emnist_cnn", "train", "--run-dir", str(run_dir), "--data-dir",
-                        str(data), *ARGS, *extra], capture_output=True, text=True, timeout=600, env=env)
+    env = dict(os.environ, EMNIST_CNN_CACHE=str(cache))
+    r = subprocess.run([sys.executable, "-m", "emnist_cnn", *argv], capture_output=True, text=True, timeout=600,
+                       env=env)
     assert r.returncode == 0, r.stderr[-3000:]
     return r
+
+
+def train(run_dir: Path, data: Path, *extra) -> subprocess.CompletedProcess:
+    return cli(["train", "--run-dir", str(run_dir), "--data-dir", str(data), *ARGS, *extra],
+               data.parent / "decoded-cache")
+
+
+def command_from_record(run: Path, new_run: Path) -> list[str]:
+    """A `train` command for `new_run` built from nothing but RUN/config.json: its settings and data folder."""
+    saved = json.loads((run / "config.json").read_text())
+    config = TrainConfig.from_dict(saved["config"])
+    # Settings without a flag must be at their defaults for a command line to rebuild the run.
+    assert config.lr == TrainConfig().lr and config.augment in (AugmentConfig(), AugmentConfig(enabled=False))
+    assert dataclasses.replace(config.model, precision="float32") == ModelConfig()
+    flags = ["train", "--run-dir", str(new_run), "--data-dir", saved["data"]["data_dir"], "--dataset", config.dataset,
+             "--dropout", *map(str, config.dropouts), "--models", str(config.models), "--epochs", str(config.epochs),
+             "--checkpoint-every", str(config.checkpoint_every), "--batch-size", str(config.batch_size),
+             "--val-fraction", str(config.val_fraction), "--seed", str(config.seed),
+             "--bn-recalibration", str(config.bn_recalibration_images), "--precision", config.model.precision,
+             "--quiet"]
+    if config.limit_train is not None:
+        flags += ["--limit-train", str(config.limit_train)]
+    if not config.augment.enabled:
+        flags.append("--no-augment")
+    return flags
 
 
 def files(run: Path) -> dict[str, Path]:
@@ -59,8 +85,9 @@ def without_seconds(path: Path) -> list[list[str]]:
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("reproducible")
     data = write_mnist_idx(root / "data", *make_tiny_digits(n_train=200, n_test=60))
-    for name, extra in (("a", []), ("b", []), ("other_seed", ["--seed", "4"])):
-        train(root / name, data, *extra)
+    train(root / "a", data)
+    cli(command_from_record(root / "a", root / "b"), root / "decoded-cache")  # b: a rerun from a's record
+    train(root / "other_seed", data, "--seed", "4")
     return root, data
 
 
@@ -120,19 +147,60 @@ def test_the_run_records_everything_needed_to_rerun_it(runs):
     assert argv == ["train", "--run-dir", str(root / "a"), "--data-dir", str(data), *ARGS]
     assert record["fixed_lr"] is None and record["epochs"] == 2
 
-    # The recorded config alone rebuilds the command: flags derived from config.json (only where it differs
-    # from the defaults that have no flag) parse back into the very same TrainConfig.
-    assert config.augment == AugmentConfig() or config.augment == AugmentConfig(enabled=False)
-    assert config.model == ModelConfig() and config.lr == TrainConfig().lr
-    flags = ["train", "--run-dir", str(root / "rebuilt"), "--dataset", config.dataset,
-             "--dropout", *map(str, config.dropouts), "--models", str(config.models), "--epochs", str(config.epochs),
-             "--checkpoint-every", str(config.checkpoint_every), "--batch-size", str(config.batch_size),
-             "--val-fraction", str(config.val_fraction), "--seed", str(config.seed),
-             "--bn-recalibration", str(config.bn_recalibration_images)]
-    if config.limit_train is not None:
-        flags += ["--limit-train", str(config.limit_train)]
-    if not config.augment.enabled:
-        flags.append("--no-augment")
-    args = build_parser().parse_args(flags)
-    assert isinstance(args, argparse.Namespace)
-    assert config_from_args(args) == config
+    # The recorded command line, parsed again for a new run directory (an existing one would lend it its saved
+    # settings), is this very experiment.
+    def parsed(command: list[str]) -> TrainConfig:
+        at = command.index("--run-dir") + 1
+        fresh = [*command[:at], str(root / "never-created"), *command[at + 1:]]
+        return config_from_args(build_parser().parse_args(fresh))
+
+    assert parsed(argv) == config
+    # The config alone rebuilt the command that made run b (bit-identical to a: see the first test).
+    rebuilt = command_from_record(root / "a", root / "b")
+    assert parsed(rebuilt) == config
+    saved_b = json.loads((root / "b" / "config.json").read_text())
+    assert saved_b["config"] == saved["config"]
+    same_data = ("name", "fingerprint", "data_dir", "n_train", "n_val", "n_test", "classes", "mean", "std")
+    assert {k: saved_b["data"][k] for k in same_data} == {k: saved["data"][k] for k in same_data}
+    [record_b] = [json.loads(line) for line in (root / "b" / "invocations.jsonl").read_text().splitlines()]
+    assert record_b["argv"][1:] == rebuilt
+
+
+def test_recorded_versions_are_the_ones_that_ran(runs):
+    """config.json's versions are those of the process that trained, not placeholders."""
+    import platform
+
+    import keras
+    import tensorflow as tf
+
+    import emnist_cnn
+
+    root, _ = runs
+    versions = json.loads((root / "a" / "config.json").read_text())["versions"]
+    assert versions["emnist_cnn"] == emnist_cnn.__version__ and versions["keras"] == keras.__version__
+    assert versions["tensorflow"] == tf.__version__ and versions["numpy"] == np.__version__
+    assert versions["backend"] == keras.backend.backend() and versions["python"] == platform.python_version()
+    assert versions["cpu_count"] == os.cpu_count()
+    assert versions["tf_threads"] == {"intra_op": tf.config.threading.get_intra_op_parallelism_threads(),
+                                      "inter_op": tf.config.threading.get_inter_op_parallelism_threads()}
+
+
+def test_config_records_the_onednn_and_determinism_variables(tmp_path, monkeypatch):
+    """They change TensorFlow's summation order (README, "to the bit"): a run started with them says so."""
+    data = write_mnist_idx(tmp_path / "data", *make_tiny_digits(n_train=200, n_test=60))
+    run = tmp_path / "run"
+    env = dict(os.environ, EMNIST_CNN_CACHE=str(tmp_path / "cache"), TF_ENABLE_ONEDNN_OPTS="0",
+               TF_DETERMINISTIC_OPS="1")
+    r = subprocess.run([sys.executable, "-m", "emnist_cnn", "train", "--run-dir", str(run), "--data-dir", str(data),
+                        "--dataset", "mnist", "--dropout", "0.2", "--models", "1", "--epochs", "1", "--batch-size",
+                        "160", "--val-fraction", "0.2", "--bn-recalibration", "0", "--quiet"],
+                       capture_output=True, text=True, timeout=600, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    recorded = json.loads((run / "config.json").read_text())["versions"]["env"]
+    assert recorded["TF_ENABLE_ONEDNN_OPTS"] == "0" and recorded["TF_DETERMINISTIC_OPS"] == "1"
+    # Unset, they are not recorded (an absent variable is TensorFlow's default, not an empty string).
+    from emnist_cnn.io.rundir import collect_versions
+
+    monkeypatch.delenv("TF_ENABLE_ONEDNN_OPTS", raising=False)
+    monkeypatch.delenv("TF_DETERMINISTIC_OPS", raising=False)
+    assert not {"TF_ENABLE_ONEDNN_OPTS", "TF_DETERMINISTIC_OPS"} & set(collect_versions(threads=False)["env"])

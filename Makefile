@@ -6,6 +6,8 @@ EXTRA ?= cpu
 ARGS ?=
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(EXTRA)
+# make test also installs the JAX and torch backends (CPU builds, about 1.2 GB) for tests/test_backends.py.
+TEST_STAMP := $(VENV)/.installed-$(EXTRA)-backends
 
 .PHONY: run test bench setup clean
 
@@ -17,10 +19,14 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e ".[$(EXTRA),dev]"
 	touch $(STAMP)
 
+$(TEST_STAMP): $(STAMP)
+	$(BIN)/python -m pip install --quiet -e ".[$(EXTRA),dev,backends]"
+	touch $(TEST_STAMP)
+
 run: $(STAMP)
 	$(BIN)/emnist-cnn run $(ARGS)
 
-test: $(STAMP)
+test: $(TEST_STAMP)
 	$(BIN)/python -m pytest $(ARGS)
 
 # Throughput, efficiency and memory figures (about 3 minutes on 2 idle cores); ARGS="--quick", "--json PATH", "--only KEY".

@@ -30,12 +30,13 @@ def build_model(
     std: float = EMNIST_DIGITS_STD,
     cfg: ModelConfig | None = None,
     name: str = "emnist_cnn",
+    seed: int | None = None,
 ) -> keras.Model:
     """The reference CNN: takes upright [0, 1] pixels (N, 28, 28, 1), returns softmax.
 
     Normalization with the training split's mean and std is the first layer, so
     a saved model needs no preprocessing beyond scaling pixels to [0, 1].
-    601,578 parameters for 10 classes.
+    601,578 parameters for 10 classes. `seed` seeds the dropout masks.
     """
     cfg = cfg or ModelConfig()
     # Variables stay float32 under mixed_bfloat16, so checkpoints load into either precision.
@@ -74,7 +75,10 @@ def build_model(
     x = keras.layers.Dense(512, dtype=policy)(x)
     x = act()(x)
     x = bn()(x)
-    x = keras.layers.Dropout(dropout, dtype=policy)(x)
+    # An unseeded Dropout on torch draws from torch's global generator, which no state file
+    # restores; a seeded one keeps its stream in a variable that is saved and resumed. 31 bits: some
+    # backends keep that variable as int32.
+    x = keras.layers.Dropout(dropout, seed=None if seed is None else seed & 0x7FFFFFFF, dtype=policy)(x)
     # The softmax and the loss stay in float32 whatever the compute precision.
     outputs = keras.layers.Dense(num_classes, activation="softmax", name="probabilities", dtype="float32")(x)
     return keras.Model(inputs, outputs, name=name)

@@ -7,7 +7,7 @@ softmax out, normalization inside):
   (``keras.models.model_from_json`` then ``load_weights``), no import of this package;
 - ``keras``: ``model.keras``, ``keras.saving.load_model``;
 - ``saved_model``: a TensorFlow SavedModel for serving (``model.export``), endpoint ``serve``;
-- ``onnx``: ``model.onnx`` via tf2onnx (TensorFlow backend), input ``pixels``.
+- ``onnx``: ``model.onnx`` (Keras' exporter: tf2onnx, jax2onnx or torch.onnx), input ``pixels``.
 
 An ensemble is exported as one model whose output is the mean of its members'
 softmax outputs, so it deploys as one file.
@@ -15,6 +15,7 @@ softmax outputs, so it deploys as one file.
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 import os
@@ -23,6 +24,8 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
+
+import numpy as np
 
 from ..config import TrainConfig
 from ..core.metrics import ErrorRate
@@ -48,7 +51,7 @@ def export_model(model, out_dir, *, metadata: dict | None = None, formats: Seque
                  strict: bool = False) -> dict:
     """Write ``model`` in every requested format into ``out_dir``, then ``metadata.json``.
 
-    A format this stack cannot produce (ONNX without tf2onnx, SavedModel off the
+    A format this stack cannot produce (ONNX without its converter, SavedModel off the
     TensorFlow backend) is skipped with a warning and recorded under
     "skipped", unless ``strict``, where it is an :class:`ExportError`.
     Returns the metadata written (with "files" and "skipped").
@@ -145,12 +148,17 @@ def _write_saved_model(model, path: Path) -> None:
 def _write_onnx(model, path: Path) -> None:
     import keras
 
+    # Keras converts through tf2onnx on TensorFlow, jax2onnx on JAX and torch's own exporter on torch.
+    converter = {"tensorflow": "tf2onnx", "jax": "jax2onnx"}.get(keras.backend.backend())
     try:
         import onnx  # noqa: F401
-        if keras.backend.backend() == "tensorflow":
-            import tf2onnx  # noqa: F401
+
+        if converter:
+            importlib.import_module(converter)
     except ImportError as exc:
-        raise _Unsupported(f"{exc.name} is not installed (pip install tf2onnx onnx)") from exc
+        raise _Unsupported(f"{exc.name} is not installed (pip install onnx {converter or ''})".rstrip()) from exc
+    # Keras exports only a model that has been called; a model just loaded or built has not.
+    model(np.zeros((1, *model.inputs[0].shape[1:]), np.float32), training=False)
     logging.getLogger("tf2onnx").setLevel(logging.ERROR)
     # Keras' Normalization keeps mean and variance as eager tensors; tf2onnx turns such
     # captured tensors into extra graph inputs. As numpy arrays they become constants.
@@ -360,7 +368,7 @@ def _export_metadata(run: RunDir, config: TrainConfig, saved: dict, sel: Selecti
         "parameters": parameters,
         "created": format_utc_now(),
         "versions": {k: v for k, v in collect_versions(threads=False).items()
-                     if k in ("emnist_cnn", "keras", "backend", "tensorflow")},
+                     if k in ("emnist_cnn", "keras", "backend", "tensorflow", "jax", "torch")},
     }
     if "imported" in saved:
         meta["imported_from"] = saved["imported"].get("from")

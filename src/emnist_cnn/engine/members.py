@@ -76,7 +76,7 @@ def build_member_model(config: TrainConfig, data: PreparedData, dropout: float, 
     from ..core.model import build_model, compile_model
 
     keras.utils.set_random_seed(seed)
-    model = build_model(data.num_classes, dropout, data.mean, data.std, config.model)
+    model = build_model(data.num_classes, dropout, data.mean, data.std, config.model, seed=seed)
     if compiled:
         compile_model(model, config.lr)
         model.optimizer.build(model.trainable_variables)
@@ -179,12 +179,13 @@ def _train_group_epoch(group: list[Member], ctx: TrainContext, trainer) -> None:
             sums = _run_steps([m], ctx, lambda xs, ys, m=m: [_member_step(m, xs[0], ys[0])])
             _finish_epoch(m, m.epoch + 1, sums[0], time.perf_counter() - t0, ctx)
         return
-    from ..core.model import copy_optimizer_state, fused_member_logs
+    from ..core.model import copy_optimizer_state, fused_member_logs, read_variable
 
     t0 = time.perf_counter()
     for m in group:
         copy_optimizer_state(m.model.optimizer, trainer.optimizer, m.model.trainable_variables)
-    trainer.optimizer.learning_rate.assign(group[0].model.optimizer.learning_rate)
+    # A float, not the member's variable: JAX may have donated that variable's buffer to a step.
+    trainer.optimizer.learning_rate.assign(float(read_variable(group[0].model.optimizer.learning_rate)))
 
     def step(xs, ys):
         logs = trainer.train_on_batch(xs, ys, return_dict=True)

@@ -66,6 +66,13 @@ def open_run(run: RunDir, config: TrainConfig, data: PreparedData) -> TrainConfi
                 f"{run} was trained on different data (fingerprint {old_fp[:12]} vs {data.fingerprint[:12]}); "
                 "use the same data files or a new --run-dir"
             )
+        now, before = collect_versions(), saved.get("versions", {})
+        # Keys both records hold: a run recorded by an older release lacks some, or has others.
+        changed = sorted(k for k in (set(now) & set(before)) - {"platform"} if now[k] != before[k])
+        if changed:
+            # Allowed (a run may move to another machine), but its resume is then no longer bit-identical.
+            log.warning("%s: resumed with different %s than the run started with (see invocations.jsonl); "
+                        "results will not match an uninterrupted run to the bit", run, ", ".join(changed))
         saved["config"] = config.to_dict()
         saved["updated"] = format_utc_now()
         run.write_record(saved)
@@ -139,7 +146,7 @@ def train_ensembles(config: TrainConfig, run_dir, data: PreparedData, *, fixed_l
         run.remove_stale_temporaries()
         config = open_run(run, config, data)
         run.append_invocation({"time": format_utc_now(), "argv": sys.argv, "epochs": config.epochs,
-                               "fixed_lr": fixed_lr, "fused": fused})
+                               "fixed_lr": fixed_lr, "fused": fused, "versions": collect_versions()})
         lr = fixed_lr if fixed_lr is not None else config.lr
         ctx = TrainContext(run, config, data, sample_calibration_images(config, data), verbose,
                            fused_by_default() if fused is None else fused)

@@ -342,13 +342,28 @@ def collect_versions(*, threads: bool = True) -> dict:
     versions["cpu_count"] = os.cpu_count()
     versions["env"] = {k: os.environ[k] for k in ("TF_ENABLE_ONEDNN_OPTS", "TF_DETERMINISTIC_OPS",
                                                   "OMP_NUM_THREADS", "CUDA_VISIBLE_DEVICES") if k in os.environ}
+    # Only the backend's own library: importing TensorFlow under JAX or torch costs seconds and says nothing.
+    backend = versions["backend"]
     try:
-        import tensorflow as tf
+        if backend == "tensorflow":
+            import tensorflow as tf
 
-        versions["tensorflow"] = tf.__version__
-        if threads:
-            versions["tf_threads"] = {"intra_op": tf.config.threading.get_intra_op_parallelism_threads(),
-                                      "inter_op": tf.config.threading.get_inter_op_parallelism_threads()}
+            versions["tensorflow"] = tf.__version__
+            if threads:
+                versions["tf_threads"] = {"intra_op": tf.config.threading.get_intra_op_parallelism_threads(),
+                                          "inter_op": tf.config.threading.get_inter_op_parallelism_threads()}
+        elif backend == "jax":
+            import jax
+            import jaxlib
+
+            versions["jax"], versions["jaxlib"] = jax.__version__, jaxlib.__version__
+        elif backend == "torch":
+            import torch
+
+            versions["torch"] = torch.__version__
+            if threads:
+                versions["torch_threads"] = {"intra_op": torch.get_num_threads(),
+                                             "inter_op": torch.get_num_interop_threads()}
     except ImportError:
         pass
     return versions

@@ -3,11 +3,16 @@
 import csv
 import gzip
 import os
+import socket
 import struct
+import threading
 from pathlib import Path
 
 import numpy as np
 import pytest
+from localhttp import FakeServer, Handler, HTTPServer
+
+from emnist_cnn.io.download import MIRROR_ENV
 
 # ../shared next to the project root: real data on developer and CI machines only.
 SHARED_DIR = Path(__file__).resolve().parents[1].parent / "shared"
@@ -176,3 +181,39 @@ def optional_module(name: str, why: str):
     except ImportError:
         warnings.warn(_missing_dependency(name, why), stacklevel=2)
         return None
+
+
+# --------------------------------------------------------------------------- no network but 127.0.0.1
+
+
+@pytest.fixture
+def server():
+    state = FakeServer()
+    httpd = HTTPServer(("127.0.0.1", 0), Handler)
+    httpd.state = state
+    state.url = f"http://127.0.0.1:{httpd.server_address[1]}"
+    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    try:
+        yield state
+    finally:
+        state.release.set()
+        httpd.shutdown()
+        httpd.server_close()
+        thread.join(5)
+
+
+@pytest.fixture
+def offline_network(monkeypatch):
+    """Only 127.0.0.1 may be resolved, and no proxy or user setting leaks in."""
+    for var in ("http_proxy", "https_proxy", "all_proxy", "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY",
+                MIRROR_ENV, "EMNIST_CNN_DATA"):
+        monkeypatch.delenv(var, raising=False)
+    real = socket.getaddrinfo
+
+    def local_only(host, *args, **kwargs):
+        if host not in ("127.0.0.1", "localhost"):
+            raise socket.gaierror(socket.EAI_NONAME, f"test refuses to resolve {host}")
+        return real(host, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", local_only)

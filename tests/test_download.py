@@ -1,26 +1,25 @@
-"""Tests for emnist_cnn.download against a local HTTP server on 127.0.0.1 (never the internet)."""
+"""Tests for emnist_cnn.io.download against a local HTTP server on 127.0.0.1 (never the internet)."""
 
 from __future__ import annotations
 
 import gzip
-import hashlib
-import io
 import logging
 import random
-import re
 import socket
 import struct
-import threading
 import time
-import zipfile
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 
+from localhttp import STALL_SECONDS, STALL_TIMEOUT, make_zip, md5
+
 from emnist_cnn.io import download as dl
 from emnist_cnn.io.datasets import default_data_dir
 from emnist_cnn.errors import ConfigError, DownloadError
+
+# Every test here: only 127.0.0.1 resolves, and no proxy or mirror setting leaks in.
+pytestmark = pytest.mark.usefixtures("offline_network")
 
 IDX_PARTS = (
     "train-images-idx3-ubyte",
@@ -28,124 +27,6 @@ IDX_PARTS = (
     "test-images-idx3-ubyte",
     "test-labels-idx1-ubyte",
 )
-
-
-def md5(data: bytes) -> str:
-    return hashlib.md5(data).hexdigest()
-
-
-# --------------------------------------------------------------------------- local server
-
-# A stalled server stays silent far longer than the client's stall timeout, which leaves a loaded 2-core
-# machine seconds of slack to deliver the data sent before the stall: the client times out on the stall,
-# never on a slow moment before it, and well before the stall ends.
-STALL_SECONDS = 60
-STALL_TIMEOUT = 3
-
-
-class FakeServer:
-    """State shared with the handler: files to serve, failure switches and a request log."""
-
-    def __init__(self) -> None:
-        self.files: dict[str, bytes] = {}
-        self.ignore_range = False
-        self.stall_headers = False  # stall before sending the status line
-        self.stall_after: int | None = None  # send this many body bytes, then stall
-        self.cut_after: int | None = None  # send this many body bytes, then close
-        self.requests: list[tuple[str, str | None]] = []  # (path, Range header)
-        self.release = threading.Event()  # ends every stall (set when the test ends)
-        self.stalled = threading.Event()  # set when a handler starts stalling
-        self.url = ""
-
-    def ranges(self) -> list[str | None]:
-        return [r for _, r in self.requests]
-
-
-class _Handler(BaseHTTPRequestHandler):
-    def log_message(self, format, *args):  # noqa: A002 - keep test output quiet
-        pass
-
-    def do_GET(self):  # noqa: N802
-        srv: FakeServer = self.server.state
-        rng = self.headers.get("Range")
-        srv.requests.append((self.path, rng))
-        if srv.stall_headers:
-            srv.stalled.set()
-            srv.release.wait(STALL_SECONDS)
-            return
-        data = srv.files.get(self.path)
-        if data is None:
-            self.send_error(404)
-            return
-        start = 0
-        if rng and not srv.ignore_range:
-            start = int(re.fullmatch(r"bytes=(\d+)-", rng).group(1))
-            if start >= len(data):
-                self.send_response(416)
-                self.send_header("Content-Range", f"bytes */{len(data)}")
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-                return
-            self.send_response(206)
-            self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
-        else:
-            self.send_response(200)
-        body = data[start:]
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        if srv.stall_after is not None:
-            self.wfile.write(body[: srv.stall_after])
-            self.wfile.flush()
-            srv.stalled.set()
-            srv.release.wait(STALL_SECONDS)
-            return
-        if srv.cut_after is not None:
-            self.wfile.write(body[: srv.cut_after])
-            self.wfile.flush()
-            self.close_connection = True
-            return
-        self.wfile.write(body)
-
-
-class _HTTPServer(ThreadingHTTPServer):
-    daemon_threads = True
-    block_on_close = False  # don't wait for stalled handlers on close
-
-    def handle_error(self, request, client_address):
-        pass  # the client hanging up on a stalled handler is expected
-
-
-@pytest.fixture
-def server():
-    state = FakeServer()
-    httpd = _HTTPServer(("127.0.0.1", 0), _Handler)
-    httpd.state = state
-    state.url = f"http://127.0.0.1:{httpd.server_address[1]}"
-    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    try:
-        yield state
-    finally:
-        state.release.set()
-        httpd.shutdown()
-        httpd.server_close()
-        thread.join(5)
-
-
-@pytest.fixture(autouse=True)
-def _offline(monkeypatch):
-    """Only 127.0.0.1 may be resolved, and no proxy or user setting leaks in."""
-    for var in ("http_proxy", "https_proxy", "all_proxy", "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY",
-                dl.MIRROR_ENV, "EMNIST_CNN_DATA"):
-        monkeypatch.delenv(var, raising=False)
-    real = socket.getaddrinfo
-
-    def local_only(host, *args, **kwargs):
-        if host not in ("127.0.0.1", "localhost"):
-            raise socket.gaierror(socket.EAI_NONAME, f"test refuses to resolve {host}")
-        return real(host, *args, **kwargs)
-
-    monkeypatch.setattr(socket, "getaddrinfo", local_only)
 
 
 # --------------------------------------------------------------------------- fake EMNIST archive
@@ -168,14 +49,6 @@ def split_files(split: str, rng: random.Random) -> dict[str, bytes]:
         files[f"emnist-{split}-{part}.gz"] = gzip.compress(raw, mtime=0)
     files[f"emnist-{split}-mapping.txt"] = "".join(f"{i} {48 + i}\n" for i in range(10)).encode()
     return files
-
-
-def make_zip(members: dict[str, bytes]) -> bytes:
-    buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w", zipfile.ZIP_STORED) as zf:
-        for name, data in members.items():
-            zf.writestr(zipfile.ZipInfo(name), data)
-    return buf.getvalue()
 
 
 @pytest.fixture(scope="module")

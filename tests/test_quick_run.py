@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from conftest import make_tiny_digits, read_csv, run_cli
-from test_download import _offline, make_zip, md5, server  # noqa: F401  (fixtures: the local server, no network)
+from localhttp import make_zip, md5
 
 import emnist_cnn  # noqa: F401  (selects the backend before keras is imported)
 from emnist_cnn.cli import build_parser, config_from_args
@@ -93,8 +93,8 @@ def _emnist_digits_gzip_zip(x_train, y_train, x_test, y_test) -> dict[str, bytes
     }
 
 
-@pytest.mark.usefixtures("_offline")
-def test_first_run_downloads_emnist_then_trains_evaluates_plots_and_reports(server, tmp_path,  # noqa: F811
+@pytest.mark.usefixtures("offline_network")
+def test_first_run_downloads_emnist_then_trains_evaluates_plots_and_reports(server, tmp_path,
                                                                              monkeypatch, capsys):
     digits = make_tiny_digits(n_train=300, n_test=100, seed=1)
     members = _emnist_digits_gzip_zip(*digits)

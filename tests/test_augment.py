@@ -1,4 +1,4 @@
-"""Tests for emnist_cnn.augment: the reference's Keras 2.0.8 ImageDataGenerator warp.
+"""Tests for emnist_cnn.core.augment: the reference's Keras 2.0.8 ImageDataGenerator warp.
 
 The reference (github.com/j05t/emnist) trained with
 ``ImageDataGenerator(rotation_range=12, width_shift_range=0.1,

@@ -9,7 +9,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from conftest import planned_steps, read_csv
@@ -219,20 +218,21 @@ def test_resume_with_changed_experiment_is_refused(tmp_path, tiny_mnist_dir):
 
 
 @pytest.mark.slow
-def test_real_mnist_ensemble_reaches_two_percent(tmp_path, shared_dir):
-    """The issue's bar: 2 members x 8 epochs on 10,000 real digits, ensemble test error <= 2.0%."""
+def test_real_mnist_run_reaches_the_measured_error(tmp_path, shared_dir):
+    """`run` on the 10,000 real MNIST training digits, 2 members x 4 epochs: measured 1.24% ensemble test
+    error (124/10,000), members 1.51% and 1.79% (151, 179). The bounds leave about a fifth for other CPUs'
+    rounding; the ensemble must beat both members."""
     run = tmp_path / "run"
     r = cli("run", "--run-dir", run, "--dataset", "mnist", "--data-dir", shared_dir / "data" / "mnist",
-            "--models", "2", "--epochs", "8", "--checkpoint-every", "4", "--batch-size", "128", "--quiet",
+            "--models", "2", "--epochs", "4", "--checkpoint-every", "4", "--batch-size", "128", "--quiet",
             timeout=1200)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "ensemble" in r.stdout and "test error" in r.stdout
-    rows = read_csv(run / "dropout_0.2" / "history" / "errors.csv")
-    ens = next(row for row in rows if row["model"] == "ensemble" and row["split"] == "test"
-               and row["epoch"] == "8")
-    print(f"real MNIST ensemble test error after 8 epochs: {ens['error_pct']}% ({ens['n_errors']}/{ens['n']})")
-    assert int(ens["n"]) == 10_000
-    assert float(ens["error_pct"]) <= 2.0
-    members = [float(row["error_pct"]) for row in rows
-               if row["split"] == "test" and row["epoch"] == "8" and row["model"] != "ensemble"]
-    assert len(members) == 2 and np.mean(members) < 3.0
+    rows = [row for row in read_csv(run / "dropout_0.2" / "history" / "errors.csv")
+            if row["split"] == "test" and row["epoch"] == "4"]
+    errors = {row["model"]: int(row["n_errors"]) for row in rows}
+    print(f"real MNIST test errors after 4 epochs (of 10,000): {errors}")
+    assert {int(row["n"]) for row in rows} == {10_000} and set(errors) == {"0", "1", "ensemble"}
+    assert errors["ensemble"] <= 150
+    assert max(errors["0"], errors["1"]) <= 215
+    assert errors["ensemble"] <= min(errors["0"], errors["1"])

@@ -1,4 +1,4 @@
-"""Tests for emnist_cnn.data: NIST formats, orientation, validation, cache, splits."""
+"""Tests for emnist_cnn.io.nist_files and io.datasets: NIST formats, orientation, validation, cache, splits."""
 
 import gzip
 import json

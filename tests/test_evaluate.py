@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from emnist_cnn.core.metrics import confusion_matrix, ensemble_probabilities, evaluate_error, misclassified_rows
-from conftest import REFERENCE_MNIST_ERRORS
+from conftest import REFERENCE_MNIST_ERRORS, run_cli
 from emnist_cnn.engine.evaluate import evaluate_ensemble, predict_with_tta
 
 
@@ -143,6 +143,16 @@ def test_evaluate_tables_epochs_and_errors(tiny_run):
     assert r.returncode == 2 and "available: 1, 2" in r.stderr and "Traceback" not in r.stderr
     r = run_cli_subprocess("evaluate", "--run-dir", run, "--dropout", "0.5")
     assert r.returncode == 2 and "not in this run" in r.stderr
+
+
+def test_a_run_record_without_its_data_fingerprint_is_one_clear_error(tiny_run, tmp_path, capsys):
+    run, _ = tiny_run
+    saved = json.loads((run / "config.json").read_text())
+    del saved["data"]["fingerprint"]
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    assert run_cli(["evaluate", "--run-dir", tmp_path]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].endswith("config.json: unreadable run configuration (no data fingerprint)"), err
 
 
 def test_evaluate_our_weight_files_outside_the_run(tiny_run, tmp_path):

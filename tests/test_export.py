@@ -17,7 +17,9 @@ from conftest import REQUIRE_DEPS_ENV, optional_module, require_module, run_cli
 import keras
 from emnist_cnn.errors import ConfigError
 from emnist_cnn.core.model import build_averaged_ensemble, build_model
-from emnist_cnn.engine.export import FORMATS, export_model, export_run, load_member
+from emnist_cnn.engine.export import FORMATS, export_model, export_run
+from emnist_cnn.io.rundir import RunDir
+from emnist_cnn.io.weights import load_checkpoint_model
 from emnist_cnn.engine.prepare import load_run_data
 
 TOLERANCE = 1e-5  # max abs difference of probabilities, as the issue asks
@@ -85,7 +87,7 @@ def test_best_member_and_ensemble_round_trip_in_every_format(run_dir, tmp_path):
     n_val, n_test = len(data.y_val), len(data.y_test)
     assert (n_val, n_test) == (120, 200)
     # "Best" from the members' own predictions on the validation split (the first on a tie).
-    members = [load_member(run_dir, 0.2, 2, i) for i in (0, 1)]
+    members = [load_checkpoint_model(RunDir(run_dir), 0.2, 2, i) for i in (0, 1)]
     member_val = [_n_errors(m.predict(_scaled(data.x_val), verbose=0), data.y_val) for m in members]
     best = min((0, 1), key=lambda i: (member_val[i], i))
 

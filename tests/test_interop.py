@@ -267,6 +267,16 @@ def test_import_needs_members_numbered_from_zero(tmp_path, tiny_mnist_dir):
     write_keras2_weights(_randomized_model(0), weights / "010epochs_weights_model_1.pkl")
     with pytest.raises(DataError, match="needs members 0..0"):
         import_reference(tmp_path / "ref", tmp_path / "run", dataset="mnist", data_dir=tiny_mnist_dir)
+    # --models N keeps members 0..N-1 of every rate; a rate without them is refused, not dropped.
+    with pytest.raises(DataError, match=r"dropout 0.2 has members \[1\]; a run needs members 0..0"):
+        import_reference(tmp_path / "ref", tmp_path / "run", dataset="mnist", data_dir=tiny_mnist_dir, models=1)
+    other = tmp_path / "ref" / "dropout_0.5" / "weights"
+    other.mkdir(parents=True)
+    for i in (0, 1):
+        write_keras2_weights(_randomized_model(i), other / f"010epochs_weights_model_{i}.pkl")
+    with pytest.raises(DataError, match=r"dropout 0.2 has members \[1\]; a run needs members 0..1"):
+        import_reference(tmp_path / "ref", tmp_path / "run", dataset="mnist", data_dir=tiny_mnist_dir, models=2)
+    assert not (tmp_path / "run").exists()
     with pytest.raises(DataError, match="no reference weight files"):
         import_reference(tmp_path, tmp_path / "run2", dataset="mnist", data_dir=tiny_mnist_dir)
 

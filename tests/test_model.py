@@ -1,4 +1,4 @@
-"""Tests for emnist_cnn.model: the reference CNN, BatchNormalization recalibration, prediction.
+"""Tests for emnist_cnn.core.model: the reference CNN, BatchNormalization recalibration, prediction.
 
 The reference (github.com/j05t/emnist, Keras 2.0.8) is a Sequential of
 Conv2D(32) LeakyReLU BN, Conv2D(32) LeakyReLU MaxPool BN, Conv2D(64) LeakyReLU

@@ -136,6 +136,25 @@ def test_a_checkpoint_file_finds_its_run(tmp_path):
     loose = tmp_path / "016epochs_weights_model_3.weights.h5"
     loose.write_bytes(b"")
     assert RunDir.find_checkpoint(loose) is None
+    # Names the run would not give this checkpoint are other files, not this member at that epoch.
+    for other in (path.with_name("16epochs_weights_model_3.weights.h5"),
+                  run.path / "dropout_0.250" / "weights" / path.name):
+        other.parent.mkdir(parents=True, exist_ok=True)
+        other.write_bytes(b"")
+        assert RunDir.find_checkpoint(other) is None, other
+
+
+def test_normalization_and_dropout_rates_come_from_the_record(tmp_path):
+    run = RunDir(tmp_path)
+    config = TrainConfig(dataset="mnist", dropouts=(0.2, 0.35))
+    run.write_record({"config": config.to_dict(), "data": {"classes": "0123456789", "mean": 0.13, "std": 0.3}})
+    assert run.read_normalization() == ("0123456789", 0.13, 0.3)
+    assert config.find_dropout(0.350) == 0.35
+    with pytest.raises(ConfigError, match=r"--dropout 0.5 is not in this run \(it has 0.2, 0.35\)"):
+        config.find_dropout(0.5)
+    run.write_record({"config": config.to_dict(), "data": {"classes": "0123456789", "mean": 0.13}})
+    with pytest.raises(RunDirError, match=r"config\.json: unreadable run configuration \(data 'std'\)"):
+        run.read_normalization()
 
 
 def test_latest_evaluation_is_the_newest_plain_test_one(tmp_path):

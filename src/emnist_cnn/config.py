@@ -109,6 +109,14 @@ class TrainConfig:
         _check(self.bn_recalibration_images >= 0, "--bn-recalibration", "must be >= 0",
                self.bn_recalibration_images)
 
+    def find_dropout(self, dropout: float) -> float:
+        """The run's own rate equal to `dropout` (as typed, 0.20 is 0.2), else a ConfigError listing them."""
+        for d in self.dropouts:
+            if abs(d - dropout) < 1e-9:
+                return d
+        rates = ", ".join(f"{d:g}" for d in self.dropouts)
+        raise ConfigError(f"--dropout {dropout:g} is not in this run (it has {rates})")
+
     def checkpoint_epochs(self) -> list[int]:
         """Epochs at which weights are saved and the ensemble evaluated (always the last)."""
         epochs = list(range(self.checkpoint_every, self.epochs + 1, self.checkpoint_every))

@@ -20,7 +20,7 @@ from ..core.selection import rank_on_validation
 from ..errors import ConfigError, DataError
 from ..io.download import load_or_download
 from ..io.files import atomic_write_text
-from ..io.rundir import EVALUATION_FILES, RunDir
+from ..io.rundir import EVALUATION_FILES, RunDir, dropout_dirname
 from ..io.weights import load_checkpoint_model, load_member_model
 from .prepare import load_run_data
 
@@ -105,11 +105,7 @@ def evaluate_run(run_dir, *, dropouts=None, epoch="latest", split: str = "test",
         raise ConfigError(f"--split must be test or val, got {split!r}")
     if data is None or config is None:
         config, data = load_run_data(run.path, data_dir)
-    rates = list(config.dropouts) if dropouts is None else list(dropouts)
-    for d in rates:
-        if d not in config.dropouts:
-            raise ConfigError(f"--dropout {d:g} is not in this run (it has "
-                              f"{', '.join(f'{x:g}' for x in config.dropouts)})")
+    rates = list(config.dropouts) if dropouts is None else [config.find_dropout(d) for d in dropouts]
     x, y = (data.x_test, data.y_test) if split == "test" else (data.x_val, data.y_val)
     if len(y) == 0:
         raise ConfigError(f"--split {split}: this run has no {split} images (val_fraction 0?)")
@@ -125,7 +121,7 @@ def evaluate_run(run_dir, *, dropouts=None, epoch="latest", split: str = "test",
                                                 ensemble_probabilities(probs), y, data.classes)
         ensembles.append(result)
         all_probs += probs
-        all_names += [f"dropout_{d:g}/model_{n}" for n in names]
+        all_names += [f"{dropout_dirname(d)}/model_{n}" for n in names]
     overall = evaluate_ensemble(all_probs, y, all_names)
     return {"dataset": data.name, "split": split, "n": int(len(y)), "tta": tta,
             "members": overall["members"], "ensemble": overall["ensemble"], "ensembles": ensembles}
@@ -200,12 +196,8 @@ def _file_normalization(path: Path) -> tuple[float, float]:
     found = RunDir.find_checkpoint(path)
     if found is None:
         return EMNIST_DIGITS_MEAN, EMNIST_DIGITS_STD
-    run = found[0]
-    try:
-        data = run.read_record()["data"]
-        return float(data["mean"]), float(data["std"])
-    except (KeyError, TypeError, ValueError) as exc:
-        raise DataError(f"{run.config_path}: unreadable run configuration ({exc})") from exc
+    _, mean, std = found[0].read_normalization()
+    return mean, std
 
 
 def _write_evaluation(folder: Path, result: dict, ens_probs: np.ndarray, labels: np.ndarray, classes) -> dict:

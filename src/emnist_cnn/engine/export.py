@@ -35,7 +35,7 @@ from ..io.files import atomic_write_json, atomic_write_text
 from ..io.rundir import RunDir, choose_image_preprocessing, collect_versions, format_utc_now
 from ..io.weights import load_checkpoint_model
 
-__all__ = ["FORMATS", "FILES", "Selection", "export_model", "export_run", "select_export", "load_member"]
+__all__ = ["FORMATS", "FILES", "Selection", "export_model", "export_run", "select_export"]
 
 log = logging.getLogger(__name__)
 
@@ -246,11 +246,7 @@ def select_export(run: RunDir, config: TrainConfig, *, dropout: float | None = N
     which = _parse_model(model)
     if isinstance(which, int) and not 0 <= which < config.models:
         raise ConfigError(f"--model {which}: the run has members 0..{config.models - 1}")
-    rates = list(config.dropouts)
-    if dropout is not None:
-        rates = [d for d in config.dropouts if abs(d - dropout) < 1e-9]
-        if not rates:
-            raise ConfigError(f"--dropout {dropout:g}: the run has {', '.join(f'{d:g}' for d in config.dropouts)}")
+    rates = list(config.dropouts) if dropout is None else [config.find_dropout(dropout)]
     candidates = [c for d in rates if (c := _select_one(run, config, d, epoch, which)) is not None]
     if not candidates:
         what = "every member" if not isinstance(which, int) else f"member {which}"
@@ -308,11 +304,6 @@ def _select_one(run: RunDir, config: TrainConfig, dropout: float, epoch, which) 
                     errors.get((str(best), "test")))
     sel.notes.append(f"member {best} chosen: lowest validation error at epoch {chosen_epoch}")
     return sel
-
-
-def load_member(run_dir, dropout: float, epoch: int, index: int):
-    """One member of a run at a checkpoint, as our Keras model (normalization from config.json)."""
-    return load_checkpoint_model(RunDir(run_dir), dropout, epoch, index)
 
 
 def _error_dict(rate: ErrorRate | None) -> dict | None:

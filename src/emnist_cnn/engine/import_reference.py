@@ -56,12 +56,11 @@ def import_reference(ref_dir, run_dir, *, dataset: str = "emnist-digits", data_d
     Returns {"run_dir", "config", "members": [...], "errors": {dropout: last checkpoint's ErrorRecords}}.
     """
     ref_dir, run = Path(ref_dir), RunDir(run_dir)
+    if models is not None and models < 1:
+        raise ConfigError(f"--models must be >= 1, got {models}")
     files = find_reference_files(ref_dir)
-    if models is not None:
-        if models < 1:
-            raise ConfigError(f"--models must be >= 1, got {models}")
-        files = [f for f in files if f.index < models]
     config = _import_config(ref_dir, files, models, dataset, settings)
+    files = [f for f in files if f.index < config.models]
     with run.lock():
         if run.exists():
             raise RunDirError(f"{run} already holds a run (config.json); import into a new --run-dir")
@@ -91,13 +90,14 @@ def import_reference(ref_dir, run_dir, *, dataset: str = "emnist-digits", data_d
 
 def _import_config(ref_dir: Path, files: list[ReferenceFile], models: int | None, dataset: str,
                    settings: dict | None) -> TrainConfig:
-    """The run's TrainConfig: rates, member count and epochs from the files, the rest from `settings`."""
+    """The run's TrainConfig: rates, member count (all, or the first `models`) and epochs from the files,
+    the rest from `settings`."""
     rates = sorted({f.dropout for f in files})
     count = None
     for r in rates:
         idx = sorted({f.index for f in files if f.dropout == r})
         n = models if models is not None else len(idx)
-        if idx != list(range(n)):
+        if idx[:n] != list(range(n)):
             raise DataError(f"{ref_dir}: dropout {r:g} has members {idx}; a run needs members 0..{n - 1}")
         if count is not None and n != count:
             raise DataError(f"{ref_dir}: dropout rates have different member counts ({count} vs {n}); "
@@ -107,9 +107,8 @@ def _import_config(ref_dir: Path, files: list[ReferenceFile], models: int | None
     bad = {"dataset", "dropouts", "models", "epochs"} & set(settings)
     if bad:
         raise ConfigError(f"settings {', '.join(sorted(bad))} come from the reference files, not from options")
-    settings.setdefault("checkpoint_every", 16)
     return TrainConfig(dataset=dataset, dropouts=tuple(rates), models=count or 1,
-                       epochs=max(f.epoch for f in files), **settings)
+                       epochs=max(f.epoch for f in files if f.index < (count or 1)), **settings)
 
 
 def _import_member(run: RunDir, config: TrainConfig, data: PreparedData, files: list[ReferenceFile],

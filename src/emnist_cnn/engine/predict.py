@@ -340,7 +340,7 @@ def _load_run_weights(path: Path) -> Predictor:
     run, dropout, epoch, index = found
     saved = run.read_record()
     config = run.read_config()
-    classes = list(str(saved["data"].get("classes", "0123456789")))
+    classes = list(run.read_normalization()[0])
     model = load_checkpoint_model(run, dropout, epoch, index, config=config)
     return Predictor(str(path), "run weights", classes, choose_image_preprocessing(config, saved), _keras_fn(model))
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from ..config import TrainConfig
-from ..errors import DataError
+from ..errors import DataError, RunDirError
 from ..io.datasets import Dataset, split_validation, subsample_stratified
 from ..io.download import load_or_download
 from ..io.rundir import RunDir
@@ -82,7 +82,9 @@ def load_run_data(run_dir, data_dir=None, *, download: bool = False) -> tuple[Tr
     run = RunDir(run_dir)
     saved = run.read_record()
     config = run.read_config()
-    fingerprint = saved["data"]["fingerprint"]
+    fingerprint = saved["data"].get("fingerprint")
+    if not isinstance(fingerprint, str):
+        raise RunDirError(f"{run.config_path}: unreadable run configuration (no data fingerprint)")
     data_dir = data_dir or saved["data"].get("data_dir")
     dataset, data_dir = load_or_download(config.dataset, data_dir, download=download)
     if dataset.fingerprint != fingerprint:

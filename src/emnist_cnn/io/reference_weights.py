@@ -1,4 +1,4 @@
-"""The reference workflow's Keras 2 weight files: read, convert, check, import as a run.
+"""The reference workflow's Keras 2 weight files: read, convert, check (engine.import_reference makes a run of them).
 
 The reference (a 2017 notebook workflow on Keras 2.0.8 with the Theano backend)
 saved its members with ``model.save_weights``. Despite the ``.pkl`` ending those

@@ -86,7 +86,11 @@ class RunDir:
         except ValueError:
             return None
         run = cls(path.parents[2])
-        return (run, dropout, int(m.group(1)), int(m.group(2))) if run.config_path.is_file() else None
+        epoch, index = int(m.group(1)), int(m.group(2))
+        # Only the run's own name for it ("16epochs_..." or "dropout_0.20" would name another file).
+        if not run.config_path.is_file() or run.weights_path(dropout, epoch, index).resolve() != path:
+            return None
+        return run, dropout, epoch, index
 
     def __repr__(self) -> str:
         return f"RunDir({str(self.path)!r})"
@@ -175,6 +179,14 @@ class RunDir:
         if not isinstance(saved.get("data"), dict):
             raise RunDirError(f"{path}: unreadable run configuration (no data record)")
         return saved
+
+    def read_normalization(self) -> tuple[str, float, float]:
+        """(classes, mean, std) the run's models were built with, from config.json's data record."""
+        data = self.read_record()["data"]
+        try:
+            return str(data["classes"]), float(data["mean"]), float(data["std"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise RunDirError(f"{self.config_path}: unreadable run configuration (data {exc})") from exc
 
     def read_config(self) -> TrainConfig:
         """The run's experiment, as recorded in config.json."""

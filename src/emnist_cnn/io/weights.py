@@ -1,7 +1,7 @@
 """Loading weight files into our models: Keras 3 checkpoints and archives, or the reference's Keras 2 files.
 
-`load_member_model` is the one place that builds a member's model and loads
-a weights file into it; `load_checkpoint_model` does it for a run's checkpoint.
+`load_member_model` builds a member's model and loads a weights file into it;
+`load_checkpoint_model` does it for a run's checkpoint with the run's settings.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import zipfile
 from pathlib import Path
 
 from ..config import ModelConfig, TrainConfig
-from ..errors import RunDirError, WeightsError, format_one_line
+from ..errors import WeightsError, format_one_line
 from .reference_weights import is_keras2_file, load_reference_weights, sibling_json
 from .rundir import RunDir
 
@@ -40,11 +40,8 @@ def load_checkpoint_model(run: RunDir, dropout: float, epoch: int, index: int, *
     if data is not None:
         num_classes, mean, std = data.num_classes, data.mean, data.std
     else:
-        recorded = run.read_record()["data"]
-        try:
-            num_classes, mean, std = len(str(recorded["classes"])), float(recorded["mean"]), float(recorded["std"])
-        except (KeyError, TypeError, ValueError) as exc:
-            raise RunDirError(f"{run.config_path}: unreadable run configuration ({exc})") from exc
+        classes, mean, std = run.read_normalization()
+        num_classes = len(classes)
     config = config or run.read_config()
     return load_member_model(run.weights_path(dropout, epoch, index), num_classes=num_classes, dropout=dropout,
                              mean=mean, std=std, model_config=config.model)

@@ -13,13 +13,12 @@ import io
 import logging
 import re
 from collections.abc import Mapping
-from datetime import datetime, timezone
 from pathlib import Path
 
 from ..core.metrics import ErrorRate
 from ..errors import DataError
 from ..io.files import atomic_write_text
-from ..io.rundir import RunDir
+from ..io.rundir import RunDir, format_utc_now
 from .reference_history import reference_best_ensemble
 from .summary import find_fixed_lr_phase, load_results, select_dropout
 
@@ -283,7 +282,7 @@ def render_report(run_dir, images: Mapping | None = None, *, captions: Mapping[s
         figures.append(f'<figure id="plot-{_e(key)}"><img src="data:image/png;base64,{b64}" alt="{_e(caption)}">'
                        f"<figcaption><b>{_e(key)}</b>: {_e(caption)}</figcaption></figure>")
 
-    generated = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    generated = format_utc_now()
     version = saved.get("versions", {}).get("emnist_cnn", "")
     body = [
         f"<h1>{_e(title)}</h1>",

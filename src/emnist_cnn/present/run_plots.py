@@ -12,7 +12,7 @@ import numpy as np
 from ..config import TrainConfig
 from ..core.metrics import confusion_matrix, ensemble_probabilities
 from ..engine.prepare import load_run_data
-from ..errors import ConfigError, EmnistCnnError, RunDirError
+from ..errors import EmnistCnnError, RunDirError
 from ..io.rundir import RunDir
 from ..io.weights import load_checkpoint_model
 from .figures import write_figure
@@ -56,9 +56,8 @@ def plot_run_figures(run_dir, compare_reference=None, data_dir=None, data=None, 
     """
     run = RunDir(run_dir)
     config = run.read_config()
-    if dropout is not None and dropout not in config.dropouts:
-        raise ConfigError(f"--dropout {dropout:g} is not in this run (it has "
-                          f"{', '.join(f'{d:g}' for d in config.dropouts)})")
+    if dropout is not None:
+        dropout = config.find_dropout(dropout)
     reference = load_reference_history(compare_reference) if compare_reference else None
     errors = {d: run.read_errors(d) for d in config.dropouts}
     histories = {d: run.read_histories(d, config.models) for d in config.dropouts}

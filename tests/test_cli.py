@@ -218,21 +218,22 @@ def test_resume_with_changed_experiment_is_refused(tmp_path, tiny_mnist_dir):
 
 
 @pytest.mark.slow
-def test_real_mnist_run_reaches_the_measured_error(tmp_path, shared_dir):
-    """`run` on the 10,000 real MNIST training digits, 2 members x 4 epochs: measured 1.24% ensemble test
-    error (124/10,000), members 1.51% and 1.79% (151, 179). The bounds leave about a fifth for other CPUs'
-    rounding; the ensemble must beat both members."""
+def test_real_mnist_training_reaches_the_measured_error(tmp_path, shared_dir):
+    """`train` on the 10,000 real MNIST training digits, 2 members x 2 epochs at batch 64: measured 1.45%
+    ensemble test error (145/10,000), members 1.76% and 2.15% (176, 215). The bounds leave about a fifth
+    for other CPUs' rounding; the ensemble must beat both members. (`run`'s evaluation, plots and report
+    are tested on tiny data in tests/test_quick_run.py.)"""
     run = tmp_path / "run"
-    r = cli("run", "--run-dir", run, "--dataset", "mnist", "--data-dir", shared_dir / "data" / "mnist",
-            "--models", "2", "--epochs", "4", "--checkpoint-every", "4", "--batch-size", "128", "--quiet",
-            timeout=1200)
+    r = cli("train", "--run-dir", run, "--dataset", "mnist", "--data-dir", shared_dir / "data" / "mnist",
+            "--dropout", "0.2", "--models", "2", "--epochs", "2", "--checkpoint-every", "2", "--batch-size", "64",
+            "--bn-recalibration", "5000", "--quiet", timeout=1200)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "ensemble" in r.stdout and "test error" in r.stdout
     rows = [row for row in read_csv(run / "dropout_0.2" / "history" / "errors.csv")
-            if row["split"] == "test" and row["epoch"] == "4"]
+            if row["split"] == "test" and row["epoch"] == "2"]
     errors = {row["model"]: int(row["n_errors"]) for row in rows}
-    print(f"real MNIST test errors after 4 epochs (of 10,000): {errors}")
+    print(f"real MNIST test errors after 2 epochs (of 10,000): {errors}")
     assert {int(row["n"]) for row in rows} == {10_000} and set(errors) == {"0", "1", "ensemble"}
-    assert errors["ensemble"] <= 150
-    assert max(errors["0"], errors["1"]) <= 215
+    assert errors["ensemble"] <= 175
+    assert max(errors["0"], errors["1"]) <= 260
     assert errors["ensemble"] <= min(errors["0"], errors["1"])

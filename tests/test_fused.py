@@ -155,16 +155,31 @@ def test_switching_between_fused_and_one_at_a_time_on_resume(straight, data_dir,
     assert_same_run(run, straight / "seq")
 
 
-def test_fused_resume_catches_up_a_member_left_behind(tmp_path, tiny):
+def test_fused_resume_catches_up_a_member_left_behind(straight, tmp_path, tiny, monkeypatch):
     """An interruption can leave members at different epochs: the laggard trains alone, then all fuse again."""
     cfg = TINY.replace(epochs=3)
-    train_and_evaluate(cfg, tmp_path / "straight", dataset=tiny, verbose=0, fused=True)
+    # The uninterrupted 3-epoch result: the one-at-a-time run continued by a third epoch.
+    shutil.copytree(straight / "seq", tmp_path / "straight")
+    train_and_evaluate(cfg, tmp_path / "straight", dataset=tiny, verbose=0, fused=False)
     run = tmp_path / "resumed"
-    train_and_evaluate(cfg.replace(epochs=2), run, dataset=tiny, verbose=0, fused=True)
+    shutil.copytree(straight / "fused", run)
     # Roll member 1 back to its epoch-1 state, as if it was killed before its epoch-2 state landed.
     latest = RunDir(run).state_path(0.3, 1)
     shutil.copy(latest.with_name("model_1.prev.npz"), latest)
+    callers = []
+    real_step = keras.Model.train_on_batch
+
+    def recording_step(self, *args, **kwargs):
+        callers.append(id(self))
+        return real_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(keras.Model, "train_on_batch", recording_step)
     train_and_evaluate(cfg, run, dataset=tiny, verbose=0, fused=True)
+    # Epoch 2 of member 1 alone (its own model), then epoch 3 of both in one fused step each.
+    per_epoch = planned_steps(run)[0]
+    assert len(callers) == 2 * per_epoch
+    alone, together = set(callers[:per_epoch]), set(callers[per_epoch:])
+    assert len(alone) == len(together) == 1 and alone != together
     for i in range(cfg.models):
         a = read_rows(tmp_path / "straight" / "dropout_0.3" / "history" / f"model_{i}.csv")
         b = read_rows(run / "dropout_0.3" / "history" / f"model_{i}.csv")

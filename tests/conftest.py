@@ -124,6 +124,7 @@ def tiny_run(tmp_path_factory) -> tuple[Path, Path]:
 _SHARED_RUN_GROUPS = {"test_report": "test_plots"}  # test_report reads test_plots' tiny run
 
 
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups (--dist loadgroup)
 def pytest_collection_modifyitems(config, items):
     """Under pytest-xdist (`make test`), keep each module's tests in one process so that its
     module-scoped runs are trained once, not once per process."""

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import math
+import sys
 import time
 from dataclasses import dataclass, field
 
@@ -215,7 +216,9 @@ def _run_steps(group: list[Member], ctx: TrainContext, step) -> np.ndarray:
     steps = math.ceil(n / bs)
     epoch = group[0].epoch + 1
     streams = [_epoch_batches(m, n, epoch) for m in group]
-    bar = keras.utils.Progbar(steps, verbose=1 if ctx.verbose else 0, unit_name="step")
+    # Bars only on a terminal: in a log file their frames add about 16 KB per member-epoch, and the
+    # epoch's own log line says the same.
+    bar = keras.utils.Progbar(steps, verbose=1 if ctx.verbose and sys.stdout.isatty() else 0, unit_name="step")
     sums = np.zeros((len(group), 2))
     for s in range(steps):
         idxs = [perm[s * bs : (s + 1) * bs] for _, perm in streams]

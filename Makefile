@@ -6,7 +6,8 @@ EXTRA ?= cpu
 ARGS ?=
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(EXTRA)
-# make test also installs the JAX and torch backends (CPU builds, about 1.2 GB) for tests/test_backends.py.
+# make test also installs the JAX and torch backends (CPU builds, about 1.2 GB) for tests/test_backends.py,
+# and Ray for tests/test_scaleout.py.
 TEST_STAMP := $(VENV)/.installed-$(EXTRA)-backends
 
 .PHONY: run test bench setup clean
@@ -20,7 +21,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 $(TEST_STAMP): $(STAMP)
-	$(BIN)/python -m pip install --quiet -e ".[$(EXTRA),dev,backends]"
+	$(BIN)/python -m pip install --quiet -e ".[$(EXTRA),dev,backends,ray]"
 	touch $(TEST_STAMP)
 
 run: $(STAMP)

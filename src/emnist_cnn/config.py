@@ -10,7 +10,8 @@ from typing import Any
 from .errors import ConfigError
 
 __all__ = ["EMNIST_DIGITS_MEAN", "EMNIST_DIGITS_STD", "DATASETS", "PRECISIONS", "PRESETS", "RESUMABLE_CHANGES",
-           "AugmentConfig", "ModelConfig", "TrainConfig"]
+           "AugmentConfig", "ModelConfig", "TrainConfig",
+           "ScaleOutConfig"]
 
 # EMNIST Digits training-set pixel statistics in [0, 1], as hard-coded by the reference.
 EMNIST_DIGITS_MEAN = 0.17325132
@@ -150,6 +151,32 @@ class TrainConfig:
         if name not in PRESETS:
             raise ConfigError(f"--preset must be one of {', '.join(sorted(PRESETS))}, got {name!r}")
         return cls(**{**PRESETS[name], **changes})
+
+
+@dataclass(frozen=True)
+class ScaleOutConfig:
+    """Where a run's members train and with how many threads; not part of the experiment."""
+
+    ray_address: str | None = None  # None: in this process; "local", "auto" or "HOST:PORT": Ray tasks
+    threads: int | None = None  # backend threads per training process; None: one per core (1 on Ray)
+    gpus_per_member: float = 0.0  # GPUs a member's Ray task reserves; 0.25 packs four members on a GPU
+    max_retries: int = 3  # times Ray reruns a member task whose worker or node died
+    lock_timeout: float = 600.0  # seconds a retried task waits for a stale attempt to release its members
+
+    def __post_init__(self) -> None:
+        _check(self.threads is None or self.threads >= 1, "--threads", "must be >= 1", self.threads)
+        _check(0 <= self.gpus_per_member and math.isfinite(self.gpus_per_member), "--gpus-per-member",
+               "must be >= 0", self.gpus_per_member)
+        _check(self.max_retries >= 0, "--max-retries", "must be >= 0", self.max_retries)
+        if self.ray_address is None:
+            _check(self.gpus_per_member == 0, "--gpus-per-member", "needs --ray", self.gpus_per_member)
+        else:
+            _check(bool(self.ray_address.strip()), "--ray", "needs local, auto or HOST:PORT", self.ray_address)
+
+    @property
+    def task_threads(self) -> int:
+        """Threads (and CPUs reserved) per Ray task: pinned, so results do not follow a node's core count."""
+        return self.threads or 1
 
 
 # Settings that may change when a run is resumed; everything else defines the experiment.

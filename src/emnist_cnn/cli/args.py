@@ -75,12 +75,35 @@ def _add_training_group(p: argparse.ArgumentParser) -> None:
                    help="no progress bars, only one line per epoch (default: progress bars)")
 
 
+def _add_scaleout_group(p: argparse.ArgumentParser) -> None:
+    s = p.add_argument_group(
+        "threads and many machines (Ray)",
+        "With --ray, every member trains as a Ray task up to its next checkpoint, on any node of the cluster; "
+        "the run directory must be an absolute path every node mounts at the same place. A task whose "
+        "worker or node dies is retried and resumes from the member's last finished epoch. Results equal a "
+        "local run with the same --threads, to the bit. Not part of the experiment: a run may switch.",
+    )
+    s.add_argument("--ray", default=None, metavar="ADDRESS",
+                   help="train on Ray: 'local' starts Ray on this machine, 'auto' joins the cluster `ray start` "
+                        "made here, HOST:PORT joins that head node (default: off, train in this process)")
+    s.add_argument("--threads", type=int, default=None, metavar="N",
+                   help="backend intra- and inter-op threads of every training process, and the CPUs each "
+                        "Ray task reserves; the thread count decides summation order, so compare runs at "
+                        "equal counts (default: one per core; 1 with --ray)")
+    s.add_argument("--gpus-per-member", type=float, default=0.0, metavar="F",
+                   help="GPUs each member's Ray task reserves, e.g. 0.25 packs four members on a GPU; "
+                        "with --fused a dropout rate's members share one task (default: 0)")
+    s.add_argument("--max-retries", type=int, default=3, metavar="N",
+                   help="times Ray reruns a member task whose worker or node died (default: 3)")
+
+
 def add_train_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("run directory")
     g.add_argument("--run-dir", type=Path, required=True,
                    help="where config, weights, state and histories live (required, no default)")
     _add_data_group(p)
     _add_training_group(p)
+    _add_scaleout_group(p)
 
 
 def add_run_args(p: argparse.ArgumentParser) -> None:
@@ -92,6 +115,7 @@ def add_run_args(p: argparse.ArgumentParser) -> None:
                    help="where config, weights, state and histories live (default: runs/<preset>-<dataset>)")
     _add_data_group(p)
     _add_training_group(p)
+    _add_scaleout_group(p)
 
 
 def add_evaluate_args(p: argparse.ArgumentParser) -> None:

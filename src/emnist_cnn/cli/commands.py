@@ -13,12 +13,12 @@ import math
 import sys
 from pathlib import Path
 
-from ..config import AugmentConfig, TrainConfig
+from ..config import AugmentConfig, ScaleOutConfig, TrainConfig
 from ..errors import ConfigError
 from ..io.rundir import RunDir
 
-__all__ = ["config_from_args", "cmd_run", "cmd_train", "cmd_evaluate", "cmd_plot", "cmd_export", "cmd_predict",
-           "cmd_import_reference", "cmd_download"]
+__all__ = ["config_from_args", "scaleout_from_args", "cmd_run", "cmd_train", "cmd_evaluate", "cmd_plot",
+           "cmd_export", "cmd_predict", "cmd_import_reference", "cmd_download"]
 
 
 def config_from_args(args: argparse.Namespace, preset: str | None = None) -> TrainConfig:
@@ -56,11 +56,25 @@ def _check_lr_and_data_dir(args: argparse.Namespace) -> None:
             args.data_dir = Path(recorded)
 
 
-def _train(args: argparse.Namespace, preset: str | None = None):
-    from ..engine.train import train_and_evaluate
+def scaleout_from_args(args: argparse.Namespace) -> ScaleOutConfig:
+    return ScaleOutConfig(ray_address=args.ray, threads=args.threads, gpus_per_member=args.gpus_per_member,
+                          max_retries=args.max_retries)
 
+
+def _train(args: argparse.Namespace, preset: str | None = None):
+    scaleout = scaleout_from_args(args)
     _check_lr_and_data_dir(args)
     config = config_from_args(args, preset)
+    if scaleout.ray_address is not None:
+        from ..engine.scaleout import train_and_evaluate_on_ray
+
+        return train_and_evaluate_on_ray(config, args.run_dir, scaleout, data_dir=args.data_dir, mirror=args.mirror,
+                                         fixed_lr=args.lr, download=not args.no_download, fused=bool(args.fused))
+    from ..core.threads import configure_threads
+
+    configure_threads(scaleout.threads)  # before the backend starts in this process
+    from ..engine.train import train_and_evaluate
+
     return train_and_evaluate(config, args.run_dir, data_dir=args.data_dir, mirror=args.mirror, fixed_lr=args.lr,
                               download=not args.no_download, verbose=0 if args.quiet else 1, fused=args.fused)
 
@@ -85,6 +99,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     if args.run_dir is None:
         args.run_dir = Path("runs") / f"{args.preset}-{args.dataset or 'emnist-digits'}"
+        if args.ray is not None:  # every node must find it: the default, made absolute
+            args.run_dir = args.run_dir.absolute()
     _train(args, args.preset)
     config, data = load_run_data(args.run_dir, args.data_dir)  # once, for evaluation and plots
     result = evaluate_run(args.run_dir, config=config, data=data)

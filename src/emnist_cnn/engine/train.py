@@ -23,7 +23,7 @@ from .members import Member, TrainContext, sample_calibration_images, fused_by_d
 from .prepare import PreparedData, prepare_data
 
 __all__ = ["check_compatible", "open_run", "evaluate_checkpoint", "record_checkpoint", "train_ensembles",
-           "train_and_evaluate"]
+           "load_training_data", "train_and_evaluate", "find_last_errors"]
 
 log = logging.getLogger(__name__)
 
@@ -172,14 +172,34 @@ def _train_ensemble(ctx: TrainContext, dropout: float, lr: float) -> list[ErrorR
             log.info("dropout %g epoch %d: ensemble error val %s test %s", dropout, target,
                      _pct(ens.get("val")), _pct(ens.get("test")))
     ctx.fused_trainers.clear()
-    last = [r for r in run.read_errors(dropout) if r.epoch == ckpts[-1]]
+    return find_last_errors(run, config, dropout)
+
+
+def find_last_errors(run: RunDir, config: TrainConfig, dropout: float) -> list[ErrorRecord]:
+    """A dropout rate's recorded errors at the run's last checkpoint (a warning when there are none)."""
+    last_epoch = config.checkpoint_epochs()[-1]
+    last = [r for r in run.read_errors(dropout) if r.epoch == last_epoch]
     if not last:
-        log.warning("dropout %g: no evaluation at epoch %d (not every member has its weights)", dropout, ckpts[-1])
+        log.warning("dropout %g: no evaluation at epoch %d (not every member has its weights)", dropout, last_epoch)
     return last
 
 
 def _pct(rate) -> str:
     return "-" if rate is None else f"{rate.pct:.3f}%"
+
+
+def load_training_data(config: TrainConfig, run_dir, *, data_dir=None, mirror=None, dataset=None,
+                       download: bool = True) -> PreparedData:
+    """Check `run_dir` can take `config`, then load (or download) and split the data it trains on."""
+    check_compatible(RunDir(run_dir), config)  # before a download or a long parse, not after
+    if dataset is None:
+        dataset, data_dir = load_or_download(config.dataset, data_dir, mirror=mirror, download=download)
+    if dataset.name != config.dataset:
+        raise DataError(f"dataset {dataset.name} given for a run configured with {config.dataset}")
+    data = prepare_data(config, dataset, data_dir)
+    log.info("data: %s, %d train / %d val / %d test images, %d classes", data.name, len(data.y_train),
+             len(data.y_val), len(data.y_test), data.num_classes)
+    return data
 
 
 def train_and_evaluate(config: TrainConfig, run_dir, *, data_dir=None, mirror=None, fixed_lr=None,
@@ -189,12 +209,6 @@ def train_and_evaluate(config: TrainConfig, run_dir, *, data_dir=None, mirror=No
 
     Returns each dropout rate's errors at the last checkpoint.
     """
-    check_compatible(RunDir(run_dir), config)  # before a download or a long parse, not after
-    if dataset is None:
-        dataset, data_dir = load_or_download(config.dataset, data_dir, mirror=mirror, download=download)
-    if dataset.name != config.dataset:
-        raise DataError(f"dataset {dataset.name} given for a run configured with {config.dataset}")
-    data = prepare_data(config, dataset, data_dir)
-    log.info("data: %s, %d train / %d val / %d test images, %d classes", data.name, len(data.y_train),
-             len(data.y_val), len(data.y_test), data.num_classes)
+    data = load_training_data(config, run_dir, data_dir=data_dir, mirror=mirror, dataset=dataset,
+                              download=download)
     return train_ensembles(config, Path(run_dir), data, fixed_lr=fixed_lr, verbose=verbose, fused=fused)

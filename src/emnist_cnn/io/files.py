@@ -13,13 +13,14 @@ import io
 import json
 import os
 import tempfile
+import time
 from pathlib import Path
 from typing import Any, Iterable
 
 from ..errors import RunDirError
 
 __all__ = ["atomic_write_bytes", "atomic_write_text", "atomic_write_json", "save_weights_atomic", "RunLock",
-           "read_csv_rows", "write_csv_rows", "to_run_dir_error"]
+           "LockBusyError", "read_csv_rows", "write_csv_rows", "to_run_dir_error"]
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
@@ -71,10 +72,15 @@ def to_run_dir_error(path: Path, exc: OSError) -> RunDirError:
 
 
 class RunLock:
-    """An exclusive lock on a run directory; the OS releases it if the process dies."""
+    """An exclusive lock on a run directory (or on one member in it); the OS releases it if the process dies.
 
-    def __init__(self, run_dir: Path):
-        self.path = Path(run_dir) / ".lock"
+    With `timeout` > 0, waits up to that many seconds for a holder to finish instead of refusing at once.
+    """
+
+    def __init__(self, run_dir: Path, name: str = ".lock", busy: str | None = None, timeout: float = 0.0):
+        self.path = Path(run_dir) / name
+        self.busy = busy or f"{Path(run_dir)}: another emnist-cnn process is training in this run directory"
+        self.timeout = timeout
         self._fd: int | None = None
 
     def __enter__(self) -> "RunLock":
@@ -85,14 +91,18 @@ class RunLock:
             self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as exc:
             raise to_run_dir_error(self.path, exc) from exc
-        try:
-            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
-            os.close(self._fd)
-            self._fd = None
-            raise RunDirError(
-                f"{self.path.parent}: another emnist-cnn process is training in this run directory"
-            ) from exc
+        deadline = time.monotonic() + self.timeout
+        while True:
+            try:
+                fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except OSError as exc:
+                if time.monotonic() < deadline:
+                    time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
+                    continue
+                os.close(self._fd)
+                self._fd = None
+                raise LockBusyError(self.busy) from exc
         os.ftruncate(self._fd, 0)
         os.write(self._fd, f"{os.getpid()}\n".encode())
         return self
@@ -101,6 +111,10 @@ class RunLock:
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
+
+
+class LockBusyError(RunDirError):
+    """Another process holds the lock."""
 
 
 def save_weights_atomic(model, path: Path) -> None:

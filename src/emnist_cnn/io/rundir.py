@@ -158,6 +158,33 @@ class RunDir:
         """The exclusive lock a process holds while it writes to this run."""
         return RunLock(self.path)
 
+    def member_lock(self, dropout: float, indices: tuple[int, ...], timeout: float) -> RunLock:
+        """The lock a scale-out task holds while it trains these members (waits up to `timeout` seconds)."""
+        name = f".locks/{dropout_dirname(dropout)}_model_{'_'.join(str(i) for i in indices)}.lock"
+        return RunLock(self.path, name, busy=f"{self.path}: dropout {dropout:g} member(s) "
+                       f"{', '.join(str(i) for i in indices)} still locked by another process after {timeout:g} s",
+                       timeout=timeout)
+
+    def segments_path(self, dropout: float, index: int) -> Path:
+        """Where scale-out tasks log each training segment they start (node, process, epochs)."""
+        return self.dropout_dir(dropout) / "history" / f"segments_model_{index}.jsonl"
+
+    def append_segment(self, dropout: float, index: int, record: dict) -> None:
+        path = self.segments_path(dropout, index)
+        old = path.read_text() if path.exists() else ""
+        atomic_write_text(path, old + json.dumps(record, sort_keys=True) + "\n")
+
+    def read_segments(self, dropout: float, index: int) -> list[dict]:
+        """Every segment started for a member, oldest first (unreadable lines are skipped)."""
+        path = self.segments_path(dropout, index)
+        rows = []
+        for line in (path.read_text().splitlines() if path.exists() else []):
+            try:
+                rows.append(json.loads(line))
+            except ValueError:
+                continue
+        return rows
+
     # ------------------------------------------------------------------ config.json and invocations
 
     def exists(self) -> bool:
@@ -353,6 +380,7 @@ def collect_versions(*, threads: bool = True) -> dict:
     # Kernel summation order follows the thread count and oneDNN: needed to rerun a run to the bit.
     versions["cpu_count"] = os.cpu_count()
     versions["env"] = {k: os.environ[k] for k in ("TF_ENABLE_ONEDNN_OPTS", "TF_DETERMINISTIC_OPS",
+                                                  "TF_NUM_INTRAOP_THREADS", "TF_NUM_INTEROP_THREADS",
                                                   "OMP_NUM_THREADS", "CUDA_VISIBLE_DEVICES") if k in os.environ}
     # Only the backend's own library: importing TensorFlow under JAX or torch costs seconds and says nothing.
     backend = versions["backend"]

@@ -1,0 +1,286 @@
+"""A run's members trained as Ray tasks, on this machine or across a cluster: one task per member segment.
+
+The driver (the `emnist-cnn` process) holds the run's lock, writes config.json,
+invocations.jsonl, errors.csv and the text tables, and puts the prepared data
+into Ray's object store once. Each task opens a member (or, fused, a dropout
+rate's members) from its state file, trains to the next checkpoint epoch with
+the same steps as the local loop (`open_member`, `train_members_to`) and
+returns. A retried task is a resume: it continues from the last finished epoch.
+When every member of a dropout rate has a checkpoint, one task per dropout rate
+at a time evaluates it (`evaluate_checkpoint`) and the driver records it.
+
+The run directory must be one absolute path on a filesystem every node mounts
+at that path (atomic rename, fsync and flock are relied on).
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+from ..config import ScaleOutConfig, TrainConfig
+from ..core.threads import build_thread_env, configure_threads
+from ..errors import ConfigError, EmnistCnnError, RunDirError
+from ..io.files import LockBusyError
+from ..io.rundir import ErrorRecord, RunDir, collect_versions, format_utc_now
+from ..io.state import read_state_epoch
+from .members import TrainContext, open_member, sample_calibration_images, train_members_to
+from .prepare import PreparedData
+from .train import evaluate_checkpoint, find_last_errors, load_training_data, open_run, record_checkpoint
+
+__all__ = ["TransientStorageError", "check_run_dir_shared", "import_ray", "train_segment", "evaluate_segment",
+           "train_ensembles_on_ray", "train_and_evaluate_on_ray"]
+
+log = logging.getLogger(__name__)
+
+# Errors of a shared filesystem that a second attempt can outlive (an NFS server restart, a stale handle).
+TRANSIENT_ERRNOS = frozenset({errno.EIO, errno.ESTALE, errno.ETIMEDOUT, errno.EAGAIN, errno.EBUSY, errno.EINTR})
+
+# Environment a task needs to give the bits the driver's machine would: backend, oneDNN, determinism.
+_PASSED_ENV = ("KERAS_BACKEND", "TF_ENABLE_ONEDNN_OPTS", "TF_DETERMINISTIC_OPS", "TF_CPP_MIN_LOG_LEVEL",
+               "PYTHONPATH")
+
+
+class TransientStorageError(RunDirError):
+    """A run-directory failure worth another attempt (Ray retries only these, besides dead workers and nodes)."""
+
+
+def check_run_dir_shared(run_dir) -> Path:
+    """The run directory as every node must see it: an absolute path (a relative one would land in each
+    worker's own working directory)."""
+    path = Path(run_dir)
+    if not path.is_absolute():
+        raise ConfigError(f"--run-dir {run_dir} must be an absolute path with --ray, on a filesystem every node "
+                          f"mounts at the same path (e.g. --run-dir {Path(run_dir).absolute()})")
+    return path
+
+
+def import_ray():
+    """The ray module, or one clear error when the `ray` extra is not installed."""
+    try:
+        import ray
+    except ImportError as exc:
+        raise ConfigError("--ray needs Ray, which is not installed: pip install 'emnist-cnn[ray]'") from exc
+    return ray
+
+
+def _raise_transient_or_original(exc: BaseException) -> None:
+    """Re-raise `exc` as TransientStorageError when an OSError a retry can outlive caused it."""
+    cause: BaseException | None = exc
+    while cause is not None:
+        if isinstance(cause, LockBusyError) or (isinstance(cause, OSError) and cause.errno in TRANSIENT_ERRNOS):
+            raise TransientStorageError(str(exc)) from exc
+        cause = cause.__cause__
+    raise exc
+
+
+def _node_label() -> str:
+    import ray
+
+    ctx = ray.get_runtime_context()
+    return f"{ray.util.get_node_ip_address()}/{ctx.get_node_id()[:8]}"
+
+
+def train_segment(run_dir: str, config: TrainConfig, data: PreparedData, dropout: float, indices: tuple[int, ...],
+                  lr: float, target: int, fused: bool, threads: int, lock_timeout: float) -> dict:
+    """A Ray task: train these members of one dropout rate from their states to epoch `target`.
+
+    Holds the members' lock while it trains, so that a stale attempt (on a node cut off from the
+    cluster) and its retry never write at once. Returns what the driver prints.
+    """
+    t0 = time.perf_counter()
+    configure_threads(threads)
+    run = RunDir(run_dir)
+    node = _node_label()
+    try:
+        with run.member_lock(dropout, indices, lock_timeout):
+            start = {i: read_state_epoch(run.state_path(dropout, i)) for i in indices}
+            attempts = []
+            for i in indices:
+                previous = [s for s in run.read_segments(dropout, i) if s.get("target") == target]
+                attempts.append(len(previous) + 1)
+                run.append_segment(dropout, i, {"target": target, "from": start[i], "node": node,
+                                                "pid": os.getpid(), "started": format_utc_now()})
+            members = [open_member(run, config, data, dropout, i, lr) for i in indices]
+            ctx = TrainContext(run, config, data, sample_calibration_images(config, data), verbose=0, fused=fused)
+            train_members_to(members, target, ctx)
+    except Exception as exc:  # noqa: BLE001  (sorted into retried and final failures)
+        _raise_transient_or_original(exc)
+    val = {}
+    for m in members:
+        rows = [r for r in m.history if int(r["epoch"]) == target]
+        val[m.index] = 100 * (1 - float(rows[0]["val_accuracy"])) if rows and rows[0]["val_accuracy"] != "nan" \
+            else None
+    return {"dropout": dropout, "indices": list(indices), "from": start, "target": target, "val_error": val,
+            "seconds": time.perf_counter() - t0, "node": node, "attempt": max(attempts)}
+
+
+def evaluate_segment(run_dir: str, config: TrainConfig, data: PreparedData, dropout: float, epoch: int,
+                     threads: int) -> list[ErrorRecord]:
+    """A Ray task: every member's and the ensemble's errors at one checkpoint, from the checkpoint files."""
+    configure_threads(threads)
+    try:
+        return evaluate_checkpoint(RunDir(run_dir), config, data, dropout, epoch)
+    except Exception as exc:  # noqa: BLE001
+        _raise_transient_or_original(exc)
+
+
+def _init_ray(ray, scaleout: ScaleOutConfig) -> None:
+    env = {k: os.environ[k] for k in _PASSED_ENV if k in os.environ}
+    env.update(build_thread_env(scaleout.task_threads))
+    kwargs = dict(runtime_env={"env_vars": env}, log_to_driver=False, logging_level=logging.WARNING)
+    address = scaleout.ray_address
+    try:
+        if address == "local":
+            ray.init(include_dashboard=False, **kwargs)
+        else:
+            ray.init(address=address, **kwargs)
+    except (ConnectionError, RuntimeError, ValueError) as exc:
+        text = " ".join(str(exc).split())[:300]
+        raise RunDirError(f"--ray {address}: cannot connect to the Ray cluster ({text})") from exc
+
+
+class _Driver:
+    """Keeps one task per member (or fused group) in flight and one evaluation per dropout rate."""
+
+    def __init__(self, ray, run: RunDir, config: TrainConfig, data: PreparedData, scaleout: ScaleOutConfig,
+                 lr: float, fused: bool):
+        self.ray, self.run, self.config, self.scaleout, self.lr = ray, run, config, scaleout, lr
+        self.ckpts = config.checkpoint_epochs()
+        groups = [tuple(range(config.models))] if fused else [(i,) for i in range(config.models)]
+        self.units = [(d, g) for d in config.dropouts for g in groups]
+        self.fused = fused
+        self.epochs = {(d, i): read_state_epoch(run.state_path(d, i)) for d in config.dropouts
+                       for i in range(config.models)}
+        self.evaluated = {d: run.evaluated_epochs(d) for d in config.dropouts}
+        self.data_ref = ray.put(data)
+        threads = scaleout.task_threads
+        gpus = scaleout.gpus_per_member
+        retry = dict(max_retries=scaleout.max_retries, retry_exceptions=[TransientStorageError])
+        group_gpus = min(1.0, gpus * len(groups[0])) if gpus else 0
+        self.train_task = ray.remote(train_segment).options(num_cpus=threads, num_gpus=group_gpus, **retry)
+        self.eval_task = ray.remote(evaluate_segment).options(num_cpus=threads, num_gpus=min(1.0, gpus), **retry)
+        self.in_flight: dict = {}  # ObjectRef -> ("train", unit, target) or ("eval", dropout, epoch)
+
+    def next_target(self, unit) -> int | None:
+        """The next checkpoint epoch a unit trains to: the first some member is behind (or lacks the file of)."""
+        d, indices = unit
+        for c in self.ckpts:
+            for i in indices:
+                e = self.epochs[(d, i)]
+                if e < c or (e == c and not self.run.weights_path(d, c, i).exists()):
+                    return c
+        return None
+
+    def submit_ready(self) -> None:
+        busy = {job[1] for job in self.in_flight.values() if job[0] == "train"}
+        for unit in self.units:
+            if unit not in busy and (target := self.next_target(unit)) is not None:
+                ref = self.train_task.remote(str(self.run.path), self.config, self.data_ref, unit[0], unit[1],
+                                             self.lr, target, self.fused, self.scaleout.task_threads,
+                                             self.scaleout.lock_timeout)
+                self.in_flight[ref] = ("train", unit, target)
+        evaluating = {job[1] for job in self.in_flight.values() if job[0] == "eval"}
+        for d in self.config.dropouts:
+            if d in evaluating:
+                continue
+            for c in self.ckpts:
+                if c not in self.evaluated[d] and self.run.has_all_weights(d, c, self.config.models):
+                    ref = self.eval_task.remote(str(self.run.path), self.config, self.data_ref, d, c,
+                                                self.scaleout.task_threads)
+                    self.in_flight[ref] = ("eval", d, c)
+                    break
+
+    def drive(self) -> None:
+        self.submit_ready()
+        while self.in_flight:
+            (ref,), _ = self.ray.wait(list(self.in_flight), num_returns=1)
+            job = self.in_flight.pop(ref)
+            result = self._get(ref, job)
+            if job[0] == "train":
+                self._finish_segment(result)
+            else:
+                self._finish_evaluation(job[1], job[2], result)
+            self.submit_ready()
+
+    def _get(self, ref, job):
+        from ray.exceptions import RayError, RayTaskError
+
+        what = (f"dropout {job[1][0]:g} member(s) {', '.join(map(str, job[1][1]))} to epoch {job[2]}"
+                if job[0] == "train" else f"evaluation of dropout {job[1]:g} epoch {job[2]}")
+        try:
+            return self.ray.get(ref)
+        except RayTaskError as exc:
+            cause = getattr(exc, "cause", None)
+            if isinstance(cause, EmnistCnnError):
+                raise cause from None
+            raise RunDirError(f"{what} failed: {_one_line(cause or exc)}") from exc
+        except RayError as exc:  # the worker or node died more than --max-retries times
+            raise RunDirError(f"{what} failed after {self.scaleout.max_retries} retries: {_one_line(exc)}; "
+                              "run the same command to resume") from exc
+
+    def _finish_segment(self, result: dict) -> None:
+        d = result["dropout"]
+        for i in result["indices"]:
+            self.epochs[(d, i)] = max(self.epochs[(d, i)], result["target"])
+            val = result["val_error"].get(i, result["val_error"].get(str(i)))
+            start = result["from"].get(i, result["from"].get(str(i)))
+            log.info("dropout %g model %d: epochs %d-%d, val error %s, %.1f s on %s%s", d, i, start + 1,
+                     result["target"], "-" if val is None else f"{val:.3f}%", result["seconds"], result["node"],
+                     f" (attempt {result['attempt']})" if result["attempt"] > 1 else "")
+
+    def _finish_evaluation(self, d: float, epoch: int, records: list[ErrorRecord]) -> None:
+        record_checkpoint(self.run, d, epoch, records)
+        self.evaluated[d].add(epoch)
+        ens = {r.split: r.rate for r in records if r.is_ensemble}
+        log.info("dropout %g epoch %d: ensemble error val %s test %s", d, epoch,
+                 *("-" if ens.get(s) is None else f"{ens[s].pct:.3f}%" for s in ("val", "test")))
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return text[:300] + ("..." if len(text) > 300 else "")
+
+
+def train_ensembles_on_ray(config: TrainConfig, run_dir, data: PreparedData, scaleout: ScaleOutConfig, *,
+                           fixed_lr: float | None = None, fused: bool = False) -> dict[float, list[ErrorRecord]]:
+    """Train (or resume) every ensemble of the run as Ray tasks; the same files as `train_ensembles`.
+
+    Returns each dropout rate's errors at the last checkpoint.
+    """
+    ray = import_ray()
+    run = RunDir(check_run_dir_shared(run_dir))
+    # The driver trains nothing, but takes the tasks' thread count: config.json records it with the versions.
+    configure_threads(scaleout.task_threads)
+    with run.lock():
+        run.remove_stale_temporaries()
+        config = open_run(run, config, data)
+        run.append_invocation({"time": format_utc_now(), "argv": sys.argv, "epochs": config.epochs,
+                               "fixed_lr": fixed_lr, "fused": fused, "ray": scaleout.ray_address,
+                               "threads": scaleout.task_threads, "gpus_per_member": scaleout.gpus_per_member,
+                               "versions": collect_versions()})
+        lr = fixed_lr if fixed_lr is not None else config.lr
+        _init_ray(ray, scaleout)
+        try:
+            resources = ray.cluster_resources()
+            log.info("ray: %d node(s), %g CPUs, %g GPUs; %d thread(s) per task", len(ray.nodes()),
+                     resources.get("CPU", 0), resources.get("GPU", 0), scaleout.task_threads)
+            _Driver(ray, run, config, data, scaleout, lr, fused).drive()
+        finally:
+            ray.shutdown()
+        return {d: find_last_errors(run, config, d) for d in config.dropouts}
+
+
+def train_and_evaluate_on_ray(config: TrainConfig, run_dir, scaleout: ScaleOutConfig, *, data_dir=None,
+                              mirror=None, fixed_lr=None, dataset=None, download: bool = True,
+                              fused: bool = False) -> dict[float, list[ErrorRecord]]:
+    """`train_and_evaluate` with the members trained as Ray tasks (see the module's docstring)."""
+    check_run_dir_shared(run_dir)
+    import_ray()  # before loading data: a missing extra is a one-line error, not a late failure
+    data = load_training_data(config, run_dir, data_dir=data_dir, mirror=mirror, dataset=dataset,
+                              download=download)
+    return train_ensembles_on_ray(config, run_dir, data, scaleout, fixed_lr=fixed_lr, fused=fused)

@@ -1,0 +1,202 @@
+"""`--ray`: a sweep's members trained as Ray tasks on a real 2-node cluster (started here on this machine) give
+the bits of a local run with the same thread count, also when a worker is SIGKILLed and a node dies
+mid-segment."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import make_tiny_digits, require_module, write_mnist_idx
+
+# Without --quiet: the output is a pipe, so training prints one line per epoch instead of progress bars.
+ARGS = ["--dataset", "mnist", "--dropout", "0.2", "0.3", "--models", "2", "--checkpoint-every", "1",
+        "--batch-size", "64", "--val-fraction", "0.2", "--bn-recalibration", "100", "--threads", "1"]
+MEMBERS = [(d, i) for d in ("0.2", "0.3") for i in (0, 1)]
+
+
+def cli(*argv, timeout=600) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "emnist_cnn", *map(str, argv)], capture_output=True, text=True,
+                          timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    return write_mnist_idx(tmp_path_factory.mktemp("scaleout-data"), *make_tiny_digits(n_train=300, n_test=100))
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """Two Ray nodes of one CPU each on this machine: every member segment waits for a free node."""
+    require_module("ray", "the --ray tests start a Ray cluster")
+    from ray.cluster_utils import Cluster
+
+    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    worker = c.add_node(num_cpus=1)
+    c.wait_for_nodes()
+    yield c, worker
+    c.shutdown()
+
+
+@pytest.fixture(scope="module")
+def local_run(tmp_path_factory, data) -> Path:
+    """The same sweep in one local process, 1 thread, 2 epochs."""
+    run = tmp_path_factory.mktemp("scaleout-local") / "run"
+    r = cli("train", "--run-dir", run, "--data-dir", data, *ARGS, "--epochs", "2")
+    assert r.returncode == 0, r.stderr[-3000:]
+    # Not a terminal: no progress-bar frames (about 16 KB per member-epoch in a log), one line per epoch.
+    assert "\r" not in r.stdout + r.stderr and "step" not in r.stdout
+    assert len(re.findall(r"^dropout 0\.[23] model [01] epoch [12]/2: loss ", r.stderr, re.M)) == 8, r.stderr
+    assert json.loads((run / "config.json").read_text())["versions"]["env"]["TF_NUM_INTRAOP_THREADS"] == "1"
+    return run
+
+
+def result_files(run: Path) -> dict[str, Path]:
+    """Every result file of a run (logs of when, where and how aside)."""
+    skip = {"config.json", "invocations.jsonl", ".lock"}
+    return {str(p.relative_to(run)): p for p in sorted(run.rglob("*"))
+            if p.is_file() and p.name not in skip and ".locks" not in p.parts and "segments_" not in p.name}
+
+
+def arrays(path: Path) -> dict[str, np.ndarray]:
+    if path.suffix == ".npz":
+        with np.load(path, allow_pickle=False) as z:
+            return {k: z[k] for k in z.files}
+    import h5py
+
+    out = {}
+    with h5py.File(path, "r") as f:
+        f.visititems(lambda name, obj: out.__setitem__(name, obj[()]) if isinstance(obj, h5py.Dataset) else None)
+    return out
+
+
+def without_seconds(path: Path) -> list[list[str]]:
+    rows = [line.split(",") for line in path.read_text().splitlines()]
+    col = rows[0].index("seconds")
+    return [r[:col] + r[col + 1:] for r in rows]
+
+
+def assert_same_results(run: Path, expected: Path) -> None:
+    """Histories (wall time aside), errors.csv, text tables, checkpoints and states, to the bit."""
+    a, b = result_files(run), result_files(expected)
+    assert sorted(a) == sorted(b)
+    kinds = {"history": 0, "errors": 0, "text": 0, "weights": 0, "state": 0}
+    for rel, pb in b.items():
+        pa = a[rel]
+        if "/history/model_" in rel:
+            assert without_seconds(pa) == without_seconds(pb), rel
+            kinds["history"] += 1
+        elif rel.endswith((".csv", ".txt")):
+            assert pa.read_bytes() == pb.read_bytes(), rel
+            kinds["errors" if rel.endswith("errors.csv") else "text"] += 1
+        else:
+            xa, xb = arrays(pa), arrays(pb)
+            assert sorted(xa) == sorted(xb), rel
+            for key in xb:
+                assert xa[key].dtype == xb[key].dtype and xa[key].tobytes() == xb[key].tobytes(), f"{rel}: {key}"
+            kinds["state" if rel.endswith(".npz") else "weights"] += 1
+    # 2 rates x 2 members x 2 epochs: 4 histories, 2 errors.csv, 4 text tables, 8 checkpoints, 8 states.
+    assert kinds == {"history": 4, "errors": 2, "text": 4, "weights": 8, "state": 8}
+
+
+def read_segments(run: Path) -> dict[tuple[str, int], list[dict]]:
+    out = {}
+    for d, i in MEMBERS:
+        path = run / f"dropout_{d}" / "history" / f"segments_model_{i}.jsonl"
+        out[(d, i)] = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+    return out
+
+
+def test_ray_run_equals_the_local_run(cluster, data, local_run, tmp_path):
+    cluster, _ = cluster
+    run = tmp_path / "ray-run"
+    r = cli("train", "--run-dir", run, "--data-dir", data, *ARGS, "--epochs", "2", "--ray", cluster.address)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert_same_results(run, local_run)
+    # One task per member and checkpoint, spread over both nodes; one progress line per segment.
+    segments = read_segments(run)
+    assert all([s["target"] for s in segments[m]] == [1, 2] for m in MEMBERS), segments
+    assert len({s["node"] for m in MEMBERS for s in segments[m]}) == 2
+    lines = [line for line in r.stderr.splitlines() if ": epochs " in line]
+    assert len(lines) == 8 and all(" on " in line and "attempt" not in line for line in lines), lines
+    assert r.stderr.count("ensemble error val") == 4
+    assert "\r" not in r.stdout + r.stderr and "epoch 1/2: loss" not in r.stderr  # nothing from the workers
+    # The thread count is recorded with the run, as its driver and tasks used it.
+    saved = json.loads((run / "config.json").read_text())
+    assert saved["versions"]["env"]["TF_NUM_INTRAOP_THREADS"] == "1"
+    invocation = [json.loads(line) for line in (run / "invocations.jsonl").read_text().splitlines()][-1]
+    assert (invocation["ray"], invocation["threads"]) == (cluster.address, 1)
+
+
+def test_a_killed_worker_and_a_dead_node_are_retried_and_the_result_stays_identical(cluster, data, local_run,
+                                                                                   tmp_path):
+    """SIGKILL the worker training a segment on the head node and remove the other node (raylet and all)
+    while its first segment runs: both segments run again, the run finishes, and every file is the local
+    run's. (Runs last on the cluster: it leaves the head node alone.)"""
+    cluster, worker_node = cluster
+    run = tmp_path / "ray-run"
+    driver = subprocess.Popen([sys.executable, "-m", "emnist_cnn", "train", "--run-dir", str(run), "--data-dir",
+                               str(data), *ARGS, "--epochs", "2", "--ray", cluster.address],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        # A segment record names the node and process training it; each node's first segment then still
+        # has to import Keras, build the model and train, so both kills land mid-segment.
+        on_worker = f"/{worker_node.node_id[:8]}"
+        deadline = time.monotonic() + 300
+        first = {}
+        while len(first) < 2 and time.monotonic() < deadline and driver.poll() is None:
+            for s in (s for m in MEMBERS for s in read_segments(run)[m]):
+                first.setdefault(s["node"].endswith(on_worker), s)
+            time.sleep(0.05)
+        assert len(first) == 2, f"segments did not start on both nodes: {first}"
+        killed, removed = first[False], first[True]
+        os.kill(killed["pid"], signal.SIGKILL)
+        cluster.remove_node(worker_node, allow_graceful=False)
+        # A second driver on the same run is refused while the first one holds it.
+        second = cli("train", "--run-dir", run, "--data-dir", data, *ARGS, "--epochs", "2", "--ray", cluster.address)
+        assert second.returncode == 1 and "Traceback" not in second.stderr, second.stderr
+        assert second.stderr.strip().splitlines()[-1].endswith("another emnist-cnn process is training in this "
+                                                              "run directory"), second.stderr
+        out, err = driver.communicate(timeout=600)
+    finally:
+        driver.kill()
+    assert driver.returncode == 0, err[-3000:]
+    assert_same_results(run, local_run)
+    # Each interrupted segment ran again in another process, on the head node, and the driver said so.
+    segments = read_segments(run)
+    for victim in (killed, removed):
+        member = next(m for m in MEMBERS if victim in segments[m])
+        again = [s for s in segments[member] if s["target"] == victim["target"] and s != victim]
+        assert len(again) == 1 and again[0]["pid"] != victim["pid"] and not again[0]["node"].endswith(on_worker)
+    assert sorted(len(segments[m]) for m in MEMBERS) == [2, 2, 3, 3], segments
+    assert sum("(attempt 2)" in line for line in err.splitlines()) == 2, err[-3000:]
+
+
+@pytest.mark.parametrize("case", ["relative run dir", "ray missing", "gpus without ray"])
+def test_bad_ray_settings_are_one_line(case, data, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    base = ["train", "--data-dir", str(data), *ARGS, "--epochs", "1"]
+    if case == "relative run dir":
+        r = cli(*base, "--run-dir", "runs/relative", "--ray", "local")
+        want = "must be an absolute path with --ray"
+    elif case == "ray missing":
+        # Ray made unimportable in the CLI's own process.
+        code = "import sys; sys.modules['ray'] = None; from emnist_cnn.cli import main; sys.exit(main(sys.argv[1:]))"
+        r = subprocess.run([sys.executable, "-c", code, *base, "--run-dir", str(tmp_path / "run"), "--ray", "local"],
+                           capture_output=True, text=True, timeout=300)
+        want = "--ray needs Ray, which is not installed"
+    else:
+        r = cli(*base, "--run-dir", str(tmp_path / "run"), "--gpus-per-member", "0.5")
+        want = "--gpus-per-member needs --ray"
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert want in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert not (tmp_path / "run").exists() and not (tmp_path / "runs").exists()

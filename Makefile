@@ -27,12 +27,12 @@ $(TEST_STAMP): $(STAMP)
 run: $(STAMP)
 	$(BIN)/emnist-cnn run $(ARGS)
 
-# Two test processes, one test module at a time each (tests/conftest.py groups them): most tests wait
-# on process start-up and Keras tracing, which a second process overlaps. TEST_JOBS=0 runs in one process.
+# Two test processes, each taking whole test files (a file's shared runs are trained once): most tests
+# wait on process start-up and Keras tracing, which the other process overlaps. TEST_JOBS=0: one process.
 TEST_JOBS ?= 2
 
 test: $(TEST_STAMP)
-	$(BIN)/python -m pytest -n $(TEST_JOBS) --dist loadgroup $(ARGS)
+	$(BIN)/python -m pytest -n $(TEST_JOBS) --dist loadfile $(ARGS)
 
 # Throughput, efficiency and memory figures (about 3 minutes on 2 idle cores); ARGS="--quick", "--json PATH", "--only KEY".
 bench: $(STAMP)

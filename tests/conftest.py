@@ -120,19 +120,6 @@ def tiny_run(tmp_path_factory) -> tuple[Path, Path]:
     return base / "run", data
 
 
-# Modules whose tests share one expensive module-level run with another module.
-_SHARED_RUN_GROUPS = {"test_report": "test_plots"}  # test_report reads test_plots' tiny run
-
-
-@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups (--dist loadgroup)
-def pytest_collection_modifyitems(config, items):
-    """Under pytest-xdist (`make test`), keep each module's tests in one process so that its
-    module-scoped runs are trained once, not once per process."""
-    for item in items:
-        module = item.path.stem
-        item.add_marker(pytest.mark.xdist_group(_SHARED_RUN_GROUPS.get(module, module)))
-
-
 @pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path_factory, monkeypatch):
     """Never write decoded-data caches or downloads into the user's home during tests."""

@@ -324,28 +324,31 @@ def test_reference_json_h5_export_gives_the_same_predictions_as_its_weight_file(
 
 
 def test_import_reference_cli_evaluates_the_reference_ensemble(shared_dir, tmp_path, capsys):
+    """Members 0-2 of the reference's 267-epoch ensemble (3 of 10 keep CI short: evaluation is most of the
+    time), imported and evaluated on the 10,000 MNIST test digits."""
     run = tmp_path / "imported"
     rc = run_cli(["import-reference", str(shared_dir / "reference"), "--run-dir", str(run), "--dataset", "mnist",
                   "--data-dir", str(shared_dir / "data" / "mnist"), "--limit-train", "1000",
-                  "--val-fraction", "0.1", "--batch-size", "128"])
+                  "--val-fraction", "0.1", "--batch-size", "128", "--models", "3"])
     out = capsys.readouterr().out
     assert rc == 0
     assert "fresh Adam" in out and "ensemble" in out
     weights = sorted(p.name for p in (run / "dropout_0.2" / "weights").iterdir())
-    assert len(weights) == 11 and "258epochs_weights_model_7.weights.h5" in weights
+    assert weights == [f"267epochs_weights_model_{i}.weights.h5" for i in range(3)]
     assert sorted(p.name for p in (run / "dropout_0.2" / "state").glob("model_?.npz")) == \
-        [f"model_{i}.npz" for i in range(10)]
+        [f"model_{i}.npz" for i in range(3)]
     rows = list(csv.DictReader(open(run / "dropout_0.2" / "history" / "errors.csv")))
     test = {r["model"]: int(r["n_errors"]) for r in rows if r["split"] == "test" and r["epoch"] == "267"}
-    assert len(test) == 11 and all(int(r["n"]) == 10_000 for r in rows if r["split"] == "test")
-    # Measured (README): the ensemble makes 16 errors, the members 13 to 26; margins 1 and 2 (the run's own
-    # MNIST normalization is folded into the first convolution, which may move a borderline digit).
-    assert abs(test["ensemble"] - REFERENCE_MNIST_ERRORS["267_ensemble"]) <= 1, test
-    for i, want in enumerate(REFERENCE_MNIST_ERRORS["267_members"]):
+    assert len(test) == 4 and all(int(r["n"]) == 10_000 for r in rows if r["split"] == "test")
+    # Measured: the members make 21, 13 and 25 errors (README), their 3-member ensemble 14; margins 2 and 1
+    # (the run's own MNIST normalization is folded into the first convolution, which may move a borderline digit).
+    for i, want in enumerate(REFERENCE_MNIST_ERRORS["267_members"][:3]):
         assert abs(test[str(i)] - want) <= 2, (i, test)
-    assert {r["epoch"] for r in rows} == {"267"}  # epoch 258 has member 7 only: not an ensemble checkpoint
+    assert abs(test["ensemble"] - 14) <= 1, test
+    assert {r["epoch"] for r in rows} == {"267"}
     saved = json.loads((run / "config.json").read_text())
     assert saved["config"]["epochs"] == 267 and saved["config"]["limit_train"] == 1000
+    assert saved["config"]["models"] == 3
     assert saved["data"]["n_train"] == 900 and saved["data"]["n_val"] == 100
 
 

@@ -165,3 +165,25 @@ def test_latest_evaluation_is_the_newest_plain_test_one(tmp_path):
         folder.mkdir(parents=True)
         (folder / "evaluation.json").write_text(json.dumps({"epoch": epoch}))
     assert run.latest_evaluation(0.2)["epoch"] == 4
+
+
+def test_a_member_lock_waits_for_its_holder_then_refuses_after_the_timeout(tmp_path):
+    """A retried scale-out task waits for a stale attempt's lock on its members instead of failing at once."""
+    import os
+    import threading
+
+    from emnist_cnn.io.files import LockBusyError
+
+    run = RunDir(tmp_path / "run")
+    holder = run.member_lock(0.2, (1,), timeout=0).__enter__()
+    # Held for the whole wait: refused after the timeout, naming the members.
+    with pytest.raises(LockBusyError, match=r"dropout 0.2 member\(s\) 1 still locked by another process"):
+        with run.member_lock(0.2, (1,), timeout=0.3):
+            pass
+    # Other members are not blocked by it.
+    with run.member_lock(0.2, (0,), timeout=0):
+        pass
+    # Released while the next one waits: it gets the lock.
+    threading.Timer(0.5, holder.__exit__, (None, None, None)).start()
+    with run.member_lock(0.2, (1,), timeout=60) as lock:
+        assert lock.path.read_text().strip() == str(os.getpid())

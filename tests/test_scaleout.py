@@ -40,8 +40,9 @@ def cluster():
     require_module("ray", "the --ray tests start a Ray cluster")
     from ray.cluster_utils import Cluster
 
-    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
-    worker = c.add_node(num_cpus=1)
+    # One logical GPU per node: Ray schedules by it (TensorFlow's CPU build ignores the device).
+    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "num_gpus": 1})
+    worker = c.add_node(num_cpus=1, num_gpus=1)
     c.wait_for_nodes()
     yield c, worker
     c.shutdown()
@@ -135,6 +136,22 @@ def test_ray_run_equals_the_local_run(cluster, data, local_run, tmp_path):
     assert saved["versions"]["env"]["TF_NUM_INTRAOP_THREADS"] == "1"
     invocation = [json.loads(line) for line in (run / "invocations.jsonl").read_text().splitlines()][-1]
     assert (invocation["ray"], invocation["threads"]) == (cluster.address, 1)
+
+
+def test_fused_groups_on_gpus_equal_the_local_run(cluster, data, local_run, tmp_path):
+    """--fused with --gpus-per-member 0.5: one task per dropout rate trains its two members together on a
+    node's (logical) GPU; fused training gives the one-at-a-time bits."""
+    cluster, _ = cluster
+    run = tmp_path / "ray-run"
+    r = cli("train", "--run-dir", run, "--data-dir", data, *ARGS, "--epochs", "2", "--ray", cluster.address,
+            "--fused", "--gpus-per-member", "0.5")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert_same_results(run, local_run)
+    segments = read_segments(run)
+    assert all([s["target"] for s in segments[m]] == [1, 2] for m in MEMBERS), segments
+    # Both members of a rate in one process per segment.
+    for d in ("0.2", "0.3"):
+        assert [s["pid"] for s in segments[(d, 0)]] == [s["pid"] for s in segments[(d, 1)]]
 
 
 def test_a_killed_worker_and_a_dead_node_are_retried_and_the_result_stays_identical(cluster, data, local_run,

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from ..config import ScaleOutConfig, TrainConfig
 from ..core.threads import build_thread_env, configure_threads
-from ..errors import ConfigError, EmnistCnnError, RunDirError
+from ..errors import ConfigError, EmnistCnnError, RunDirError, format_one_line
 from ..io.files import LockBusyError
 from ..io.rundir import ErrorRecord, RunDir, collect_versions, format_utc_now
 from ..io.state import read_state_epoch
@@ -140,8 +140,7 @@ def _init_ray(ray, scaleout: ScaleOutConfig) -> None:
         else:
             ray.init(address=address, **kwargs)
     except (ConnectionError, RuntimeError, ValueError) as exc:
-        text = " ".join(str(exc).split())[:300]
-        raise RunDirError(f"--ray {address}: cannot connect to the Ray cluster ({text})") from exc
+        raise RunDirError(f"--ray {address}: cannot connect to the Ray cluster ({format_one_line(exc)})") from exc
 
 
 class _Driver:
@@ -218,9 +217,9 @@ class _Driver:
             cause = getattr(exc, "cause", None)
             if isinstance(cause, EmnistCnnError):
                 raise cause from None
-            raise RunDirError(f"{what} failed: {_one_line(cause or exc)}") from exc
+            raise RunDirError(f"{what} failed: {format_one_line(cause or exc)}") from exc
         except RayError as exc:  # the worker or node died more than --max-retries times
-            raise RunDirError(f"{what} failed after {self.scaleout.max_retries} retries: {_one_line(exc)}; "
+            raise RunDirError(f"{what} failed after {self.scaleout.max_retries} retries: {format_one_line(exc)}; "
                               "run the same command to resume") from exc
 
     def _finish_segment(self, result: dict) -> None:
@@ -239,11 +238,6 @@ class _Driver:
         ens = {r.split: r.rate for r in records if r.is_ensemble}
         log.info("dropout %g epoch %d: ensemble error val %s test %s", d, epoch,
                  *("-" if ens.get(s) is None else f"{ens[s].pct:.3f}%" for s in ("val", "test")))
-
-
-def _one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split())
-    return text[:300] + ("..." if len(text) > 300 else "")
 
 
 def train_ensembles_on_ray(config: TrainConfig, run_dir, data: PreparedData, scaleout: ScaleOutConfig, *,

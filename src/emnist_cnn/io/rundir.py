@@ -170,20 +170,11 @@ class RunDir:
         return self.dropout_dir(dropout) / "history" / f"segments_model_{index}.jsonl"
 
     def append_segment(self, dropout: float, index: int, record: dict) -> None:
-        path = self.segments_path(dropout, index)
-        old = path.read_text() if path.exists() else ""
-        atomic_write_text(path, old + json.dumps(record, sort_keys=True) + "\n")
+        _append_json_line(self.segments_path(dropout, index), record)
 
     def read_segments(self, dropout: float, index: int) -> list[dict]:
         """Every segment started for a member, oldest first (unreadable lines are skipped)."""
-        path = self.segments_path(dropout, index)
-        rows = []
-        for line in (path.read_text().splitlines() if path.exists() else []):
-            try:
-                rows.append(json.loads(line))
-            except ValueError:
-                continue
-        return rows
+        return _read_json_lines(self.segments_path(dropout, index))
 
     # ------------------------------------------------------------------ config.json and invocations
 
@@ -223,21 +214,11 @@ class RunDir:
         atomic_write_json(self.config_path, saved)
 
     def append_invocation(self, record: dict) -> None:
-        path = self.invocations_path
-        old = path.read_text() if path.exists() else ""
-        atomic_write_text(path, old + json.dumps(record, sort_keys=True) + "\n")
+        _append_json_line(self.invocations_path, record)
 
     def read_invocations(self) -> list[dict]:
         """Every recorded command, oldest first (unreadable lines are skipped)."""
-        if not self.invocations_path.is_file():
-            return []
-        out = []
-        for line in self.invocations_path.read_text().splitlines():
-            try:
-                out.append(json.loads(line))
-            except ValueError:
-                continue
-        return out
+        return _read_json_lines(self.invocations_path)
 
     # ------------------------------------------------------------------ histories
 
@@ -346,6 +327,25 @@ class RunDir:
             for path in self.path.rglob(pattern):
                 log.debug("removing %s, left by an interrupted write", path)
                 path.unlink(missing_ok=True)
+
+
+def _append_json_line(path: Path, record: dict) -> None:
+    """Add one JSON line to a log, rewriting it atomically (a kill leaves the old log or the new one)."""
+    old = path.read_text() if path.exists() else ""
+    atomic_write_text(path, old + json.dumps(record, sort_keys=True) + "\n")
+
+
+def _read_json_lines(path: Path) -> list[dict]:
+    """A JSON-lines log's records, oldest first; unreadable lines are skipped."""
+    if not path.is_file():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except ValueError:
+            continue
+    return out
 
 
 def _pct4(record: ErrorRecord) -> float:

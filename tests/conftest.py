@@ -93,6 +93,26 @@ def write_mnist_idx(folder: Path, x_train, y_train, x_test, y_test) -> Path:
     return folder
 
 
+def arrays(path: Path) -> dict[str, np.ndarray]:
+    """Every array of a state file (.npz) or a weights file (.h5), by name: to compare runs to the bit."""
+    if path.suffix == ".npz":
+        with np.load(path, allow_pickle=False) as z:
+            return {k: z[k] for k in z.files}
+    import h5py
+
+    out = {}
+    with h5py.File(path, "r") as f:
+        f.visititems(lambda name, obj: out.__setitem__(name, obj[()]) if isinstance(obj, h5py.Dataset) else None)
+    return out
+
+
+def without_seconds(path: Path) -> list[list[str]]:
+    """A history CSV's cells without the wall-time column, the one that differs between equal runs."""
+    rows = [line.split(",") for line in path.read_text().splitlines()]
+    col = rows[0].index("seconds")
+    return [r[:col] + r[col + 1:] for r in rows]
+
+
 @pytest.fixture
 def tiny_mnist_dir(tmp_path_factory) -> Path:
     """A folder of small synthetic MNIST-format files."""

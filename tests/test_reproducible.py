@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import make_tiny_digits, write_mnist_idx
+from conftest import arrays, make_tiny_digits, without_seconds, write_mnist_idx
 from emnist_cnn.cli import build_parser, config_from_args
 from emnist_cnn.config import AugmentConfig, ModelConfig, TrainConfig
 
@@ -61,24 +61,6 @@ def files(run: Path) -> dict[str, Path]:
     """Every result file of a run, by path relative to the run (logs of when and how aside)."""
     skip = {"config.json", "invocations.jsonl", ".lock"}
     return {str(p.relative_to(run)): p for p in sorted(run.rglob("*")) if p.is_file() and p.name not in skip}
-
-
-def arrays(path: Path) -> dict[str, np.ndarray]:
-    if path.suffix == ".npz":
-        with np.load(path, allow_pickle=False) as z:
-            return {k: z[k] for k in z.files}
-    import h5py
-
-    out = {}
-    with h5py.File(path, "r") as f:
-        f.visititems(lambda name, obj: out.__setitem__(name, obj[()]) if isinstance(obj, h5py.Dataset) else None)
-    return out
-
-
-def without_seconds(path: Path) -> list[list[str]]:
-    rows = [line.split(",") for line in path.read_text().splitlines()]
-    col = rows[0].index("seconds")
-    return [r[:col] + r[col + 1:] for r in rows]
 
 
 @pytest.fixture(scope="module")

@@ -13,10 +13,9 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 
-from conftest import make_tiny_digits, require_module, write_mnist_idx
+from conftest import arrays, make_tiny_digits, require_module, without_seconds, write_mnist_idx
 
 # Without --quiet: the output is a pipe, so training prints one line per epoch instead of progress bars.
 ARGS = ["--dataset", "mnist", "--dropout", "0.2", "0.3", "--models", "2", "--checkpoint-every", "1",
@@ -66,24 +65,6 @@ def result_files(run: Path) -> dict[str, Path]:
     skip = {"config.json", "invocations.jsonl", ".lock"}
     return {str(p.relative_to(run)): p for p in sorted(run.rglob("*"))
             if p.is_file() and p.name not in skip and ".locks" not in p.parts and "segments_" not in p.name}
-
-
-def arrays(path: Path) -> dict[str, np.ndarray]:
-    if path.suffix == ".npz":
-        with np.load(path, allow_pickle=False) as z:
-            return {k: z[k] for k in z.files}
-    import h5py
-
-    out = {}
-    with h5py.File(path, "r") as f:
-        f.visititems(lambda name, obj: out.__setitem__(name, obj[()]) if isinstance(obj, h5py.Dataset) else None)
-    return out
-
-
-def without_seconds(path: Path) -> list[list[str]]:
-    rows = [line.split(",") for line in path.read_text().splitlines()]
-    col = rows[0].index("seconds")
-    return [r[:col] + r[col + 1:] for r in rows]
 
 
 def assert_same_results(run: Path, expected: Path) -> None:

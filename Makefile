@@ -7,7 +7,7 @@ ARGS ?=
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(EXTRA)
 # make test also installs the JAX and torch backends (CPU builds, about 1.2 GB) for tests/test_backends.py,
-# and Ray for tests/test_scaleout.py.
+# Ray for tests/test_scaleout.py, and MLflow (its server too) for tests/test_tracking.py.
 TEST_STAMP := $(VENV)/.installed-$(EXTRA)-backends
 
 .PHONY: run test bench setup clean
@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 $(TEST_STAMP): $(STAMP)
-	$(BIN)/python -m pip install --quiet -e ".[$(EXTRA),dev,backends,ray]"
+	$(BIN)/python -m pip install --quiet -e ".[$(EXTRA),dev,backends,ray,mlflow]"
 	touch $(TEST_STAMP)
 
 run: $(STAMP)

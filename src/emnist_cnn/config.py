@@ -11,7 +11,7 @@ from .errors import ConfigError
 
 __all__ = ["EMNIST_DIGITS_MEAN", "EMNIST_DIGITS_STD", "DATASETS", "PRECISIONS", "PRESETS", "RESUMABLE_CHANGES",
            "AugmentConfig", "ModelConfig", "TrainConfig",
-           "ScaleOutConfig"]
+           "ScaleOutConfig", "MLFLOW_SCHEMES", "TrackingConfig"]
 
 # EMNIST Digits training-set pixel statistics in [0, 1], as hard-coded by the reference.
 EMNIST_DIGITS_MEAN = 0.17325132
@@ -177,6 +177,31 @@ class ScaleOutConfig:
     def task_threads(self) -> int:
         """Threads (and CPUs reserved) per Ray task: pinned, so results do not follow a node's core count."""
         return self.threads or 1
+
+
+# MLflow tracking URIs accepted by --mlflow: a tracking server, or a store MLflow opens itself.
+MLFLOW_SCHEMES = ("http", "https", "file", "sqlite", "postgresql", "mysql", "mssql", "databricks")
+
+
+@dataclass(frozen=True)
+class TrackingConfig:
+    """Where a run's progress is sent while it trains; not part of the experiment."""
+
+    tensorboard: bool = True  # event files under RUN/tensorboard/
+    mlflow_uri: str | None = None  # an MLflow tracking URI; None: no MLflow
+    mlflow_experiment: str = "emnist-cnn"  # MLflow experiment the run's MLflow run is created in
+    request_timeout: float = 5.0  # seconds an MLflow request may take before it counts as an outage
+    retry_after: float = 30.0  # seconds between attempts while the MLflow server is unreachable
+
+    def __post_init__(self) -> None:
+        if self.mlflow_uri is not None:
+            scheme = self.mlflow_uri.split(":", 1)[0].lower() if ":" in self.mlflow_uri else ""
+            _check(scheme in MLFLOW_SCHEMES, "--mlflow", "needs a tracking URI (http://HOST:PORT, https://..., "
+                   "file:PATH or sqlite:///PATH)", self.mlflow_uri)
+        _check(bool(self.mlflow_experiment.strip()), "--mlflow-experiment", "must not be empty",
+               self.mlflow_experiment)
+        _check(self.request_timeout > 0, "request_timeout", "must be > 0 seconds", self.request_timeout)
+        _check(self.retry_after >= 0, "retry_after", "must be >= 0 seconds", self.retry_after)
 
 
 # Settings that may change when a run is resumed; everything else defines the experiment.

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 from ..config import DATASETS, PRECISIONS, PRESETS
 
 __all__ = ["EXPORT_FORMATS", "PREPROCESSING_STYLES", "Parser", "add_run_args", "add_train_args", "add_evaluate_args",
-           "add_plot_args", "add_export_args", "add_predict_args", "add_import_reference_args", "add_download_args"]
+           "add_plot_args", "add_export_args", "add_predict_args", "add_import_reference_args", "add_download_args",
+           "add_track_args"]
 
 # Kept in step with engine.export.FORMATS and engine.predict.STYLES (checked by the tests); spelled out
 # here so that `--help` never imports the engine.
@@ -97,13 +99,44 @@ def _add_scaleout_group(p: argparse.ArgumentParser) -> None:
                    help="times Ray reruns a member task whose worker or node died (default: 3)")
 
 
+def _add_mlflow_args(g) -> None:
+    g.add_argument("--mlflow", default=os.environ.get("MLFLOW_TRACKING_URI") or None, metavar="URI",
+                   help="also log into an MLflow run at this tracking URI (http://HOST:PORT, file:PATH, "
+                        "sqlite:///PATH); one MLflow run per run directory, resumes included (default: "
+                        "$MLFLOW_TRACKING_URI, else off)")
+    g.add_argument("--mlflow-experiment", default=os.environ.get("MLFLOW_EXPERIMENT_NAME") or "emnist-cnn",
+                   metavar="NAME",
+                   help="MLflow experiment a new MLflow run is created in (default: $MLFLOW_EXPERIMENT_NAME, "
+                        "else emnist-cnn)")
+
+
+def _add_tracking_group(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group(
+        "tracking",
+        "TensorBoard event files are always written to RUN/tensorboard/ (tensorboard --logdir RUN). "
+        "Tracking catches up from the run directory's records: a resumed run, or one whose server was "
+        "down, sends what was missed, never an epoch twice. An unreachable server is one warning; "
+        "training goes on.",
+    )
+    _add_mlflow_args(g)
+
+
 def add_train_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("run directory")
     g.add_argument("--run-dir", type=Path, required=True,
                    help="where config, weights, state and histories live (required, no default)")
     _add_data_group(p)
     _add_training_group(p)
+    _add_tracking_group(p)
     _add_scaleout_group(p)
+
+
+def add_track_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--run-dir", type=Path, required=True, help="the run directory to send (required, no default)")
+    _add_mlflow_args(p)
+    p.add_argument("--data-dir", type=Path, default=None,
+                   help="folder with the dataset files, for TensorBoard's image grids (default: the folder "
+                        "recorded in RUN/config.json; without the data the images are skipped)")
 
 
 def add_run_args(p: argparse.ArgumentParser) -> None:
@@ -115,6 +148,7 @@ def add_run_args(p: argparse.ArgumentParser) -> None:
                    help="where config, weights, state and histories live (default: runs/<preset>-<dataset>)")
     _add_data_group(p)
     _add_training_group(p)
+    _add_tracking_group(p)
     _add_scaleout_group(p)
 
 

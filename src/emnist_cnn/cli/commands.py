@@ -13,12 +13,12 @@ import math
 import sys
 from pathlib import Path
 
-from ..config import AugmentConfig, ScaleOutConfig, TrainConfig
+from ..config import AugmentConfig, ScaleOutConfig, TrackingConfig, TrainConfig
 from ..errors import ConfigError
 from ..io.rundir import RunDir
 
-__all__ = ["config_from_args", "scaleout_from_args", "cmd_run", "cmd_train", "cmd_evaluate", "cmd_plot",
-           "cmd_export", "cmd_predict", "cmd_import_reference", "cmd_download"]
+__all__ = ["config_from_args", "scaleout_from_args", "tracking_from_args", "cmd_run", "cmd_track", "cmd_train",
+           "cmd_evaluate", "cmd_plot", "cmd_export", "cmd_predict", "cmd_import_reference", "cmd_download"]
 
 
 def config_from_args(args: argparse.Namespace, preset: str | None = None) -> TrainConfig:
@@ -61,22 +61,35 @@ def scaleout_from_args(args: argparse.Namespace) -> ScaleOutConfig:
                           max_retries=args.max_retries)
 
 
+def tracking_from_args(args: argparse.Namespace) -> TrackingConfig:
+    """TensorBoard always; MLflow when --mlflow (or $MLFLOW_TRACKING_URI) names a server, checked importable."""
+    tracking = TrackingConfig(mlflow_uri=args.mlflow or None, mlflow_experiment=args.mlflow_experiment)
+    if tracking.mlflow_uri is not None:
+        from ..engine.tracking import import_mlflow
+
+        import_mlflow()  # before loading data: a missing extra is a one-line error, not a late failure
+    return tracking
+
+
 def _train(args: argparse.Namespace, preset: str | None = None):
     scaleout = scaleout_from_args(args)
+    tracking = tracking_from_args(args)
     _check_lr_and_data_dir(args)
     config = config_from_args(args, preset)
     if scaleout.ray_address is not None:
         from ..engine.scaleout import train_and_evaluate_on_ray
 
         return train_and_evaluate_on_ray(config, args.run_dir, scaleout, data_dir=args.data_dir, mirror=args.mirror,
-                                         fixed_lr=args.lr, download=not args.no_download, fused=bool(args.fused))
+                                         fixed_lr=args.lr, download=not args.no_download, fused=bool(args.fused),
+                                         tracking=tracking)
     from ..core.threads import configure_threads
 
     configure_threads(scaleout.threads)  # before the backend starts in this process
     from ..engine.train import train_and_evaluate
 
     return train_and_evaluate(config, args.run_dir, data_dir=args.data_dir, mirror=args.mirror, fixed_lr=args.lr,
-                              download=not args.no_download, verbose=0 if args.quiet else 1, fused=args.fused)
+                              download=not args.no_download, verbose=0 if args.quiet else 1, fused=args.fused,
+                              tracking=tracking)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -106,6 +119,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     result = evaluate_run(args.run_dir, config=config, data=data)
     pngs = plot_run(args.run_dir, data=data)
     report = write_report(args.run_dir, pngs)
+    if args.mlflow:
+        from ..engine.tracking import log_run_artifacts
+
+        log_run_artifacts(args.run_dir, tracking_from_args(args))
     print(format_evaluation(result))
     print(f"\nrun directory: {args.run_dir}")
     print(f"plots: {Path(next(iter(pngs.values()))).parent}/ ({len(pngs)} PNG files)")
@@ -233,4 +250,14 @@ def cmd_download(args: argparse.Namespace) -> int:
                             timeout=args.timeout)
     for path in paths:
         print(path)
+    return 0
+
+
+def cmd_track(args: argparse.Namespace) -> int:
+    """`track`: send a run's records to TensorBoard and (with --mlflow) MLflow, then say what each holds."""
+    from ..engine.tracking import track_run
+
+    summary = track_run(args.run_dir, tracking_from_args(args), data_dir=args.data_dir)
+    for line in summary:
+        print(line)
     return 0

@@ -44,6 +44,11 @@ COMMANDS = {
         "into a new run directory: every file becomes a weights checkpoint, each member's latest epoch its "
         "resumable state. The reference saved no optimizer state, so continuing starts a fresh Adam: "
         "emnist-cnn train --run-dir RUN --epochs N --lr 1e-5 (with the same --data-dir)."),
+    "track": (a.add_track_args, c.cmd_track,
+              "send a run's records to TensorBoard and MLflow, e.g. a run trained without --mlflow",
+              "Write RUN/tensorboard/ event files and, with --mlflow, log into the run's MLflow run "
+              "(created on first use): every recorded epoch and checkpoint not sent yet, then config.json, "
+              "the plots and report.html. Safe while the run trains: nothing is sent twice."),
     "download": (a.add_download_args, c.cmd_download,
                  "download and unpack an EMNIST split from NIST (or a mirror)",
                  "Download NIST's EMNIST archive (resumable, checksummed) and unpack one split."),

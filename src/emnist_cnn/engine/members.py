@@ -17,6 +17,7 @@ import math
 import sys
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 
@@ -59,6 +60,7 @@ class TrainContext:
     verbose: int = 1
     fused: bool = False  # train same-epoch members in one compiled step where possible
     fused_trainers: dict = field(default_factory=dict)  # built once per group of member models
+    on_epoch: Callable[["Member"], None] | None = None  # called once each finished epoch is recorded
 
     @property
     def checkpoint_epochs(self) -> set[int]:
@@ -258,6 +260,8 @@ def _finish_epoch(member: Member, epoch: int, loss_acc: np.ndarray, train_second
     save_member_state(ctx.run.state_path(member.dropout, member.index), model, epoch,
                       {"seed": member.seed, "learning_rate": lr})
     member.epoch = epoch
+    if ctx.on_epoch is not None:
+        ctx.on_epoch(member)
     val_txt = f"val_loss {val_loss:.4f} val_error {100 * (1 - val_acc):.3f}%" if len(data.y_val) else "no val split"
     log.info("dropout %g model %d epoch %d/%d: loss %.4f accuracy %.2f%% %s lr %.3g (%.1f s)",
              member.dropout, member.index, epoch, config.epochs, loss, 100 * accuracy, val_txt, lr, seconds)

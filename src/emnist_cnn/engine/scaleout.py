@@ -22,7 +22,7 @@ import sys
 import time
 from pathlib import Path
 
-from ..config import ScaleOutConfig, TrainConfig
+from ..config import ScaleOutConfig, TrackingConfig, TrainConfig
 from ..core.threads import build_thread_env, configure_threads
 from ..errors import ConfigError, EmnistCnnError, RunDirError, format_one_line
 from ..io.files import LockBusyError
@@ -30,7 +30,9 @@ from ..io.rundir import ErrorRecord, RunDir, collect_versions, format_utc_now
 from ..io.state import read_state_epoch
 from .members import TrainContext, open_member, sample_calibration_images, train_members_to
 from .prepare import PreparedData
-from .train import evaluate_checkpoint, find_last_errors, load_training_data, open_run, record_checkpoint
+from .tracking import Tracker
+from .train import (evaluate_checkpoint, find_last_errors, load_training_data, open_run, open_tracker,
+                    record_checkpoint, tracker_closed_on_exit)
 
 __all__ = ["TransientStorageError", "check_run_dir_shared", "import_ray", "train_segment", "evaluate_segment",
            "train_ensembles_on_ray", "train_and_evaluate_on_ray"]
@@ -147,8 +149,9 @@ class _Driver:
     """Keeps one task per member (or fused group) in flight and one evaluation per dropout rate."""
 
     def __init__(self, ray, run: RunDir, config: TrainConfig, data: PreparedData, scaleout: ScaleOutConfig,
-                 lr: float, fused: bool):
+                 lr: float, fused: bool, tracker: Tracker):
         self.ray, self.run, self.config, self.scaleout, self.lr = ray, run, config, scaleout, lr
+        self.tracker = tracker
         self.ckpts = config.checkpoint_epochs()
         groups = [tuple(range(config.models))] if fused else [(i,) for i in range(config.models)]
         self.units = [(d, g) for d in config.dropouts for g in groups]
@@ -231,9 +234,11 @@ class _Driver:
             log.info("dropout %g model %d: epochs %d-%d, val error %s, %.1f s on %s%s", d, i, start + 1,
                      result["target"], "-" if val is None else f"{val:.3f}%", result["seconds"], result["node"],
                      f" (attempt {result['attempt']})" if result["attempt"] > 1 else "")
+        self.tracker.sync(members=[(d, i) for i in result["indices"]])
 
     def _finish_evaluation(self, d: float, epoch: int, records: list[ErrorRecord]) -> None:
         record_checkpoint(self.run, d, epoch, records)
+        self.tracker.sync(dropouts=[d])
         self.evaluated[d].add(epoch)
         ens = {r.split: r.rate for r in records if r.is_ensemble}
         log.info("dropout %g epoch %d: ensemble error val %s test %s", d, epoch,
@@ -241,7 +246,8 @@ class _Driver:
 
 
 def train_ensembles_on_ray(config: TrainConfig, run_dir, data: PreparedData, scaleout: ScaleOutConfig, *,
-                           fixed_lr: float | None = None, fused: bool = False) -> dict[float, list[ErrorRecord]]:
+                           fixed_lr: float | None = None, fused: bool = False,
+                           tracking: TrackingConfig | None = None) -> dict[float, list[ErrorRecord]]:
     """Train (or resume) every ensemble of the run as Ray tasks; the same files as `train_ensembles`.
 
     Returns each dropout rate's errors at the last checkpoint.
@@ -258,23 +264,27 @@ def train_ensembles_on_ray(config: TrainConfig, run_dir, data: PreparedData, sca
                                "threads": scaleout.task_threads, "gpus_per_member": scaleout.gpus_per_member,
                                "versions": collect_versions()})
         lr = fixed_lr if fixed_lr is not None else config.lr
-        _init_ray(ray, scaleout)
-        try:
-            resources = ray.cluster_resources()
-            log.info("ray: %d node(s), %g CPUs, %g GPUs; %d thread(s) per task", len(ray.nodes()),
-                     resources.get("CPU", 0), resources.get("GPU", 0), scaleout.task_threads)
-            _Driver(ray, run, config, data, scaleout, lr, fused).drive()
-        finally:
-            ray.shutdown()
+        tracker = open_tracker(run, config, tracking, data)
+        with tracker_closed_on_exit(tracker):
+            _init_ray(ray, scaleout)
+            try:
+                resources = ray.cluster_resources()
+                log.info("ray: %d node(s), %g CPUs, %g GPUs; %d thread(s) per task", len(ray.nodes()),
+                         resources.get("CPU", 0), resources.get("GPU", 0), scaleout.task_threads)
+                _Driver(ray, run, config, data, scaleout, lr, fused, tracker).drive()
+            finally:
+                ray.shutdown()
         return {d: find_last_errors(run, config, d) for d in config.dropouts}
 
 
 def train_and_evaluate_on_ray(config: TrainConfig, run_dir, scaleout: ScaleOutConfig, *, data_dir=None,
                               mirror=None, fixed_lr=None, dataset=None, download: bool = True,
-                              fused: bool = False) -> dict[float, list[ErrorRecord]]:
+                              fused: bool = False,
+                              tracking: TrackingConfig | None = None) -> dict[float, list[ErrorRecord]]:
     """`train_and_evaluate` with the members trained as Ray tasks (see the module's docstring)."""
     check_run_dir_shared(run_dir)
     import_ray()  # before loading data: a missing extra is a one-line error, not a late failure
     data = load_training_data(config, run_dir, data_dir=data_dir, mirror=mirror, dataset=dataset,
                               download=download)
-    return train_ensembles_on_ray(config, run_dir, data, scaleout, fixed_lr=fixed_lr, fused=fused)
+    return train_ensembles_on_ray(config, run_dir, data, scaleout, fixed_lr=fixed_lr, fused=fused,
+                                  tracking=tracking)

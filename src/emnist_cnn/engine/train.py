@@ -9,11 +9,14 @@ dropout rate has a checkpoint's weights.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
 from pathlib import Path
 
-from ..config import RESUMABLE_CHANGES, TrainConfig
+import numpy as np
+
+from ..config import RESUMABLE_CHANGES, TrackingConfig, TrainConfig
 from ..core.metrics import ensemble_probabilities, evaluate_error
 from ..errors import ConfigError, DataError, RunDirError
 from ..io.download import load_or_download
@@ -21,9 +24,10 @@ from ..io.rundir import ErrorRecord, RunDir, collect_versions, format_utc_now
 from ..io.weights import load_checkpoint_model
 from .members import Member, TrainContext, sample_calibration_images, fused_by_default, open_member, train_members_to
 from .prepare import PreparedData, prepare_data
+from .tracking import Tracker
 
 __all__ = ["check_compatible", "open_run", "evaluate_checkpoint", "record_checkpoint", "train_ensembles",
-           "load_training_data", "train_and_evaluate", "find_last_errors"]
+           "open_tracker", "tracker_closed_on_exit", "load_training_data", "train_and_evaluate", "find_last_errors"]
 
 log = logging.getLogger(__name__)
 
@@ -118,28 +122,34 @@ def evaluate_checkpoint(run: RunDir, config: TrainConfig, data: PreparedData, dr
             continue
         for i, p in enumerate(probs[split]):
             records.append(ErrorRecord(epoch, str(i), split, evaluate_error(p, labels[split])))
-        ens = evaluate_error(ensemble_probabilities(probs[split]), labels[split])
-        records.append(ErrorRecord(epoch, "ensemble", split, ens))
+        ens_probs = ensemble_probabilities(probs[split])
+        predicted = ens_probs.argmax(axis=1)
+        wrong = [(int(k), int(labels[split][k]), int(predicted[k]))
+                 for k in np.flatnonzero(predicted != labels[split])]
+        records.append(ErrorRecord(epoch, "ensemble", split, evaluate_error(ens_probs, labels[split]), tuple(wrong)))
     return records
 
 
 def record_checkpoint(run: RunDir, dropout: float, epoch: int, records: list[ErrorRecord]) -> None:
-    """Write a checkpoint's errors: the reference's text table, then errors.csv."""
-    # The text table first: errors.csv is what marks a checkpoint as evaluated on resume,
-    # so a kill between the two writes must leave errors.csv without it, not the reverse.
+    """Write a checkpoint's errors: the reference's text table, the ensemble's mistakes, then errors.csv."""
+    # errors.csv last: it is what marks a checkpoint as evaluated on resume, so a kill between
+    # the writes must leave errors.csv without it, not the reverse.
     run.write_text_table(dropout, epoch, records)
+    run.write_checkpoint_misclassified(dropout, epoch, records)
     old = [r for r in run.read_errors(dropout) if r.epoch != epoch]
     run.write_errors(dropout, old + records)
 
 
 def train_ensembles(config: TrainConfig, run_dir, data: PreparedData, *, fixed_lr: float | None = None,
-                    verbose: int = 1, fused: bool | None = None) -> dict[float, list[ErrorRecord]]:
+                    verbose: int = 1, fused: bool | None = None,
+                    tracking: TrackingConfig | None = None) -> dict[float, list[ErrorRecord]]:
     """Train (or resume) every ensemble of the run; returns each dropout rate's last-checkpoint errors.
 
     `fixed_lr` sets the learning rate for the epochs this call trains (the
     reference's "continue with a fixed learning rate"); without it the run's
     configured rate is used. `fused` trains each ensemble's members in one
     compiled step (same results as one by one); None: on a GPU only.
+    `tracking`: where progress is sent (default: TensorBoard event files only).
     """
     run = RunDir(run_dir)
     with run.lock():
@@ -148,12 +158,37 @@ def train_ensembles(config: TrainConfig, run_dir, data: PreparedData, *, fixed_l
         run.append_invocation({"time": format_utc_now(), "argv": sys.argv, "epochs": config.epochs,
                                "fixed_lr": fixed_lr, "fused": fused, "versions": collect_versions()})
         lr = fixed_lr if fixed_lr is not None else config.lr
+        tracker = open_tracker(run, config, tracking, data)
         ctx = TrainContext(run, config, data, sample_calibration_images(config, data), verbose,
-                           fused_by_default() if fused is None else fused)
-        return {dropout: _train_ensemble(ctx, dropout, lr) for dropout in config.dropouts}
+                           fused_by_default() if fused is None else fused,
+                           on_epoch=lambda m: tracker.sync(members=[(m.dropout, m.index)]))
+        with tracker_closed_on_exit(tracker):
+            return {dropout: _train_ensemble(ctx, dropout, lr, tracker) for dropout in config.dropouts}
 
 
-def _train_ensemble(ctx: TrainContext, dropout: float, lr: float) -> list[ErrorRecord]:
+def open_tracker(run: RunDir, config: TrainConfig, tracking: TrackingConfig | None,
+                 data: PreparedData) -> Tracker:
+    """The run's tracker, caught up with everything the run directory already records."""
+    tracker = Tracker(run, config, tracking or TrackingConfig(), data)
+    tracker.sync()
+    return tracker
+
+
+@contextlib.contextmanager
+def tracker_closed_on_exit(tracker: Tracker):
+    """Close `tracker` when the block ends, marking its MLflow run finished, killed (Ctrl-C) or failed."""
+    try:
+        yield tracker
+    except KeyboardInterrupt:
+        tracker.close("KILLED")
+        raise
+    except BaseException:
+        tracker.close("FAILED")
+        raise
+    tracker.close("FINISHED")
+
+
+def _train_ensemble(ctx: TrainContext, dropout: float, lr: float, tracker: Tracker) -> list[ErrorRecord]:
     """Train one dropout rate's members checkpoint by checkpoint, evaluating each complete checkpoint."""
     run, config = ctx.run, ctx.config
     members: dict[int, Member] = {}
@@ -167,6 +202,7 @@ def _train_ensemble(ctx: TrainContext, dropout: float, lr: float) -> list[ErrorR
         if target not in done and run.has_all_weights(dropout, target, config.models):
             records = evaluate_checkpoint(run, config, ctx.data, dropout, target, members)
             record_checkpoint(run, dropout, target, records)
+            tracker.sync(dropouts=[dropout])
             done.add(target)
             ens = {r.split: r.rate for r in records if r.is_ensemble}
             log.info("dropout %g epoch %d: ensemble error val %s test %s", dropout, target,
@@ -203,12 +239,13 @@ def load_training_data(config: TrainConfig, run_dir, *, data_dir=None, mirror=No
 
 
 def train_and_evaluate(config: TrainConfig, run_dir, *, data_dir=None, mirror=None, fixed_lr=None,
-                       dataset=None, download: bool = True, verbose: int = 1,
-                       fused: bool | None = None) -> dict[float, list[ErrorRecord]]:
+                       dataset=None, download: bool = True, verbose: int = 1, fused: bool | None = None,
+                       tracking: TrackingConfig | None = None) -> dict[float, list[ErrorRecord]]:
     """Load (or download) the data, then train and evaluate every ensemble in `run_dir`.
 
     Returns each dropout rate's errors at the last checkpoint.
     """
     data = load_training_data(config, run_dir, data_dir=data_dir, mirror=mirror, dataset=dataset,
                               download=download)
-    return train_ensembles(config, Path(run_dir), data, fixed_lr=fixed_lr, verbose=verbose, fused=fused)
+    return train_ensembles(config, Path(run_dir), data, fixed_lr=fixed_lr, verbose=verbose, fused=fused,
+                           tracking=tracking)

@@ -9,6 +9,9 @@ Layout (kept close to the reference's):
     RUN/dropout_0.2/history/model_0.csv      one row per epoch
     RUN/dropout_0.2/history/errors.csv       per checkpoint, member and ensemble, val and test
     RUN/dropout_0.2/history/test_errors_epoch_016.txt   the reference's format
+    RUN/dropout_0.2/history/misclassified_epoch_016.csv the ensemble's wrong val and test predictions
+    RUN/tensorboard/dropout_0.2/model_0/, .../ensemble/   TensorBoard event files
+    RUN/tracking/mlflow.json                 the MLflow run this run logs into, and what it has received
     RUN/dropout_0.2/evaluation/test_epoch_016/          `emnist-cnn evaluate` tables
     RUN/plot_history/*.png, RUN/report.html, RUN/export_json_h5/
 """
@@ -20,7 +23,7 @@ import logging
 import os
 import platform
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -43,6 +46,7 @@ HISTORY_COLUMNS = ("epoch", "loss", "accuracy", "val_loss", "val_accuracy", "lea
 EVALUATION_FILES = {"confusion_matrix": "confusion_matrix.csv", "misclassified": "misclassified.csv",
                     "evaluation": "evaluation.json"}
 ERRORS_COLUMNS = ("epoch", "model", "split", "error_pct", "n_errors", "n")
+MISCLASSIFIED_COLUMNS = ("split", "index", "label", "predicted")
 _WEIGHTS_RE = re.compile(r"^(\d+)epochs_weights_model_(\d+)\.weights\.h5$")
 
 
@@ -59,6 +63,8 @@ class ErrorRecord:
     model: str
     split: str
     rate: ErrorRate
+    # The ensemble's wrong predictions, (image index in the split, label, predicted); not in errors.csv.
+    wrong: tuple[tuple[int, int, int], ...] = field(default=(), compare=False, repr=False)
 
     @property
     def is_ensemble(self) -> bool:
@@ -153,6 +159,52 @@ class RunDir:
             except (KeyError, TypeError, ValueError) as exc:
                 raise RunDirError(f"{table}:{k}: malformed row ({exc})") from exc
         return out
+
+    def checkpoint_misclassified_path(self, dropout: float, epoch: int) -> Path:
+        return self.dropout_dir(dropout) / "history" / f"misclassified_epoch_{epoch:03d}.csv"
+
+    def write_checkpoint_misclassified(self, dropout: float, epoch: int, records: list[ErrorRecord]) -> None:
+        """The ensemble's wrong predictions at a checkpoint, from its records' `wrong` lists."""
+        rows = [{"split": r.split, "index": i, "label": y, "predicted": p}
+                for r in records if r.is_ensemble for i, y, p in r.wrong]
+        write_csv_rows(self.checkpoint_misclassified_path(dropout, epoch), MISCLASSIFIED_COLUMNS, rows)
+
+    def read_checkpoint_misclassified(self, dropout: float, epoch: int, split: str) -> list[tuple[int, int, int]]:
+        """(index, label, predicted) of the ensemble's wrong predictions on `split` at a checkpoint ([] if none)."""
+        path = self.checkpoint_misclassified_path(dropout, epoch)
+        out = []
+        for k, row in enumerate(read_csv_rows(path), start=2):
+            try:
+                if row["split"] == split:
+                    out.append((int(row["index"]), int(row["label"]), int(row["predicted"])))
+            except (KeyError, TypeError, ValueError) as exc:
+                raise RunDirError(f"{path}:{k}: malformed row ({exc})") from exc
+        return out
+
+    @property
+    def tensorboard_dir(self) -> Path:
+        return self.path / "tensorboard"
+
+    def tracking_path(self, sink: str) -> Path:
+        """What a tracking sink ("mlflow") has received, so a later process sends only the rest."""
+        return self.path / "tracking" / f"{sink}.json"
+
+    def read_tracking(self, sink: str) -> dict:
+        path = self.tracking_path(sink)
+        if not path.is_file():
+            return {}
+        try:
+            return json.loads(path.read_text())
+        except (OSError, ValueError) as exc:
+            raise RunDirError(f"{path}: unreadable tracking record ({exc})") from exc
+
+    def write_tracking(self, sink: str, record: dict) -> None:
+        atomic_write_json(self.tracking_path(sink), record)
+
+    def tracking_lock(self, sink: str, timeout: float) -> RunLock:
+        """Held while a process sends to a tracking sink, so that two never send the same epochs."""
+        return RunLock(self.path, f".locks/tracking_{sink}.lock", timeout=timeout,
+                       busy=f"{self.path}: another process is sending this run to {sink}")
 
     def lock(self) -> RunLock:
         """The exclusive lock a process holds while it writes to this run."""

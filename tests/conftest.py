@@ -113,6 +113,23 @@ def without_seconds(path: Path) -> list[list[str]]:
     return [r[:col] + r[col + 1:] for r in rows]
 
 
+def read_tensorboard(run_dir: Path) -> tuple[dict[str, list[tuple[int, float]]], dict[str, list]]:
+    """(folder/tag -> [(step, value)] in file order, folder/tag -> [image events]) via TensorBoard's reader."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    scalars, images = {}, {}
+    root = run_dir / "tensorboard"
+    for folder in sorted({p.parent for p in root.rglob("events.out.tfevents.*")}):
+        acc = EventAccumulator(str(folder), size_guidance={"scalars": 0, "images": 0})
+        acc.Reload()
+        writer = folder.relative_to(root).as_posix()
+        for tag in acc.Tags()["scalars"]:
+            scalars[f"{writer}/{tag}"] = [(e.step, e.value) for e in acc.Scalars(tag)]
+        for tag in acc.Tags()["images"]:
+            images[f"{writer}/{tag}"] = acc.Images(tag)
+    return scalars, images
+
+
 @pytest.fixture
 def tiny_mnist_dir(tmp_path_factory) -> Path:
     """A folder of small synthetic MNIST-format files."""

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import REQUIRE_DEPS_ENV, make_tiny_digits, require_module, write_mnist_idx
+from conftest import REQUIRE_DEPS_ENV, make_tiny_digits, read_tensorboard, require_module, write_mnist_idx
 
 # Test images given a wrong label on purpose: a working model predicts their
 # true class, so the evaluation has known mistakes to find and to match against
@@ -108,6 +108,15 @@ def test_backend_train_resume_evaluate_export(backend, tmp_path):
     ensemble_epochs = {r["epoch"] for r in read_csv(run_dir / "dropout_0.2" / "history" / "errors.csv")
                        if r["model"] == "ensemble" and r["split"] == "test"}
     assert ensemble_epochs == {"1", "2"}
+    # TensorBoard, written on this backend too, across the two commands: each epoch once, as recorded.
+    scalars, images = read_tensorboard(run_dir)
+    for i in range(2):
+        recorded = [(int(r["epoch"]), float(r["loss"])) for r in read_csv(run_dir / "dropout_0.2" / "history"
+                                                                          / f"model_{i}.csv")]
+        got = scalars[f"dropout_0.2/model_{i}/epoch/loss"]
+        assert [s for s, _ in got] == [1, 2], got
+        assert [v for _, v in got] == pytest.approx([v for _, v in recorded], rel=1e-6), (got, recorded)
+    assert [e.step for e in images["dropout_0.2/ensemble/images/augmentation"]] == [1, 2]
 
     result = json.loads(run("evaluate", "--run-dir", run_dir, "--json"))
     assert (result["dataset"], result["split"], result["n"]) == ("mnist", "test", 200)

@@ -21,7 +21,7 @@ ARGS = ["--dataset", "mnist", "--dropout", "0.2", "--models", "1", "--checkpoint
 # What `train --epochs 2` writes to resume a run at epoch 1, in order: every file goes through a temporary
 # file, fsync and a rename, so failing the Nth fsync fails the Nth write.
 EPOCH_2_WRITES = ["config.json", "invocations.jsonl", "002epochs_weights_model_0.weights.h5", "model_0.csv",
-                  "model_0.npz", "test_errors_epoch_002.txt", "errors.csv"]
+                  "model_0.npz", "test_errors_epoch_002.txt", "misclassified_epoch_002.csv", "errors.csv"]
 STATE_WRITE = EPOCH_2_WRITES.index("model_0.npz") + 1
 
 

@@ -112,7 +112,9 @@ def test_first_run_downloads_emnist_then_trains_evaluates_plots_and_reports(serv
     monkeypatch.chdir(project)
 
     # `make run ARGS="--epochs 2"`: the quick preset with 2 of its 4 epochs (one checkpoint), to save CI time.
-    assert run_cli(["run", "--epochs", "2"]) == 0
+    # With an MLflow store (sqlite, no server): the run's metrics, then its config, plots and report as files.
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    assert run_cli(["run", "--epochs", "2", "--mlflow", store]) == 0
     out = capsys.readouterr().out
 
     # Downloaded once, verified, and only the digits split extracted.
@@ -164,3 +166,16 @@ def test_first_run_downloads_emnist_then_trains_evaluates_plots_and_reports(serv
     assert html.count('src="data:image/png;base64,') == len(PLOTS)
     assert not re.search(r"""(src|href)=["']?(https?:|//)""", html)  # nothing fetched from elsewhere
     assert out.rstrip().endswith(f"run directory: {run}\nplots: {plots}/ (8 PNG files)\nreport: {run}/report.html")
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=store)
+    [logged] = client.search_runs([client.get_experiment_by_name("emnist-cnn").experiment_id])
+    for i in (0, 1):
+        loss = client.get_metric_history(logged.info.run_id, f"dropout_0.2/model_{i}/epoch/loss")
+        assert [(m.step, m.value) for m in loss] == [(int(r["epoch"]), float(r["loss"]))
+                                                    for r in read_csv(d / "history" / f"model_{i}.csv")]
+    files = {f.path for f in client.list_artifacts(logged.info.run_id)}
+    assert files == {"config.json", "plot_history", "report.html"}
+    assert {f.path for f in client.list_artifacts(logged.info.run_id, "plot_history")} == {
+        f"plot_history/{p.name}" for p in plots.iterdir()}

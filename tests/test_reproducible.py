@@ -58,9 +58,11 @@ def command_from_record(run: Path, new_run: Path) -> list[str]:
 
 
 def files(run: Path) -> dict[str, Path]:
-    """Every result file of a run, by path relative to the run (logs of when and how aside)."""
+    """Every result file of a run, by path relative to the run (logs of when and how aside: TensorBoard's
+    event files hold wall times; tests/test_tracking.py checks their values against the histories)."""
     skip = {"config.json", "invocations.jsonl", ".lock"}
-    return {str(p.relative_to(run)): p for p in sorted(run.rglob("*")) if p.is_file() and p.name not in skip}
+    return {str(p.relative_to(run)): p for p in sorted(run.rglob("*"))
+            if p.is_file() and p.name not in skip and "tensorboard" not in p.relative_to(run).parts}
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +79,7 @@ def test_same_command_same_seed_is_bit_identical(runs):
     root, _ = runs
     a, b = files(root / "a"), files(root / "b")
     assert sorted(a) == sorted(b)
-    kinds = {"history": 0, "errors": 0, "text": 0, "weights": 0, "state": 0}
+    kinds = {"history": 0, "errors": 0, "misclassified": 0, "text": 0, "weights": 0, "state": 0}
     for rel, pa in a.items():
         pb = b[rel]
         if rel.endswith(".csv") and "/history/model_" in rel:
@@ -86,7 +88,8 @@ def test_same_command_same_seed_is_bit_identical(runs):
             kinds["history"] += 1
         elif rel.endswith((".csv", ".txt")):
             assert pa.read_bytes() == pb.read_bytes(), rel
-            kinds["errors" if rel.endswith("errors.csv") else "text"] += 1
+            kinds["errors" if rel.endswith("errors.csv") else "misclassified" if "misclassified_" in rel
+                  else "text"] += 1
         elif rel.endswith((".npz", ".h5")):
             xa, xb = arrays(pa), arrays(pb)
             assert sorted(xa) == sorted(xb), rel
@@ -95,8 +98,9 @@ def test_same_command_same_seed_is_bit_identical(runs):
             kinds["state" if rel.endswith(".npz") else "weights"] += 1
         else:
             raise AssertionError(f"unexpected result file {rel}")
-    # 2 members: 2 histories, 1 errors.csv, 2 text tables, 2 x 2 checkpoints, 2 states + 2 previous states.
-    assert kinds == {"history": 2, "errors": 1, "text": 2, "weights": 4, "state": 4}
+    # 2 members: 2 histories, 1 errors.csv, 2 ensemble mistake tables and 2 text tables (one per checkpoint),
+    # 2 x 2 checkpoints, 2 states + 2 previous states.
+    assert kinds == {"history": 2, "errors": 1, "misclassified": 2, "text": 2, "weights": 4, "state": 4}
 
 
 def test_another_seed_gives_other_results(runs):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -22,7 +23,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import make_tiny_digits, read_csv, read_errors_csv, require_module, write_mnist_idx
+from conftest import (make_tiny_digits, read_csv, read_errors_csv, read_tensorboard, require_module,
+                      write_mnist_idx)
 
 require_module("mlflow", "the tracking tests start a real MLflow server")
 require_module("tensorboard", "TensorBoard event files are read back with its own reader")
@@ -49,23 +51,6 @@ def expected_values(run_dir: Path) -> dict[str, dict[int, float]]:
         writer = "ensemble" if r["model"] == "ensemble" else f"model_{r['model']}"
         out.setdefault(f"{drop}/{writer}/checkpoint/{r['split']}_error", {})[r["epoch"]] = 100 * r["n_errors"] / r["n"]
     return out
-
-
-def read_tensorboard(run_dir: Path) -> tuple[dict[str, list[tuple[int, float]]], dict[str, list]]:
-    """(folder/tag -> [(step, value)] in file order, folder/tag -> [image events]) via TensorBoard's reader."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    scalars, images = {}, {}
-    root = run_dir / "tensorboard"
-    for folder in sorted({p.parent for p in root.rglob("events.out.tfevents.*")}):
-        acc = EventAccumulator(str(folder), size_guidance={"scalars": 0, "images": 0})
-        acc.Reload()
-        writer = folder.relative_to(root).as_posix()
-        for tag in acc.Tags()["scalars"]:
-            scalars[f"{writer}/{tag}"] = [(e.step, e.value) for e in acc.Scalars(tag)]
-        for tag in acc.Tags()["images"]:
-            images[f"{writer}/{tag}"] = acc.Images(tag)
-    return scalars, images
 
 
 def assert_every_point_once(got: dict[str, list[tuple[int, float]]], want: dict[str, dict[int, float]],
@@ -137,8 +122,8 @@ class MlflowServer:
         os.killpg(self.proc.pid, signal.SIGKILL)
         self.proc.wait(30)
 
-    def api(self, path: str, **query) -> dict:
-        url = f"{self.url}/api/2.0/mlflow/{path}?{urllib.parse.urlencode(query)}"
+    def api(self, endpoint: str, **query) -> dict:
+        url = f"{self.url}/api/2.0/mlflow/{endpoint}?{urllib.parse.urlencode(query)}"
         with urllib.request.urlopen(url, timeout=10) as r:
             return json.loads(r.read())
 
@@ -266,8 +251,9 @@ def test_kills_and_a_server_outage_neither_lose_nor_double_an_epoch(mlflow_serve
     # logs no files; `run` and `track` do
 
 
-def test_track_sends_a_run_trained_without_mlflow_and_refuses_bad_uris(mlflow_server, tiny_run, tmp_path, capsys,
-                                                                       caplog):
+def test_track_and_export_send_a_run_trained_without_mlflow_and_bad_uris_are_refused(mlflow_server, tiny_run,
+                                                                                      tmp_path, capsys, caplog,
+                                                                                      monkeypatch):
     import shutil
 
     from conftest import run_cli
@@ -287,6 +273,24 @@ def test_track_sends_a_run_trained_without_mlflow_and_refuses_bad_uris(mlflow_se
     assert run_cli(args) == 0  # again: nothing new, nothing doubled
     assert_every_point_once(mlflow_server.all_metrics(the_run(mlflow_server, "after-the-fact")),
                             expected_values(run_dir), rel=1e-9)
+
+    # export --mlflow: the export folder as files, and model.keras as an MLflow model anyone can load.
+    import keras
+    import mlflow.keras
+    import numpy as np
+
+    out_dir = tmp_path / "export"
+    capsys.readouterr()
+    assert run_cli(["export", "--run-dir", run_dir, "--formats", "keras", "--out", out_dir, "--mlflow",
+                    mlflow_server.url, "--mlflow-experiment", "after-the-fact"]) == 0
+    uri = re.search(r"^  mlflow\s+(runs:/\w+/model) at ", capsys.readouterr().out, re.M).group(1)
+    assert uri == f"runs:/{run['info']['run_id']}/model"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.url)
+    x = np.random.default_rng(0).random((16, 28, 28, 1), dtype=np.float32)
+    np.testing.assert_allclose(mlflow.keras.load_model(uri).predict(x, verbose=0),
+                               keras.saving.load_model(out_dir / "model.keras").predict(x, verbose=0), rtol=1e-6)
+    files = mlflow_server.api("artifacts/list", run_id=run["info"]["run_id"], path="export")["files"]
+    assert {f["path"] for f in files} == {"export/metadata.json", "export/model.keras"}
 
     unreachable = f"http://127.0.0.1:{free_port()}"
     for uri, code, expect in (("ftp://127.0.0.1/x", 2, "--mlflow needs a tracking URI"),

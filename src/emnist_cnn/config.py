@@ -196,8 +196,8 @@ class TrackingConfig:
     def __post_init__(self) -> None:
         if self.mlflow_uri is not None:
             scheme = self.mlflow_uri.split(":", 1)[0].lower() if ":" in self.mlflow_uri else ""
-            _check(scheme in MLFLOW_SCHEMES, "--mlflow", "needs a tracking URI (http://HOST:PORT, https://..., "
-                   "file:PATH or sqlite:///PATH)", self.mlflow_uri)
+            _check(scheme in MLFLOW_SCHEMES, "--mlflow", "needs a tracking URI (http://HOST:PORT, https://... "
+                   "or sqlite:///PATH)", self.mlflow_uri)
         _check(bool(self.mlflow_experiment.strip()), "--mlflow-experiment", "must not be empty",
                self.mlflow_experiment)
         _check(self.request_timeout > 0, "request_timeout", "must be > 0 seconds", self.request_timeout)

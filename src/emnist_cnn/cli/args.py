@@ -101,9 +101,9 @@ def _add_scaleout_group(p: argparse.ArgumentParser) -> None:
 
 def _add_mlflow_args(g) -> None:
     g.add_argument("--mlflow", default=os.environ.get("MLFLOW_TRACKING_URI") or None, metavar="URI",
-                   help="also log into an MLflow run at this tracking URI (http://HOST:PORT, file:PATH, "
-                        "sqlite:///PATH); one MLflow run per run directory, resumes included (default: "
-                        "$MLFLOW_TRACKING_URI, else off)")
+                   help="also log into an MLflow run at this tracking URI: a server (http://HOST:PORT) or a "
+                        "local store (sqlite:///PATH); one MLflow run per run directory, resumes included "
+                        "(default: $MLFLOW_TRACKING_URI, else off)")
     g.add_argument("--mlflow-experiment", default=os.environ.get("MLFLOW_EXPERIMENT_NAME") or "emnist-cnn",
                    metavar="NAME",
                    help="MLflow experiment a new MLflow run is created in (default: $MLFLOW_EXPERIMENT_NAME, "
@@ -209,6 +209,9 @@ def add_export_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--formats", nargs="+", choices=formats, default=list(formats), metavar="FORMAT",
                    help=f"formats to write, from {', '.join(formats)}; a format the stack cannot produce is "
                         f"skipped with a warning unless named here explicitly (default: all: {' '.join(formats)})")
+    g = p.add_argument_group("tracking", "With --mlflow, the export folder is logged into the run's MLflow run, "
+                             "and model.keras as an MLflow Keras model (mlflow.keras.load_model('runs:/ID/model')).")
+    _add_mlflow_args(g)
 
 
 def add_predict_args(p: argparse.ArgumentParser) -> None:

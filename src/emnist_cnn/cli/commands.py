@@ -168,6 +168,9 @@ def cmd_export(args: argparse.Namespace) -> int:
     from ..engine.export import FORMATS, export_run
 
     explicit = list(args.formats) != list(FORMATS)
+    tracking = tracking_from_args(args)
+    if tracking.mlflow_uri is not None and "keras" not in args.formats:
+        raise ConfigError("--mlflow logs the exported model.keras: add keras to --formats")
     meta = export_run(args.run_dir, dropout=args.dropout, epoch=args.epoch, model=args.model, out_dir=args.out,
                       formats=args.formats, strict=explicit)
     out = Path(args.out) if args.out is not None else RunDir(args.run_dir).export_dir
@@ -184,6 +187,10 @@ def cmd_export(args: argparse.Namespace) -> int:
     for key, why in meta["skipped"].items():
         print(f"  {key:12s} skipped: {why}")
     print(f"  {'metadata':12s} {out / 'metadata.json'}")
+    if tracking.mlflow_uri is not None:
+        from ..engine.tracking import log_export
+
+        print(f"  {'mlflow':12s} {log_export(args.run_dir, tracking, out, meta)} at {tracking.mlflow_uri}")
     return 0
 
 

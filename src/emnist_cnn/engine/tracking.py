@@ -22,6 +22,7 @@ import io
 import logging
 import math
 import os
+import tempfile
 import time
 import uuid
 from dataclasses import dataclass
@@ -37,7 +38,7 @@ from ..io.rundir import RunDir, dropout_dirname
 from .prepare import PreparedData, load_run_data
 
 __all__ = ["Point", "member_writer", "ensemble_writer", "collect_epoch_points", "collect_checkpoint_points",
-           "build_checkpoint_images", "import_mlflow", "Tracker", "log_run_artifacts", "track_run"]
+           "build_checkpoint_images", "import_mlflow", "Tracker", "log_run_artifacts", "log_export", "track_run"]
 
 log = logging.getLogger(__name__)
 
@@ -235,19 +236,19 @@ class _MlflowSink:
 
     name = "mlflow"
 
-    def __init__(self, run: RunDir, config: TrainConfig, tracking: TrackingConfig):
+    def __init__(self, run: RunDir, config: TrainConfig, tracking: TrackingConfig, training: bool):
         import_mlflow()
         # Bounded requests: an outage must cost seconds, not the client's default minutes of retries.
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(max(1, math.ceil(tracking.request_timeout))))
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-        from mlflow.tracking import MlflowClient
-
-        logging.getLogger("mlflow").setLevel(logging.WARNING)  # its INFO lines would interleave with ours
+        for name in ("mlflow", "alembic"):  # their INFO lines (store migrations, links) would interleave with ours
+            logging.getLogger(name).setLevel(logging.WARNING)
         self.run, self.config, self.tracking = run, config, tracking
         self.uri = tracking.mlflow_uri
-        self.client = MlflowClient(tracking_uri=self.uri)
+        self.client = None  # made on first use: a store MLflow refuses is an outage like any other
         self.state: dict = {}
         self.opened = False  # params and tags logged by this process
+        self.training = training  # this process trains the run: its MLflow run is RUNNING until it ends
 
     def load(self) -> None:
         self.state = self.run.read_tracking(self.name).get(self.uri, {})
@@ -265,6 +266,10 @@ class _MlflowSink:
     def open(self) -> None:
         """Find or create the MLflow run, log the config as parameters (once per process)."""
         from mlflow.entities import Param, RunTag
+        from mlflow.tracking import MlflowClient
+
+        if self.client is None:
+            self.client = MlflowClient(tracking_uri=self.uri)
 
         if self.run_id is None:
             if "run_key" not in self.state:
@@ -290,7 +295,8 @@ class _MlflowSink:
             params = [Param(k, v) for k, v in settings.items() if k not in RESUMABLE_CHANGES]
             tags = [RunTag(k, settings[k]) for k in RESUMABLE_CHANGES]
             self.client.log_batch(self.run_id, params=params, tags=tags)
-            self.client.update_run(self.run_id, status="RUNNING")
+            if self.training:
+                self.client.update_run(self.run_id, status="RUNNING")
             self.opened = True
 
     def needs(self, writer: str, tag: str, step: int) -> bool:
@@ -343,7 +349,7 @@ class _MlflowSink:
             os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] = timeout
 
     def close(self, status: str | None) -> None:
-        if status is not None and self.run_id is not None and self.opened:
+        if status is not None and self.training and self.run_id is not None and self.opened:
             self.client.set_terminated(self.run_id, status)
 
 
@@ -361,20 +367,23 @@ class Tracker:
     """Sends a run's records to TensorBoard (and MLflow when asked), catching up on what each sink lacks.
 
     `data` (the run's prepared data) is needed for TensorBoard's images only;
-    without it they are skipped. `seconds` is the time spent tracking.
+    without it they are skipped. `training`: this process trains the run, so
+    its MLflow run is marked running, and `close` marks how it ended.
     """
 
     def __init__(self, run: RunDir, config: TrainConfig, tracking: TrackingConfig,
-                 data: PreparedData | None = None, *, tensorboard: bool | None = None):
+                 data: PreparedData | None = None, *, tensorboard: bool | None = None, training: bool = False):
         self.run, self.config, self.tracking, self.data = run, config, tracking, data
         self.sinks: list = []
         if tracking.tensorboard if tensorboard is None else tensorboard:
             self.sinks.append(_TensorBoardSink(run.tensorboard_dir))
         if tracking.mlflow_uri is not None:
-            self.sinks.append(_MlflowSink(run, config, tracking))
+            self.sinks.append(_MlflowSink(run, config, tracking, training))
         self.retry_at: dict[str, float] = {}  # sink name -> when to try again after a failure
         self.failed: dict[str, str] = {}  # sink name -> its error, while it fails
-        self.seconds = 0.0
+        # Seconds per call, by what was synced ("epoch", "checkpoint", "all") and per sink.
+        self.timings: dict[str, list[float]] = {}
+        self.sink_seconds: dict[str, float] = {s.name: 0.0 for s in self.sinks}
 
     @property
     def mlflow_run_id(self) -> str | None:
@@ -387,6 +396,7 @@ class Tracker:
         if not self.sinks:
             return
         t0 = time.perf_counter()
+        kind = "all" if members is None and dropouts is None else "checkpoint" if members is None else "epoch"
         if members is None and dropouts is None:
             members = [(d, i) for d in self.config.dropouts for i in range(self.config.models)]
             dropouts = list(self.config.dropouts)
@@ -400,8 +410,15 @@ class Tracker:
         for sink in self.sinks:
             if not force and time.monotonic() < self.retry_at.get(sink.name, 0.0):
                 continue
+            t1 = time.perf_counter()
             self._sync_sink(sink, points, dropouts or [])
-        self.seconds += time.perf_counter() - t0
+            self.sink_seconds[sink.name] += time.perf_counter() - t1
+        self.timings.setdefault(kind, []).append(time.perf_counter() - t0)
+
+    @property
+    def seconds(self) -> float:
+        """Time spent in `sync` so far (reading the run's records and sending them)."""
+        return sum(sum(v) for v in self.timings.values())
 
     def _sync_sink(self, sink, points: list[Point], dropouts: list[float]) -> None:
         try:
@@ -474,7 +491,9 @@ class Tracker:
             except Exception as exc:  # noqa: BLE001
                 self._report_failure(sink, exc)
         if self.sinks:
-            log.info("tracking: %.2f s spent sending", self.seconds)
+            per_kind = ", ".join(f"{k} {len(v)} x {1000 * sum(v) / len(v):.0f} ms" for k, v in self.timings.items())
+            log.info("tracking: %.2f s in all (%s)", self.seconds, per_kind,
+                     extra={"timings": self.timings, "sink_seconds": self.sink_seconds})
 
 
 def _artifact_paths(run: RunDir) -> list[Path]:
@@ -517,3 +536,31 @@ def track_run(run_dir, tracking: TrackingConfig, *, data_dir=None) -> list[str]:
         lines.append(f"mlflow: run {tracker.mlflow_run_id} in experiment {tracking.mlflow_experiment!r} at "
                      f"{tracking.mlflow_uri}")
     return lines
+
+
+def log_export(run_dir, tracking: TrackingConfig, out_dir, meta: dict) -> str:
+    """Log an export into the run's MLflow run: its folder (metadata.json included) as files under its own
+    name, and its model.keras as an MLflow Keras model under model/. Returns the model's URI (runs:/ID/model)."""
+    import keras  # deferred: the backend is slow to import
+
+    import_mlflow()
+    import mlflow.keras
+
+    from ..io.rundir import collect_versions
+
+    run, out_dir = RunDir(run_dir), Path(out_dir)
+    tracker = Tracker(run, run.read_config(), tracking, tensorboard=False)
+    model = keras.saving.load_model(out_dir / "model.keras")
+    versions = collect_versions(threads=False)
+    backend = versions["backend"]
+    requirements = [f"keras=={keras.__version__}"] + ([f"{backend}=={versions[backend]}"] if backend in versions
+                                                      else [])
+    with tempfile.TemporaryDirectory(prefix="emnist-cnn-mlflow-") as tmp:
+        mlflow.keras.save_model(model, str(Path(tmp) / "model"), pip_requirements=requirements,
+                                metadata={"emnist_cnn": {k: meta[k] for k in ("dropout", "epoch", "model", "members",
+                                                                              "validation_error", "test_error")
+                                                         if k in meta}})
+        tracker.log_artifacts([out_dir, Path(tmp) / "model"])
+    if "mlflow" in tracker.failed:
+        raise RunDirError(f"--mlflow {tracking.mlflow_uri}: {tracker.failed['mlflow']}")
+    return f"runs:/{tracker.mlflow_run_id}/model"

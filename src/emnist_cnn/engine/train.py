@@ -169,7 +169,7 @@ def train_ensembles(config: TrainConfig, run_dir, data: PreparedData, *, fixed_l
 def open_tracker(run: RunDir, config: TrainConfig, tracking: TrackingConfig | None,
                  data: PreparedData) -> Tracker:
     """The run's tracker, caught up with everything the run directory already records."""
-    tracker = Tracker(run, config, tracking or TrackingConfig(), data)
+    tracker = Tracker(run, config, tracking or TrackingConfig(), data, training=True)
     tracker.sync()
     return tracker
 

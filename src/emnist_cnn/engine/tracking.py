@@ -241,6 +241,8 @@ class _MlflowSink:
         # Bounded requests: an outage must cost seconds, not the client's default minutes of retries.
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(max(1, math.ceil(tracking.request_timeout))))
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+        # Closing a run prints "View run ..." links to stdout, where `export` prints its own result.
+        os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
         for name in ("mlflow", "alembic"):  # their INFO lines (store migrations, links) would interleave with ours
             logging.getLogger(name).setLevel(logging.WARNING)
         self.run, self.config, self.tracking = run, config, tracking

@@ -1,17 +1,14 @@
 """The command line as a user meets it: errors, kill-and-resume, and a real training run."""
 
 import argparse
-import json
 import os
-import signal
 import socket
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-from conftest import planned_steps, read_csv
+from conftest import read_csv
 
 from emnist_cnn.cli import build_parser
 
@@ -135,67 +132,6 @@ def test_train_tries_to_download_missing_emnist_and_reports_offline(tmp_path):
     assert not (run / "config.json").exists()
 
 
-KILL_WRAPPER = Path(__file__).with_name("killwrap.py")  # the CLI, killing itself at a chosen call
-STEP = "keras.Model.train_on_batch"
-
-
-def wrapped_cli(args, spec: dict, timeout=600):
-    """The CLI through tests/killwrap.py: `spec` says which calls to count, and where to kill the process."""
-    # SIGINT reset in the child: a background job of a non-interactive shell inherits it ignored.
-    return subprocess.run([sys.executable, str(KILL_WRAPPER), *map(str, args)], capture_output=True, text=True,
-                          timeout=timeout, env=dict(os.environ, EMNIST_CNN_KILL_SPEC=json.dumps(spec)),
-                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-
-
-# SIGINT: what a user's Ctrl-C does, with its message. SIGKILL at this and other points is in
-# tests/test_killpoints.py.
-@pytest.mark.parametrize("sig", ["SIGINT"])
-def test_killed_training_resumes_with_nothing_lost(tmp_path, tiny_mnist_dir, sig):
-    run = tmp_path / "run"
-    args = ["train", "--run-dir", run, "--data-dir", tiny_mnist_dir, *TINY_ARGS, "--epochs", "3", "--no-fused"]
-    # 480 training images in steps of 64: 8 steps per member epoch, members one after the other. Step 12 is in
-    # the middle of model 1's first epoch, after model 0 saved its epoch-1 state.
-    fired = tmp_path / "fired.json"
-    r = wrapped_cli(args, {"targets": [STEP], "target": STEP, "n": 12, "when": "before", "how": sig,
-                           "fired_file": str(fired)})
-    assert fired.exists(), r.stderr
-    if sig == "SIGINT":
-        assert r.returncode == 130 and "run the same command to resume" in r.stderr
-        assert "Traceback" not in r.stderr
-    else:
-        assert r.returncode == -signal.SIGKILL
-    per_epoch, planned = planned_steps(run)
-    assert (per_epoch, planned) == (8, 2 * 3 * 8)
-    state = run / "dropout_0.2" / "state"
-    assert (state / "model_0.npz").exists() and not (state / "model_1.npz").exists()
-    taken = json.loads(fired.read_text())["counts"][STEP] - 1  # killed before its 12th step
-    # The same command resumes it at the first attempt, and trains only what is left: model 0's two
-    # remaining epochs, model 1 from the start (its epoch in flight lost), never a restart from epoch 0.
-    counted = tmp_path / "counts.json"
-    r = wrapped_cli(args, {"targets": [STEP], "count_file": str(counted), "fired_file": str(tmp_path / "never")})
-    assert r.returncode == 0, r.stderr
-    resumed = json.loads(counted.read_text())["counts"][STEP]
-    assert planned - taken <= resumed <= planned - taken + per_epoch, (resumed, taken, planned)
-    assert resumed == planned - per_epoch  # model 0's finished epoch 1 was not trained again
-    for i in (0, 1):
-        hist = read_csv(run / "dropout_0.2" / "history" / f"model_{i}.csv")
-        assert [int(row["epoch"]) for row in hist] == [1, 2, 3]
-    errors = read_csv(run / "dropout_0.2" / "history" / "errors.csv")
-    keys = [(row["epoch"], row["model"], row["split"]) for row in errors]
-    assert len(keys) == len(set(keys)) == 3 * 3 * 2
-    assert not list(run.rglob("*.tmp")) and not list(run.rglob(".tmp-*"))
-    import emnist_cnn  # noqa: F401
-    import keras  # noqa: F401
-    from emnist_cnn.core.model import build_model
-
-    model = build_model()
-    weights = sorted((run / "dropout_0.2" / "weights").iterdir())
-    assert [f.name for f in weights] == [f"{e:03d}epochs_weights_model_{i}.weights.h5"
-                                         for e in (1, 2, 3) for i in (0, 1)]
-    for f in weights:
-        model.load_weights(f)  # every checkpoint loads
-
-
 def test_resume_with_changed_experiment_is_refused(tmp_path, tiny_mnist_dir):
     run = tmp_path / "run"
     r = cli("train", "--run-dir", run, "--data-dir", tiny_mnist_dir, *TINY_ARGS, "--epochs", "1", "--models", "1")
@@ -221,21 +157,21 @@ def test_resume_with_changed_experiment_is_refused(tmp_path, tiny_mnist_dir):
 
 @pytest.mark.slow
 def test_real_mnist_training_reaches_the_measured_error(tmp_path, shared_dir):
-    """`train` on the 10,000 real MNIST training digits, 2 members x 2 epochs at batch 64: measured 1.45%
-    ensemble test error (145/10,000), members 1.76% and 2.15% (176, 215). The bounds leave about a fifth
+    """`train` on the 10,000 real MNIST training digits, 2 members x 1 epoch at batch 64: measured 1.95%
+    ensemble test error (195/10,000), members 3.11% and 2.73% (311, 273). The bounds leave about a fifth
     for other CPUs' rounding; the ensemble must beat both members. (`run`'s evaluation, plots and report
     are tested on tiny data in tests/test_quick_run.py.)"""
     run = tmp_path / "run"
     r = cli("train", "--run-dir", run, "--dataset", "mnist", "--data-dir", shared_dir / "data" / "mnist",
-            "--dropout", "0.2", "--models", "2", "--epochs", "2", "--checkpoint-every", "2", "--batch-size", "64",
+            "--dropout", "0.2", "--models", "2", "--epochs", "1", "--checkpoint-every", "1", "--batch-size", "64",
             "--bn-recalibration", "5000", "--quiet", timeout=1200)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "ensemble" in r.stdout and "test error" in r.stdout
     rows = [row for row in read_csv(run / "dropout_0.2" / "history" / "errors.csv")
-            if row["split"] == "test" and row["epoch"] == "2"]
+            if row["split"] == "test" and row["epoch"] == "1"]
     errors = {row["model"]: int(row["n_errors"]) for row in rows}
-    print(f"real MNIST test errors after 2 epochs (of 10,000): {errors}")
+    print(f"real MNIST test errors after 1 epoch (of 10,000): {errors}")
     assert {int(row["n"]) for row in rows} == {10_000} and set(errors) == {"0", "1", "ensemble"}
-    assert errors["ensemble"] <= 175
-    assert max(errors["0"], errors["1"]) <= 260
+    assert errors["ensemble"] <= 235
+    assert max(errors["0"], errors["1"]) <= 375
     assert errors["ensemble"] <= min(errors["0"], errors["1"])

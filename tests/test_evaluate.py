@@ -230,17 +230,20 @@ def test_test_time_augmentation_through_the_cli_repeats_and_is_recorded(tiny_run
 
 
 def test_evaluate_the_reference_ensemble_through_the_cli(shared_dir):
-    """The issue's command: the reference's Keras 2 files, evaluated on the real MNIST test set."""
+    """The issue's command: the reference's Keras 2 files, evaluated on the real MNIST test set.
+
+    Members 5-9 (5 of 10 keep CI short: prediction is most of the time; tests/test_interop.py imports 0-2).
+    Measured: their ensemble makes 18 errors (all ten: 16, README), the members 22 to 26; margin 1 each.
+    """
     weights = sorted((shared_dir / "reference" / "dropout_0.2" / "weights").glob("267epochs_weights_model_*.pkl"))
     assert len(weights) == 10
-    r = run_cli_subprocess("evaluate", "--weights", *weights, "--dataset", "mnist", "--data-dir",
-                shared_dir / "data" / "mnist", "--json")
+    r = run_cli_subprocess("evaluate", "--weights", *weights[5:], "--dataset", "mnist", "--data-dir",
+                           shared_dir / "data" / "mnist", "--json")
     assert r.returncode == 0, r.stderr[-2000:]
     out = json.loads(r.stdout)
-    print(f"reference ensemble on MNIST test: {out['ensemble']['error_pct']:.2f}% ({out['ensemble']['n_errors']})")
-    assert out["n"] == 10_000 and len(out["members"]) == 10
-    # Measured (README): 16 errors for the ensemble, 13 to 26 for the members; margin 1 each.
-    assert abs(out["ensemble"]["n_errors"] - REFERENCE_MNIST_ERRORS["267_ensemble"]) <= 1, out["ensemble"]
+    print(f"reference members 5-9 on MNIST test: {out['ensemble']['error_pct']:.2f}% ({out['ensemble']['n_errors']})")
+    assert out["n"] == 10_000 and len(out["members"]) == 5
+    assert abs(out["ensemble"]["n_errors"] - 18) <= 1, out["ensemble"]
     got = {m["name"]: m["n_errors"] for m in out["members"]}
-    for i, want in enumerate(REFERENCE_MNIST_ERRORS["267_members"]):
+    for i, want in list(enumerate(REFERENCE_MNIST_ERRORS["267_members"]))[5:]:
         assert abs(got[f"267epochs_weights_model_{i}.pkl"] - want) <= 1, got

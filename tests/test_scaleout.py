@@ -107,30 +107,10 @@ def read_segments(run: Path) -> dict[tuple[str, int], list[dict]]:
     return out
 
 
-def test_ray_run_equals_the_local_run(cluster, data, local_run, tmp_path):
-    cluster, _ = cluster
-    run = tmp_path / "ray-run"
-    r = cli("train", "--run-dir", run, "--data-dir", data, *ARGS, "--epochs", "2", "--ray", cluster.address)
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert_same_results(run, local_run)
-    # One task per member and checkpoint, spread over both nodes; one progress line per segment.
-    segments = read_segments(run)
-    assert all([s["target"] for s in segments[m]] == [1, 2] for m in MEMBERS), segments
-    assert len({s["node"] for m in MEMBERS for s in segments[m]}) == 2
-    lines = [line for line in r.stderr.splitlines() if ": epochs " in line]
-    assert len(lines) == 8 and all(" on " in line and "attempt" not in line for line in lines), lines
-    assert r.stderr.count("ensemble error val") == 4
-    assert "\r" not in r.stdout + r.stderr and "epoch 1/2: loss" not in r.stderr  # nothing from the workers
-    # The thread count is recorded with the run, as its driver and tasks used it.
-    saved = json.loads((run / "config.json").read_text())
-    assert saved["versions"]["env"]["TF_NUM_INTRAOP_THREADS"] == "1"
-    invocation = [json.loads(line) for line in (run / "invocations.jsonl").read_text().splitlines()][-1]
-    assert (invocation["ray"], invocation["threads"]) == (cluster.address, 1)
-
-
 def test_fused_groups_on_gpus_equal_the_local_run(cluster, data, local_run, tmp_path):
-    """--fused with --gpus-per-member 0.5: one task per dropout rate trains its two members together on a
-    node's (logical) GPU; fused training gives the one-at-a-time bits."""
+    """--fused with --gpus-per-member 0.5: one task per dropout rate and checkpoint trains its two members
+    together on a node's (logical) GPU, spread over both nodes; fused training gives the one-at-a-time bits.
+    (One-member tasks are the killed-worker test's: they give the same bits.)"""
     cluster, _ = cluster
     run = tmp_path / "ray-run"
     r = cli("train", "--run-dir", run, "--data-dir", data, *ARGS, "--epochs", "2", "--ray", cluster.address,
@@ -139,9 +119,20 @@ def test_fused_groups_on_gpus_equal_the_local_run(cluster, data, local_run, tmp_
     assert_same_results(run, local_run)
     segments = read_segments(run)
     assert all([s["target"] for s in segments[m]] == [1, 2] for m in MEMBERS), segments
+    assert len({s["node"] for m in MEMBERS for s in segments[m]}) == 2
     # Both members of a rate in one process per segment.
     for d in ("0.2", "0.3"):
         assert [s["pid"] for s in segments[(d, 0)]] == [s["pid"] for s in segments[(d, 1)]]
+    # One progress line per member and segment, nothing from the workers themselves.
+    lines = [line for line in r.stderr.splitlines() if ": epochs " in line]
+    assert len(lines) == 8 and all(" on " in line and "attempt" not in line for line in lines), lines
+    assert r.stderr.count("ensemble error val") == 4
+    assert "\r" not in r.stdout + r.stderr and "epoch 1/2: loss" not in r.stderr
+    # The thread count is recorded with the run, as its driver and tasks used it.
+    saved = json.loads((run / "config.json").read_text())
+    assert saved["versions"]["env"]["TF_NUM_INTRAOP_THREADS"] == "1"
+    invocation = [json.loads(line) for line in (run / "invocations.jsonl").read_text().splitlines()][-1]
+    assert (invocation["ray"], invocation["threads"]) == (cluster.address, 1)
 
 
 def test_a_killed_worker_and_a_dead_node_are_retried_and_the_result_stays_identical(cluster, data, local_run,

@@ -94,35 +94,6 @@ def test_resume_recomputes_nothing_and_raising_epochs_continues(tmp_path, tiny):
     train_and_evaluate(TINY.replace(epochs=3), run, dataset=tiny, verbose=0)
 
 
-def test_interrupted_resume_matches_uninterrupted_run(tmp_path, tiny):
-    """Two epochs in one go equal one epoch, a restart, and one more (same seed, CPU)."""
-    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    cfg = TINY.replace(models=1)
-    train_and_evaluate(cfg, straight, dataset=tiny, verbose=0)
-    train_and_evaluate(cfg.replace(epochs=1), resumed, dataset=tiny, verbose=0)
-    train_and_evaluate(cfg, resumed, dataset=tiny, verbose=0)
-    a = read_csv(straight / "dropout_0.2" / "history" / "model_0.csv")
-    b = read_csv(resumed / "dropout_0.2" / "history" / "model_0.csv")
-    assert [r["loss"] for r in a] == [r["loss"] for r in b]
-    data = prepare_data(cfg, tiny)
-    m1, m2 = build_member_model(cfg, data, 0.2, 0), build_member_model(cfg, data, 0.2, 0)
-    m1.load_weights(RunDir(straight).weights_path(0.2, 2, 0))
-    m2.load_weights(RunDir(resumed).weights_path(0.2, 2, 0))
-    for w1, w2 in zip(m1.get_weights(), m2.get_weights()):
-        np.testing.assert_allclose(w1, w2, rtol=0, atol=1e-6)
-
-
-def test_same_seed_same_results_other_seed_differs(tmp_path, tiny):
-    cfg = TINY.replace(models=1, epochs=1)
-    for name, seed in (("a", 0), ("b", 0), ("c", 1)):
-        train_and_evaluate(cfg.replace(seed=seed), tmp_path / name, dataset=tiny, verbose=0)
-    loss = {n: read_csv(tmp_path / n / "dropout_0.2" / "history" / "model_0.csv")[0]["loss"] for n in "abc"}
-    assert loss["a"] == loss["b"]
-    assert loss["a"] != loss["c"]
-    errs = {n: (tmp_path / n / "dropout_0.2" / "history" / "errors.csv").read_text() for n in "ab"}
-    assert errs["a"] == errs["b"]
-
-
 def test_fixed_learning_rate_reaches_the_optimizer(tmp_path, tiny):
     cfg = TINY.replace(models=1, epochs=1)
     base = tmp_path / "base"

@@ -130,10 +130,11 @@ CLI_TINY = ["--dataset", "mnist", "--dropout", "0.3", "--models", "2", "--checkp
             "64", "--val-fraction", "0.2", "--bn-recalibration", "200", "--quiet"]
 
 
-@pytest.mark.parametrize("first, then", [("--fused", "--no-fused"), ("--no-fused", "--fused")])
+@pytest.mark.parametrize("first, then", [("--fused", "--no-fused")])
 def test_switching_between_fused_and_one_at_a_time_on_resume(straight, data_dir, tmp_path, monkeypatch, first,
                                                              then):
-    """Epoch 1 trained one way, the resume the other: the uninterrupted run's result, to the bit."""
+    """Epoch 1 trained one way, the resume the other: the uninterrupted run's result, to the bit. (The other
+    way round, one-at-a-time then fused, is the next test's laggard catching up.)"""
     steps = []
     real_step = keras.Model.train_on_batch
 

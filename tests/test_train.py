@@ -5,6 +5,7 @@ import json
 import logging
 import re
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -33,9 +34,17 @@ def tiny(tiny_mnist_dir):
     return load_dataset("mnist", tiny_mnist_dir)
 
 
-def test_run_directory_layout_and_tables(tmp_path, tiny):
+def copy_of_tiny_run(tiny_run, tmp_path) -> Path:
+    """A copy of conftest's shared tiny run: TINY's experiment, trained once per test process."""
     run = tmp_path / "run"
-    rows = train_and_evaluate(TINY, run, dataset=tiny, verbose=0)
+    shutil.copytree(tiny_run[0], run)
+    assert RunDir(run).read_config() == TINY
+    return run
+
+
+def test_run_directory_layout_and_tables(tiny_run, tmp_path, tiny):
+    run = copy_of_tiny_run(tiny_run, tmp_path)  # trained by train_and_evaluate(TINY, ...), as here
+    rows = train_and_evaluate(TINY, run, dataset=tiny, verbose=0)  # nothing left to train: the last results
     d = run / "dropout_0.2"
     for epoch in (1, 2):
         for i in (0, 1):
@@ -75,9 +84,8 @@ def test_run_directory_layout_and_tables(tmp_path, tiny):
     assert max(got.values()) <= 1, got
 
 
-def test_resume_recomputes_nothing_and_raising_epochs_continues(tmp_path, tiny):
-    run = tmp_path / "run"
-    train_and_evaluate(TINY, run, dataset=tiny, verbose=0)
+def test_resume_recomputes_nothing_and_raising_epochs_continues(tiny_run, tmp_path, tiny):
+    run = copy_of_tiny_run(tiny_run, tmp_path)
     hist = run / "dropout_0.2" / "history" / "model_0.csv"
     state = RunDir(run).state_path(0.2, 0)
     before = (hist.read_text(), state.stat().st_mtime_ns)
@@ -243,10 +251,9 @@ def test_resume_on_different_data_is_refused(finished_run, tmp_path):
     assert [int(r["epoch"]) for r in read_csv(run / "dropout_0.2" / "history" / "model_0.csv")] == [1]
 
 
-def test_damaged_latest_state_falls_back_to_previous(tmp_path, tiny, caplog):
-    run = tmp_path / "run"
-    cfg = TINY.replace(models=1)
-    train_and_evaluate(cfg, run, dataset=tiny, verbose=0)
+def test_damaged_latest_state_falls_back_to_previous(tiny_run, tmp_path, tiny, caplog):
+    run = copy_of_tiny_run(tiny_run, tmp_path)
+    cfg = TINY
     state = RunDir(run).state_path(0.2, 0)
     state.write_bytes(state.read_bytes()[:100])  # a torn write
     # Temp files a killed process left mid-write are swept, never read.

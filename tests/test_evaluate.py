@@ -95,6 +95,8 @@ def test_evaluate_json_schema_and_files(tiny_run):
     assert [m["name"] for m in out["members"]] == ["dropout_0.2/model_0", "dropout_0.2/model_1"]
     for m in out["members"] + [out["ensemble"]]:
         assert m["error_pct"] == pytest.approx(100 * m["n_errors"] / 200)
+        low, high = m["error_ci_pct"]  # 95% Wilson interval, around the rate
+        assert 0 <= low <= m["error_pct"] <= high < 100 and high - low > 0.5
     [block] = out["ensembles"]
     assert block["epoch"] == 2 and block["n_val"] == 120
     # Same numbers as the training run's own errors.csv at that checkpoint, on both splits.
@@ -109,6 +111,11 @@ def test_evaluate_json_schema_and_files(tiny_run):
     best = min(("0", "1"), key=lambda m: (expected[m, "val"], int(m)))
     assert block["best_member"]["name"] == best
     assert block["best_member"]["n_errors"] == expected[best, "test"]
+    # The paired test's discordant counts differ by exactly the two error counts' difference.
+    paired = block["ensemble_vs_best_member"]
+    assert paired["only_ensemble_wrong"] - paired["only_member_wrong"] == \
+        expected["ensemble", "test"] - expected[best, "test"]
+    assert 0 < paired["p_value"] <= 1
     assert [(k["k"], k["members"][0]) for k in block["best_k"]] == [(1, best), (2, best)]
     assert sorted(block["best_k"][1]["members"]) == ["0", "1"]
     assert block["best_k"][1]["n_errors"] == expected["ensemble", "test"]
@@ -129,13 +136,15 @@ def test_evaluate_tables_epochs_and_errors(tiny_run):
     assert r.returncode == 0, r.stderr
     assert r.stdout.startswith("mnist, val split, 120 images\n")
     assert "dropout 0.2, epoch 1:" in r.stdout and "best-k ensembles" in r.stdout
-    # The table's rows are epoch 1's validation errors from the run's errors.csv ("0.833% (1/120)" cells).
+    # The table's rows are epoch 1's validation errors from the run's errors.csv
+    # ("0.833% (1/120; 95% CI 0.147-4.570%)" cells).
     with open(run / "dropout_0.2" / "history" / "errors.csv", newline="") as f:
         val = {row["model"]: int(row["n_errors"]) for row in csv.DictReader(f)
                if row["epoch"] == "1" and row["split"] == "val"}
     printed = {}
     for line in r.stdout.splitlines():
-        m = re.fullmatch(r"(model \d+|ensemble)\s+[\d.]+% \((\d+)/120\)\s+[\d.]+% \((\d+)/120\)", line)
+        m = re.fullmatch(r"(model \d+|ensemble)\s+[\d.]+% \((\d+)/120; 95% CI [\d.]+-[\d.]+%\)"
+                         r"\s+[\d.]+% \((\d+)/120; 95% CI [\d.]+-[\d.]+%\)", line)
         if m:
             printed[m.group(1).removeprefix("model ")] = (int(m.group(2)), int(m.group(3)))
     assert printed == {k: (v, v) for k, v in val.items()}  # with --split val both columns are validation

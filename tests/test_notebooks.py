@@ -83,7 +83,8 @@ def test_emnist_notebook_trains_evaluates_and_exports(notebook_run):
     table = printed(cell_with(nb, "evaluate_run("))
     assert "dropout 0.2, epoch 3:" in table and "best-k ensembles" in table
     for name, key in (("model 0", "0"), ("model 1", "1"), ("ensemble", "ensemble")):
-        row = re.search(rf"^{name}\s+[\d.]+% \((\d+)/60\)\s+[\d.]+% \((\d+)/200\)$", table, re.M)
+        row = re.search(rf"^{name}\s+[\d.]+% \((\d+)/60; 95% CI [\d.]+-[\d.]+%\)"
+                        rf"\s+[\d.]+% \((\d+)/200; 95% CI [\d.]+-[\d.]+%\)$", table, re.M)
         assert row and (int(row[1]), int(row[2])) == (last[key, "val"], last[key, "test"]), name
     # Mistakes, confusion matrix, the errors over checkpoints and the fixed-LR phase.
     assert pngs(cell_with(nb, "plot_run_figures(")) == 4

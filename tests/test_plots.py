@@ -14,6 +14,7 @@ import pytest
 from conftest import make_tiny_digits, write_mnist_idx
 
 from emnist_cnn.config import TrainConfig
+from emnist_cnn.core.metrics import ErrorRate
 from emnist_cnn.errors import ConfigError, DataError, RunDirError
 from conftest import read_errors_csv
 from emnist_cnn.cli import build_parser
@@ -462,7 +463,7 @@ def test_report_tables_hold_the_numbers_of_errors_csv(report):
         assert last == 5
         by = {(r["model"], r["split"]): r for r in errors if r["epoch"] == last}
         def cell(m, s, by=by):
-            return f"{by[m, s]['error_pct']:.3f}% ({by[m, s]['n_errors']}/{by[m, s]['n']})"
+            return str(ErrorRate(int(by[m, s]["n_errors"]), int(by[m, s]["n"])))
 
         # A row per member and the ensemble: val then test, numbers and counts as in errors.csv.
         rows = tables[f"Dropout {d:g}, epoch 5"]
@@ -505,8 +506,9 @@ def test_report_includes_best_k_rows_from_evaluation_json(report, tmp_path):
                    {"k": 2, "members": ["1", "0"], "val_error_pct": 4.1667, "val_n_errors": 5,
                     "error_pct": 5.5, "n_errors": 11}]}))
     rows = _parse_page(render_report(copy)).rows
-    assert ["1", "1", "5.000% (6/120)", "7.500% (15/200)"] in rows
-    assert ["2", "1 0", "4.167% (5/120)", "5.500% (11/200)"] in rows
+    assert ["1", "1", str(ErrorRate(6, 120)), str(ErrorRate(15, 200))] in rows
+    assert ["2", "1 0", str(ErrorRate(5, 120)), str(ErrorRate(11, 200))] in rows
+    assert str(ErrorRate(6, 120)) == "5.000% (6/120; 95% CI 2.311-10.480%)"
 
 
 def test_write_report_embeds_figures_bytes_and_paths(report, tmp_path):

@@ -152,11 +152,12 @@ def test_first_run_downloads_emnist_then_trains_evaluates_plots_and_reports(serv
     # validation (the fewest validation errors, the first on a tie) with its test error.
     for name in ("model 0", "model 1", "ensemble"):
         key = name.removeprefix("model ")
-        row = re.search(rf"^{name}\s+[\d.]+% \((\d+)/30\)\s+[\d.]+% \((\d+)/100\)$", out, re.M)
+        row = re.search(rf"^{name}\s+[\d.]+% \((\d+)/30; 95% CI [\d.]+-[\d.]+%\)"
+                        rf"\s+[\d.]+% \((\d+)/100; 95% CI [\d.]+-[\d.]+%\)$", out, re.M)
         assert row and (int(row.group(1)), int(row.group(2))) == (errors[key, "val"], errors[key, "test"]), name
     best = min(("0", "1"), key=lambda m: (errors[m, "val"], int(m)))
-    assert re.search(rf"^best member on validation: model {best}, test error [\d.]+% \({errors[best, 'test']}/100\)$",
-                     out, re.M), out
+    assert re.search(rf"^best member on validation: model {best}, test error [\d.]+% "
+                     rf"\({errors[best, 'test']}/100; 95% CI [\d.]+-[\d.]+%\)$", out, re.M), out
 
     # 8 PNGs and one self-contained report page.
     plots = run / "plot_history"

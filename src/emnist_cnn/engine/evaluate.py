@@ -17,6 +17,7 @@ import numpy as np
 from ..config import EMNIST_DIGITS_MEAN, EMNIST_DIGITS_STD, AugmentConfig
 from ..core.metrics import confusion_matrix, ensemble_probabilities, evaluate_error, misclassified_rows
 from ..core.selection import rank_on_validation
+from ..core.stats import mcnemar_exact
 from ..errors import ConfigError, DataError
 from ..io.download import load_or_download
 from ..io.files import atomic_write_text
@@ -46,21 +47,27 @@ def evaluate_ensemble(
     val_errors = []
     for i, (name, p) in enumerate(zip(names, member_probabilities)):
         err = evaluate_error(p, labels)
-        row = {"name": name, "error_pct": err.pct, "n_errors": err.n_errors}
+        row = {"name": name, "error_pct": err.pct, "n_errors": err.n_errors, "error_ci_pct": list(err.interval_pct)}
         if has_val:
             v = evaluate_error(val_probabilities[i], val_labels)
             row.update(val_error_pct=v.pct, val_n_errors=v.n_errors)
             val_errors.append(v)
         members.append(row)
-    ens = evaluate_error(ensemble_probabilities(member_probabilities), labels)
+    ens_probs = ensemble_probabilities(member_probabilities)
+    ens = evaluate_error(ens_probs, labels)
     result = {"n": int(len(labels)), "members": members,
-              "ensemble": {"error_pct": ens.pct, "n_errors": ens.n_errors}}
+              "ensemble": {"error_pct": ens.pct, "n_errors": ens.n_errors, "error_ci_pct": list(ens.interval_pct)}}
     if has_val:
         v = evaluate_error(ensemble_probabilities(val_probabilities), val_labels)
         result["ensemble"].update(val_error_pct=v.pct, val_n_errors=v.n_errors)
         result["n_val"] = int(len(val_labels))
         order = rank_on_validation(dict(enumerate(val_errors)))
         result["best_member"] = dict(members[order[0]])
+        # Paired on the same images: is the ensemble really better than the member one would pick alone?
+        best_wrong = np.argmax(member_probabilities[order[0]], axis=1) != labels
+        test = mcnemar_exact(np.argmax(ens_probs, axis=1) != labels, best_wrong)
+        result["ensemble_vs_best_member"] = {"only_ensemble_wrong": test.only_a, "only_member_wrong": test.only_b,
+                                             "p_value": test.p_value}
         best_k = []
         for k in range(1, len(order) + 1):
             chosen = order[:k]

@@ -16,6 +16,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from ..core.metrics import ErrorRate
+from ..core.stats import standard_error_images
 from ..errors import DataError
 from ..io.files import atomic_write_text
 from ..io.rundir import RunDir, format_utc_now
@@ -133,6 +134,7 @@ def _results_html(results: list[dict]) -> str:
     parts.append("<h3>At the last checkpoint</h3>")
     parts.append(_table(["dropout", "epoch", "ensemble val error", "ensemble test error",
                          "best member (on val)", "its test error"], summary, left=1))
+    parts.append(_noise_html(results))
     for r in results:
         if r["epoch"] is None:
             continue
@@ -157,6 +159,21 @@ def _results_html(results: list[dict]) -> str:
                 krows.append([_e(b["k"]), _e(" ".join(str(x) for x in b.get("members", []))), _e(val), _e(test)])
             parts.append(_table(["k", "members", "val error", "test error"], krows, left=2))
     return "\n".join(parts)
+
+
+def _noise_html(results: list[dict]) -> str:
+    """How many images one standard error is at these error rates: what a difference between two models needs."""
+    rates = [r["ensemble"]["test"] for r in results if r["epoch"] is not None and r["ensemble"].get("test")]
+    text = ("<p>Each error is given with its 95% interval (Wilson), the range the true error rate lies in given "
+            "this many test images.")
+    if rates:
+        best = min(rates, key=lambda rate: rate.pct)
+        se = standard_error_images(best.n_errors, best.n)
+        text += (f" At the best ensemble's test error, {_e(best)}, one standard error is about {se:.1f} images of "
+                 f"{best.n:,}: two models a few images apart are not shown to differ. Paired on the same images, "
+                 "<code>emnist-cnn evaluate</code> tests the ensemble against its best member (McNemar's exact "
+                 "test).")
+    return text + "</p>"
 
 
 def _reference_html(reference: Mapping) -> str:

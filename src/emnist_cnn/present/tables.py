@@ -1,6 +1,6 @@
 """Plain-text tables for the terminal: training results, evaluations.
 
-Every error cell is `str(ErrorRate)`: "0.160% (64/40000)".
+Every error cell is `str(ErrorRate)`: "0.160% (64/40000; 95% CI 0.125-0.204%)".
 """
 
 from __future__ import annotations
@@ -70,6 +70,11 @@ def format_evaluation(result: dict) -> str:
             best = b["best_member"]
             out.append(f"best member on validation: model {best['name']}, {split} error "
                        f"{ErrorRate(best['n_errors'], n)}")
+            if "ensemble_vs_best_member" in b:
+                t = b["ensemble_vs_best_member"]
+                out.append(f"ensemble vs that member, on the same {n} images: {t['only_ensemble_wrong']} wrong only "
+                           f"in the ensemble, {t['only_member_wrong']} only in the member; McNemar exact "
+                           f"p = {t['p_value']:.3g}")
             out.append("best-k ensembles (members ranked on validation):")
             out.append(format_table(["k", "val error", f"{split} error", "members"], [
                 [str(r["k"]), str(ErrorRate(r["val_n_errors"], n_val)), str(ErrorRate(r["n_errors"], n)),

@@ -163,19 +163,28 @@ def run_wrapped(harness: dict, args, spec: dict, *, timeout=300) -> subprocess.C
                           env=_env(harness["cache"], EMNIST_CNN_KILL_SPEC=json.dumps(spec)))
 
 
-@pytest.fixture(scope="module")
-def harness(tmp_path_factory):
-    """Tiny data, the wrapper script, and one uninterrupted run with its call counts."""
-    root = tmp_path_factory.mktemp("killpoints")
-    h = {"root": root, "cache": root / "decoded-cache", "wrapper": WRAPPER,
+def start_harness(root: Path, run_args: list[str]) -> dict:
+    """Tiny data, the wrapper script, and one uninterrupted run of `run_args` with its call counts."""
+    h = {"root": root, "cache": root / "decoded-cache", "wrapper": WRAPPER, "run_args": run_args,
          "data": write_mnist_idx(root / "data", *make_tiny_digits(n_train=200, n_test=60)),
          "baseline": root / "baseline"}
     counts_file = root / "counts.json"
-    r = run_wrapped(h, ["train", "--run-dir", h["baseline"], "--data-dir", h["data"], *RUN_ARGS],
+    r = run_wrapped(h, ["train", "--run-dir", h["baseline"], "--data-dir", h["data"], *run_args],
                     {"targets": list(TARGETS), "count_file": str(counts_file), "fired_file": str(root / "never")})
     assert r.returncode == 0, r.stderr[-3000:]
     record = json.loads(counts_file.read_text())
     return {**h, "counts": record["counts"], "calls": record["calls"]}
+
+
+@pytest.fixture(scope="module")
+def harness(tmp_path_factory):
+    return start_harness(tmp_path_factory.mktemp("killpoints"), RUN_ARGS)
+
+
+@pytest.fixture(scope="module")
+def fast_harness(tmp_path_factory):
+    """The same run with the fast recipe: a rate per step (warm-up, decay) and label smoothing."""
+    return start_harness(tmp_path_factory.mktemp("killpoints-fast"), [*RUN_ARGS, "--recipe", "fast"])
 
 
 # ----------------------------------------------------------------------------- comparing runs
@@ -266,11 +275,25 @@ def test_every_ci_kill_point_is_reached_by_an_uninterrupted_run(harness):
 
 @pytest.mark.parametrize("point", POINTS, ids=[p.id for p in POINTS])
 def test_killed_run_resumes_to_the_uninterrupted_result(harness, tmp_path, point):
+    kill_and_resume(harness, tmp_path, point)
+
+
+# Mid-epoch is where a recipe's per-step rate matters: the epoch in flight is trained again from its start.
+FAST_POINT = KillPoint("keras.Model.train_on_batch", "before", "SIGKILL", fraction=0.6, why="mid-epoch 2")
+
+
+def test_fast_recipe_killed_mid_epoch_resumes_to_the_uninterrupted_result(fast_harness, tmp_path):
+    kill_and_resume(fast_harness, tmp_path, FAST_POINT)
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["config"]["recipe"] == "fast"
+
+
+def kill_and_resume(harness: dict, tmp_path: Path, point: KillPoint) -> None:
+    """Kill the harness's run at `point`, resume it with the same command, compare with its baseline."""
     n = point.resolve(harness["calls"].get(point.target, []))
     if n is None:
         pytest.skip(f"no such call in the uninterrupted run ({harness['counts'].get(point.target, 0)} calls)")
     run = tmp_path / "run"
-    args = ["train", "--run-dir", run, "--data-dir", harness["data"], *RUN_ARGS]
+    args = ["train", "--run-dir", run, "--data-dir", harness["data"], *harness["run_args"]]
     fired = tmp_path / "fired.json"
     r = run_wrapped(harness, args, {"targets": sorted({point.target, STEP}), "target": point.target, "n": n,
                                     "when": point.when, "how": point.how, "fired_file": str(fired)})

@@ -14,7 +14,7 @@ from conftest import make_tiny_digits, read_csv, run_cli, write_mnist_idx
 
 import emnist_cnn  # noqa: F401  (selects the backend before keras is imported)
 import keras
-from emnist_cnn.config import DATASETS, PRECISIONS, RESUMABLE_CHANGES, TrainConfig
+from emnist_cnn.config import DATASETS, PRECISIONS, RECIPES, RESUMABLE_CHANGES, TrainConfig
 from emnist_cnn.io.datasets import load_dataset
 from emnist_cnn.errors import ConfigError, RunDirError
 from emnist_cnn.core.model import build_model
@@ -165,7 +165,7 @@ def _experiment_settings() -> list[str]:
     return names
 
 
-_OTHER_STRINGS = (*DATASETS, *PRECISIONS, "constant", "reflect", "wrap", "nearest", "bilinear")
+_OTHER_STRINGS = (*DATASETS, *PRECISIONS, *RECIPES, "constant", "reflect", "wrap", "nearest", "bilinear")
 
 
 def _candidates(value):

@@ -10,7 +10,7 @@ from typing import Any
 from .errors import ConfigError
 
 __all__ = ["EMNIST_DIGITS_MEAN", "EMNIST_DIGITS_STD", "DATASETS", "PRECISIONS", "PRESETS", "RESUMABLE_CHANGES",
-           "AugmentConfig", "ModelConfig", "TrainConfig",
+           "RECIPES", "Recipe", "AugmentConfig", "ModelConfig", "TrainConfig",
            "ScaleOutConfig", "MLFLOW_SCHEMES", "TrackingConfig"]
 
 # EMNIST Digits training-set pixel statistics in [0, 1], as hard-coded by the reference.
@@ -26,6 +26,11 @@ DATASETS = (
     "emnist-bymerge",
     "mnist",
 )
+
+
+def _check(ok: bool, flag: str, rule: str, value: Any) -> None:
+    if not ok:
+        raise ConfigError(f"{flag} {rule}, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -73,6 +78,35 @@ class ModelConfig:
 
 
 @dataclass(frozen=True)
+class Recipe:
+    """How members are optimised (Adam throughout); the CNN, its augmentation and the ensemble never change."""
+
+    lr_scale: float = 1.0  # peak learning rate, as a multiple of TrainConfig.lr
+    warmup_frac: float = 0.0  # share of the run's steps rising linearly from 0.1x to the peak rate
+    decay: str = "constant"  # after warm-up: "constant", or "linear" to zero at the run's last step
+    label_smoothing: float = 0.0  # weight of the uniform distribution mixed into the one-hot targets
+
+    def __post_init__(self) -> None:
+        _check(self.lr_scale > 0, "lr_scale", "must be > 0", self.lr_scale)
+        _check(0 <= self.warmup_frac < 1, "warmup_frac", "must be in [0, 1)", self.warmup_frac)
+        _check(self.decay in ("constant", "linear"), "decay", "must be constant or linear", self.decay)
+        _check(0 <= self.label_smoothing < 1, "label_smoothing", "must be in [0, 1)", self.label_smoothing)
+
+    @property
+    def scheduled(self) -> bool:
+        """True when the rate depends on the step, so the run's length is part of the schedule."""
+        return self.warmup_frac > 0 or self.decay != "constant"
+
+
+# Named recipes for --recipe. "fast" was chosen on the validation split only (README, Recipes).
+RECIPES: dict[str, Recipe] = {
+    # The reference's protocol: Adam at a constant rate.
+    "reference": Recipe(),
+    "fast": Recipe(lr_scale=3.0, warmup_frac=0.1, decay="linear", label_smoothing=0.1),
+}
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     """Everything that defines an experiment; stored as RUN/config.json."""
 
@@ -82,7 +116,8 @@ class TrainConfig:
     epochs: int = 256  # total epochs per member (raise it to continue a finished run)
     checkpoint_every: int = 16  # epochs between weight checkpoints and ensemble evaluations
     batch_size: int = 512  # images per optimizer step
-    lr: float = 1e-3  # Adam learning rate (the reference used Adam's default)
+    lr: float = 1e-3  # Adam base learning rate (the reference used Adam's default); the recipe scales it
+    recipe: str = "reference"  # how members are optimised, a key of RECIPES
     val_fraction: float = 0.1  # held out of the training set for every choice; 0 = reference protocol
     seed: int = 0  # seeds the split, every member's init, shuffling, augmentation and dropout
     limit_train: int | None = None  # stratified subset of the training set (before the validation split)
@@ -103,6 +138,7 @@ class TrainConfig:
         _check(self.checkpoint_every >= 1, "--checkpoint-every", "must be >= 1", self.checkpoint_every)
         _check(self.batch_size >= 1, "--batch-size", "must be >= 1", self.batch_size)
         _check(self.lr > 0 and math.isfinite(self.lr), "--lr", "must be a positive number", self.lr)
+        _check(self.recipe in RECIPES, "--recipe", f"must be one of {', '.join(RECIPES)}", self.recipe)
         _check(0 <= self.val_fraction < 1, "--val-fraction", "must be in [0, 1)", self.val_fraction)
         _check(self.seed >= 0, "--seed", "must be >= 0", self.seed)
         _check(self.limit_train is None or self.limit_train >= 10, "--limit-train", "must be >= 10",
@@ -117,6 +153,10 @@ class TrainConfig:
                 return d
         rates = ", ".join(f"{d:g}" for d in self.dropouts)
         raise ConfigError(f"--dropout {dropout:g} is not in this run (it has {rates})")
+
+    @property
+    def recipe_spec(self) -> Recipe:
+        return RECIPES[self.recipe]
 
     def checkpoint_epochs(self) -> list[int]:
         """Epochs at which weights are saved and the ensemble evaluated (always the last)."""
@@ -217,8 +257,3 @@ PRESETS: dict[str, dict[str, Any]] = {
     "reference": dict(dropouts=(0.2, 0.3, 0.4, 0.5), models=10, epochs=256, checkpoint_every=16,
                       batch_size=512, limit_train=None),
 }
-
-
-def _check(ok: bool, flag: str, rule: str, value: Any) -> None:
-    if not ok:
-        raise ConfigError(f"{flag} {rule}, got {value!r}")

@@ -6,7 +6,7 @@ import argparse
 import os
 from pathlib import Path
 
-from ..config import DATASETS, PRECISIONS, PRESETS
+from ..config import DATASETS, PRECISIONS, PRESETS, RECIPES
 
 __all__ = ["EXPORT_FORMATS", "PREPROCESSING_STYLES", "Parser", "add_run_args", "add_train_args", "add_evaluate_args",
            "add_plot_args", "add_export_args", "add_predict_args", "add_import_reference_args", "add_download_args",
@@ -53,9 +53,15 @@ def _add_training_group(p: argparse.ArgumentParser) -> None:
     t.add_argument("--checkpoint-every", type=int, default=None,
                    help="epochs between weight checkpoints and ensemble evaluations (default: 16)")
     t.add_argument("--batch-size", type=int, default=None, help="images per step (default: 512)")
+    t.add_argument("--recipe", choices=tuple(RECIPES), default=None,
+                   help="how members are optimised: reference is Adam at a constant rate, as the reference "
+                        "workflow; fast warms up to 3x the base rate, decays it linearly to zero by the last "
+                        "epoch and smooths labels by 0.1; part of the experiment (default: the preset's, "
+                        "else reference)")
     t.add_argument("--lr", type=float, default=None,
                    help="fixed Adam learning rate for the epochs this command trains, e.g. 1e-5 to continue "
-                        "a finished run (default: the run's base rate, 1e-3 for a new run)")
+                        "a finished run; replaces a recipe's schedule (default: the recipe's rate from the "
+                        "run's base rate, 1e-3 for a new run)")
     t.add_argument("--val-fraction", type=float, default=None,
                    help="share of the training set held out for validation, by writer when writer ids "
                         "exist; 0 reproduces the reference protocol (default: 0.1)")

@@ -13,7 +13,7 @@ import math
 import sys
 from pathlib import Path
 
-from ..config import AugmentConfig, ScaleOutConfig, TrackingConfig, TrainConfig
+from ..config import PRESETS, AugmentConfig, ScaleOutConfig, TrackingConfig, TrainConfig
 from ..errors import ConfigError
 from ..io.rundir import RunDir
 
@@ -35,7 +35,7 @@ def config_from_args(args: argparse.Namespace, preset: str | None = None) -> Tra
         "checkpoint_every": args.checkpoint_every, "batch_size": args.batch_size,
         "val_fraction": args.val_fraction, "seed": args.seed, "limit_train": args.limit_train,
         "bn_recalibration_images": args.bn_recalibration,
-        "dropouts": tuple(args.dropout) if args.dropout else None,
+        "dropouts": tuple(args.dropout) if args.dropout else None, "recipe": args.recipe,
     }
     changes = {k: v for k, v in explicit.items() if v is not None}
     if args.no_augment:
@@ -111,7 +111,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     from ..present.tables import format_evaluation
 
     if args.run_dir is None:
-        args.run_dir = Path("runs") / f"{args.preset}-{args.dataset or 'emnist-digits'}"
+        recipe = args.recipe or PRESETS[args.preset].get("recipe", "reference")
+        # A recipe other than the preset's is another experiment: its own folder.
+        suffix = "" if recipe == PRESETS[args.preset].get("recipe", "reference") else f"-{recipe}"
+        args.run_dir = Path("runs") / f"{args.preset}-{args.dataset or 'emnist-digits'}{suffix}"
         if args.ray is not None:  # every node must find it: the default, made absolute
             args.run_dir = args.run_dir.absolute()
     _train(args, args.preset)

@@ -84,17 +84,24 @@ def build_model(
     return keras.Model(inputs, outputs, name=name)
 
 
-def compile_model(model: keras.Model, lr: float) -> keras.Model:
-    """Adam with sparse categorical cross-entropy, as the reference (which one-hot encoded)."""
+def compile_model(model: keras.Model, lr: float, label_smoothing: float = 0.0) -> keras.Model:
+    """Adam with categorical cross-entropy, as the reference: on integer labels, or with
+    `label_smoothing` on one-hot targets (Keras' sparse loss cannot smooth)."""
     model.compile(
         optimizer=keras.optimizers.Adam(learning_rate=lr),
-        loss="sparse_categorical_crossentropy",
+        loss=_loss(label_smoothing),
         metrics=["accuracy"],
     )
     return model
 
 
-def build_fused_trainer(models: list[keras.Model], lr: float) -> keras.Model:
+def _loss(label_smoothing: float):
+    if label_smoothing:
+        return keras.losses.CategoricalCrossentropy(label_smoothing=label_smoothing)
+    return "sparse_categorical_crossentropy"
+
+
+def build_fused_trainer(models: list[keras.Model], lr: float, label_smoothing: float = 0.0) -> keras.Model:
     """All `models` in one compiled graph: input i feeds member i, one step trains them all.
 
     The fused model shares its variables with `models` (weights, BatchNormalization
@@ -111,7 +118,7 @@ def build_fused_trainer(models: list[keras.Model], lr: float) -> keras.Model:
     fused = keras.Model(inputs, outputs, name="fused_ensemble")
     fused.compile(
         optimizer=keras.optimizers.Adam(learning_rate=lr),
-        loss={n: "sparse_categorical_crossentropy" for n in names},
+        loss={n: _loss(label_smoothing) for n in names},
         metrics={n: ["accuracy"] for n in names},
     )
     fused.optimizer.build(fused.trainable_variables)

@@ -3,7 +3,7 @@
 These are the public training steps a scheduler calls one at a time (the
 local loop in `train`, or one task per member group elsewhere):
 
-    member = open_member(run, config, data, dropout, index, lr)
+    member = open_member(run, config, data, dropout, index, fixed_lr)
     train_members_to([members...], target_epoch, context)
 
 Each finished epoch is recorded before the next starts (checkpoint weights,
@@ -13,7 +13,6 @@ history row, then state), so an interruption costs at most the epoch in flight.
 from __future__ import annotations
 
 import logging
-import math
 import sys
 import time
 from dataclasses import dataclass, field
@@ -24,6 +23,7 @@ import numpy as np
 from ..config import TrainConfig
 from ..core.augment import augment_batch
 from ..core.metrics import evaluate_error, evaluate_loss
+from ..core.schedule import learning_rate_at, steps_per_epoch
 from ..errors import ConfigError
 from ..io.files import save_weights_atomic
 from ..io.rundir import RunDir, make_history_row
@@ -61,6 +61,12 @@ class TrainContext:
     fused: bool = False  # train same-epoch members in one compiled step where possible
     fused_trainers: dict = field(default_factory=dict)  # built once per group of member models
     on_epoch: Callable[["Member"], None] | None = None  # called once each finished epoch is recorded
+    fixed_lr: float | None = None  # a rate for every step this call trains, instead of the recipe's
+
+    @property
+    def scheduled(self) -> bool:
+        """True when the learning rate is set before every step (the recipe's schedule)."""
+        return self.fixed_lr is None and self.config.recipe_spec.scheduled
 
     @property
     def checkpoint_epochs(self) -> set[int]:
@@ -81,14 +87,15 @@ def build_member_model(config: TrainConfig, data: PreparedData, dropout: float, 
     keras.utils.set_random_seed(seed)
     model = build_model(data.num_classes, dropout, data.mean, data.std, config.model, seed=seed)
     if compiled:
-        compile_model(model, config.lr)
+        compile_model(model, config.lr, config.recipe_spec.label_smoothing)
         model.optimizer.build(model.trainable_variables)
     return model
 
 
 def open_member(run: RunDir, config: TrainConfig, data: PreparedData, dropout: float, index: int,
-                lr: float) -> Member:
-    """A member as its state file left it (or new), training at learning rate `lr` from here on."""
+                fixed_lr: float | None = None) -> Member:
+    """A member as its state file left it (or new), training at `fixed_lr` from here on if given,
+    else at the recipe's rate (constant, or set before every step by `train_members_to`)."""
     seed = member_seed(config.seed, dropout, index)
     model = build_member_model(config, data, dropout, seed)
     member = Member(dropout, index, seed, model)
@@ -101,6 +108,8 @@ def open_member(run: RunDir, config: TrainConfig, data: PreparedData, dropout: f
     if member.epoch > config.epochs:
         raise ConfigError(f"--epochs {config.epochs} is lower than the {member.epoch} epochs already trained in "
                           f"{run}")
+    n_steps = steps_per_epoch(len(data.y_train), config.batch_size)
+    lr = fixed_lr if fixed_lr is not None else learning_rate_at(config, member.epoch + 1, 0, n_steps)
     # Set after restoring the optimizer, so the value reaches the variable the train step reads.
     model.optimizer.learning_rate.assign(lr)
     return member
@@ -159,7 +168,8 @@ def _fused_trainer(group: list[Member], ctx: TrainContext):
     key = tuple(id(m.model) for m in group)
     if key not in ctx.fused_trainers:
         lr = group[0].model.optimizer.learning_rate
-        ctx.fused_trainers[key] = build_fused_trainer([m.model for m in group], float(read_variable(lr)))
+        ctx.fused_trainers[key] = build_fused_trainer([m.model for m in group], float(read_variable(lr)),
+                                                      ctx.config.recipe_spec.label_smoothing)
     return ctx.fused_trainers[key]
 
 
@@ -179,7 +189,7 @@ def _train_group_epoch(group: list[Member], ctx: TrainContext, trainer) -> None:
     if trainer is None:
         for m in group:
             t0 = time.perf_counter()
-            sums = _run_steps([m], ctx, lambda xs, ys, m=m: [_member_step(m, xs[0], ys[0])])
+            sums = _run_steps([m], ctx, lambda xs, ys, m=m: [_member_step(m, xs[0], ys[0])], [m.model.optimizer])
             _finish_epoch(m, m.epoch + 1, sums[0], time.perf_counter() - t0, ctx)
         return
     from ..core.model import copy_optimizer_state, fused_member_logs, read_variable
@@ -194,7 +204,7 @@ def _train_group_epoch(group: list[Member], ctx: TrainContext, trainer) -> None:
         logs = trainer.train_on_batch(xs, ys, return_dict=True)
         return fused_member_logs(logs, len(group))
 
-    sums = _run_steps(group, ctx, step)
+    sums = _run_steps(group, ctx, step, [trainer.optimizer] + [m.model.optimizer for m in group])
     train_seconds = (time.perf_counter() - t0) / len(group)
     for k, m in enumerate(group):
         copy_optimizer_state(trainer.optimizer, m.model.optimizer, m.model.trainable_variables)
@@ -206,26 +216,35 @@ def _member_step(member: Member, x, y) -> tuple[float, float]:
     return float(logs["loss"]), float(logs["accuracy"])
 
 
-def _run_steps(group: list[Member], ctx: TrainContext, step) -> np.ndarray:
+def _run_steps(group: list[Member], ctx: TrainContext, step, optimizers) -> np.ndarray:
     """One epoch of steps for `group`; `step(xs, ys)` trains and returns (loss, accuracy) per member.
 
+    With a scheduled recipe, every optimizer in `optimizers` gets the step's rate
+    before it (a function of epoch and step only, so resumed and fused runs match).
     Returns the epoch's mean (loss, accuracy) per member, weighted by batch size.
     """
     import keras  # deferred: the backend is slow to import
 
     data, bs = ctx.data, ctx.config.batch_size
     n = len(data.y_train)
-    steps = math.ceil(n / bs)
+    steps = steps_per_epoch(n, bs)
     epoch = group[0].epoch + 1
     streams = [_epoch_batches(m, n, epoch) for m in group]
     # Bars only on a terminal: in a log file their frames add about 16 KB per member-epoch, and the
     # epoch's own log line says the same.
     bar = keras.utils.Progbar(steps, verbose=1 if ctx.verbose and sys.stdout.isatty() else 0, unit_name="step")
     sums = np.zeros((len(group), 2))
+    # Label smoothing needs one-hot targets (Keras' sparse loss has no smoothing).
+    targets = np.eye(data.num_classes, dtype=np.float32) if ctx.config.recipe_spec.label_smoothing else None
     for s in range(steps):
+        if ctx.scheduled:
+            lr = learning_rate_at(ctx.config, epoch, s, steps)
+            for opt in optimizers:
+                opt.learning_rate.assign(lr)
         idxs = [perm[s * bs : (s + 1) * bs] for _, perm in streams]
         xs = [augment_batch(data.x_train[idx], rng, ctx.config.augment) for (rng, _), idx in zip(streams, idxs)]
-        per = np.asarray(step(xs, [data.y_train[idx] for idx in idxs]))
+        ys = [data.y_train[idx] if targets is None else targets[data.y_train[idx]] for idx in idxs]
+        per = np.asarray(step(xs, ys))
         sums += per * len(idxs[0])
         bar.update(s + 1, values=[("loss", per[:, 0].mean()), ("accuracy", per[:, 1].mean())])
     return sums / n

@@ -88,7 +88,7 @@ def _node_label() -> str:
 
 
 def train_segment(run_dir: str, config: TrainConfig, data: PreparedData, dropout: float, indices: tuple[int, ...],
-                  lr: float, target: int, fused: bool, threads: int, lock_timeout: float) -> dict:
+                  fixed_lr: float | None, target: int, fused: bool, threads: int, lock_timeout: float) -> dict:
     """A Ray task: train these members of one dropout rate from their states to epoch `target`.
 
     Holds the members' lock while it trains, so that a stale attempt (on a node cut off from the
@@ -107,8 +107,9 @@ def train_segment(run_dir: str, config: TrainConfig, data: PreparedData, dropout
                 attempts.append(len(previous) + 1)
                 run.append_segment(dropout, i, {"target": target, "from": start[i], "node": node,
                                                 "pid": os.getpid(), "started": format_utc_now()})
-            members = [open_member(run, config, data, dropout, i, lr) for i in indices]
-            ctx = TrainContext(run, config, data, sample_calibration_images(config, data), verbose=0, fused=fused)
+            members = [open_member(run, config, data, dropout, i, fixed_lr) for i in indices]
+            ctx = TrainContext(run, config, data, sample_calibration_images(config, data), verbose=0, fused=fused,
+                               fixed_lr=fixed_lr)
             train_members_to(members, target, ctx)
     except Exception as exc:  # noqa: BLE001  (sorted into retried and final failures)
         _raise_transient_or_original(exc)
@@ -149,8 +150,8 @@ class _Driver:
     """Keeps one task per member (or fused group) in flight and one evaluation per dropout rate."""
 
     def __init__(self, ray, run: RunDir, config: TrainConfig, data: PreparedData, scaleout: ScaleOutConfig,
-                 lr: float, fused: bool, tracker: Tracker):
-        self.ray, self.run, self.config, self.scaleout, self.lr = ray, run, config, scaleout, lr
+                 fixed_lr: float | None, fused: bool, tracker: Tracker):
+        self.ray, self.run, self.config, self.scaleout, self.fixed_lr = ray, run, config, scaleout, fixed_lr
         self.tracker = tracker
         self.ckpts = config.checkpoint_epochs()
         groups = [tuple(range(config.models))] if fused else [(i,) for i in range(config.models)]
@@ -183,7 +184,7 @@ class _Driver:
         for unit in self.units:
             if unit not in busy and (target := self.next_target(unit)) is not None:
                 ref = self.train_task.remote(str(self.run.path), self.config, self.data_ref, unit[0], unit[1],
-                                             self.lr, target, self.fused, self.scaleout.task_threads,
+                                             self.fixed_lr, target, self.fused, self.scaleout.task_threads,
                                              self.scaleout.lock_timeout)
                 self.in_flight[ref] = ("train", unit, target)
         evaluating = {job[1] for job in self.in_flight.values() if job[0] == "eval"}
@@ -258,12 +259,11 @@ def train_ensembles_on_ray(config: TrainConfig, run_dir, data: PreparedData, sca
     configure_threads(scaleout.task_threads)
     with run.lock():
         run.remove_stale_temporaries()
-        config = open_run(run, config, data)
+        config = open_run(run, config, data, fixed_lr)
         run.append_invocation({"time": format_utc_now(), "argv": sys.argv, "epochs": config.epochs,
                                "fixed_lr": fixed_lr, "fused": fused, "ray": scaleout.ray_address,
                                "threads": scaleout.task_threads, "gpus_per_member": scaleout.gpus_per_member,
                                "versions": collect_versions()})
-        lr = fixed_lr if fixed_lr is not None else config.lr
         tracker = open_tracker(run, config, tracking, data)
         with tracker_closed_on_exit(tracker):
             _init_ray(ray, scaleout)
@@ -271,7 +271,7 @@ def train_ensembles_on_ray(config: TrainConfig, run_dir, data: PreparedData, sca
                 resources = ray.cluster_resources()
                 log.info("ray: %d node(s), %g CPUs, %g GPUs; %d thread(s) per task", len(ray.nodes()),
                          resources.get("CPU", 0), resources.get("GPU", 0), scaleout.task_threads)
-                _Driver(ray, run, config, data, scaleout, lr, fused, tracker).drive()
+                _Driver(ray, run, config, data, scaleout, fixed_lr, fused, tracker).drive()
             finally:
                 ray.shutdown()
         return {d: find_last_errors(run, config, d) for d in config.dropouts}
@@ -285,6 +285,6 @@ def train_and_evaluate_on_ray(config: TrainConfig, run_dir, scaleout: ScaleOutCo
     check_run_dir_shared(run_dir)
     import_ray()  # before loading data: a missing extra is a one-line error, not a late failure
     data = load_training_data(config, run_dir, data_dir=data_dir, mirror=mirror, dataset=dataset,
-                              download=download)
+                              download=download, fixed_lr=fixed_lr)
     return train_ensembles_on_ray(config, run_dir, data, scaleout, fixed_lr=fixed_lr, fused=fused,
                                   tracking=tracking)

@@ -32,11 +32,12 @@ __all__ = ["check_compatible", "open_run", "evaluate_checkpoint", "record_checkp
 log = logging.getLogger(__name__)
 
 
-def check_compatible(run: RunDir, config: TrainConfig) -> dict | None:
+def check_compatible(run: RunDir, config: TrainConfig, fixed_lr: float | None = None) -> dict | None:
     """Refuse a config that would change an existing run's experiment; returns its config.json.
 
     Checked before any data is loaded or downloaded, and again with the data's
-    fingerprint once it is. Also refuses --epochs below what is already trained.
+    fingerprint once it is. Also refuses --epochs below what is already trained,
+    and a new --epochs for a scheduled recipe unless a `fixed_lr` replaces the schedule.
     """
     if not run.exists():
         return None
@@ -53,16 +54,21 @@ def check_compatible(run: RunDir, config: TrainConfig) -> dict | None:
     done = run.trained_epochs(config)
     if done > config.epochs:
         raise ConfigError(f"--epochs {config.epochs} is lower than the {done} epochs already trained in {run}")
+    if config.recipe_spec.scheduled and fixed_lr is None and done > 0:
+        span = run.find_schedule_epochs(old_d["epochs"])
+        if config.epochs != span:
+            raise ConfigError(f"--epochs {config.epochs}: the {config.recipe} recipe's learning rate schedule in "
+                              f"{run} spans {span} epochs; train to {span}, or past it with a fixed --lr")
     return saved
 
 
-def open_run(run: RunDir, config: TrainConfig, data: PreparedData) -> TrainConfig:
+def open_run(run: RunDir, config: TrainConfig, data: PreparedData, fixed_lr: float | None = None) -> TrainConfig:
     """Create RUN/config.json, or check that a resumed run is the same experiment (hold the run's lock).
 
     Returns the config to train with. Changing anything but the epoch count and
     checkpoint interval of an existing run is refused.
     """
-    saved = check_compatible(run, config)
+    saved = check_compatible(run, config, fixed_lr)
     if saved is not None:
         old_fp = saved["data"]["fingerprint"]
         if old_fp != data.fingerprint:
@@ -154,16 +160,15 @@ def train_ensembles(config: TrainConfig, run_dir, data: PreparedData, *, fixed_l
     run = RunDir(run_dir)
     with run.lock():
         run.remove_stale_temporaries()
-        config = open_run(run, config, data)
+        config = open_run(run, config, data, fixed_lr)
         run.append_invocation({"time": format_utc_now(), "argv": sys.argv, "epochs": config.epochs,
                                "fixed_lr": fixed_lr, "fused": fused, "versions": collect_versions()})
-        lr = fixed_lr if fixed_lr is not None else config.lr
         tracker = open_tracker(run, config, tracking, data)
         ctx = TrainContext(run, config, data, sample_calibration_images(config, data), verbose,
                            fused_by_default() if fused is None else fused,
-                           on_epoch=lambda m: tracker.sync(members=[(m.dropout, m.index)]))
+                           on_epoch=lambda m: tracker.sync(members=[(m.dropout, m.index)]), fixed_lr=fixed_lr)
         with tracker_closed_on_exit(tracker):
-            return {dropout: _train_ensemble(ctx, dropout, lr, tracker) for dropout in config.dropouts}
+            return {dropout: _train_ensemble(ctx, dropout, tracker) for dropout in config.dropouts}
 
 
 def open_tracker(run: RunDir, config: TrainConfig, tracking: TrackingConfig | None,
@@ -188,7 +193,7 @@ def tracker_closed_on_exit(tracker: Tracker):
     tracker.close("FINISHED")
 
 
-def _train_ensemble(ctx: TrainContext, dropout: float, lr: float, tracker: Tracker) -> list[ErrorRecord]:
+def _train_ensemble(ctx: TrainContext, dropout: float, tracker: Tracker) -> list[ErrorRecord]:
     """Train one dropout rate's members checkpoint by checkpoint, evaluating each complete checkpoint."""
     run, config = ctx.run, ctx.config
     members: dict[int, Member] = {}
@@ -197,7 +202,7 @@ def _train_ensemble(ctx: TrainContext, dropout: float, lr: float, tracker: Track
     for target in ckpts:
         for i in range(config.models):
             if i not in members:
-                members[i] = open_member(run, config, ctx.data, dropout, i, lr)
+                members[i] = open_member(run, config, ctx.data, dropout, i, ctx.fixed_lr)
         train_members_to(list(members.values()), target, ctx)
         if target not in done and run.has_all_weights(dropout, target, config.models):
             records = evaluate_checkpoint(run, config, ctx.data, dropout, target, members)
@@ -225,9 +230,10 @@ def _pct(rate) -> str:
 
 
 def load_training_data(config: TrainConfig, run_dir, *, data_dir=None, mirror=None, dataset=None,
-                       download: bool = True) -> PreparedData:
-    """Check `run_dir` can take `config`, then load (or download) and split the data it trains on."""
-    check_compatible(RunDir(run_dir), config)  # before a download or a long parse, not after
+                       download: bool = True, fixed_lr: float | None = None) -> PreparedData:
+    """Check `run_dir` can take `config` (trained at `fixed_lr`, if given), then load (or download) and
+    split the data it trains on."""
+    check_compatible(RunDir(run_dir), config, fixed_lr)  # before a download or a long parse, not after
     if dataset is None:
         dataset, data_dir = load_or_download(config.dataset, data_dir, mirror=mirror, download=download)
     if dataset.name != config.dataset:
@@ -246,6 +252,6 @@ def train_and_evaluate(config: TrainConfig, run_dir, *, data_dir=None, mirror=No
     Returns each dropout rate's errors at the last checkpoint.
     """
     data = load_training_data(config, run_dir, data_dir=data_dir, mirror=mirror, dataset=dataset,
-                              download=download)
+                              download=download, fixed_lr=fixed_lr)
     return train_ensembles(config, Path(run_dir), data, fixed_lr=fixed_lr, verbose=verbose, fused=fused,
                            tracking=tracking)

@@ -272,6 +272,14 @@ class RunDir:
         """Every recorded command, oldest first (unreadable lines are skipped)."""
         return _read_json_lines(self.invocations_path)
 
+    def find_schedule_epochs(self, default: int) -> int:
+        """The epochs a scheduled recipe's rate spans: those of the last command that trained at the recipe's
+        own rate (not a fixed --lr); `default` when there is none."""
+        for record in reversed(self.read_invocations()):
+            if "epochs" in record and record.get("fixed_lr") is None:
+                return int(record["epochs"])
+        return default
+
     # ------------------------------------------------------------------ histories
 
     def read_history_rows(self, dropout: float, index: int) -> list[dict[str, str]]:

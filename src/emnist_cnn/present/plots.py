@@ -135,11 +135,12 @@ def plot_ensemble_comparison(errors_by_dropout: Mapping[float, Sequence[ErrorRec
 
 def plot_fixed_lr_phase(errors_by_dropout: Mapping[float, Sequence[ErrorRecord]],
                         histories_by_dropout: Mapping[float, Mapping[int, Mapping[str, np.ndarray]]],
-                        base_lr: float, reference: Mapping | None = None, context: int | None = None):
+                        base_lr, reference: Mapping | None = None, context: int | None = None):
     """Error per epoch after a continuation at a fixed learning rate, with the checkpoints before it.
 
     One row per dropout rate with a fixed-LR phase, test and validation
-    columns; x is epochs since the phase began (0 = last epoch at `base_lr`),
+    columns; x is epochs since the phase began (0 = last epoch at `base_lr`, the recipe's rate:
+    a number or epoch -> rate),
     so runs of any length line up with the reference's epochs 256-272.
     `context` is how many epochs before the phase to show (default: twice the phase's length).
     """
@@ -148,7 +149,8 @@ def plot_fixed_lr_phase(errors_by_dropout: Mapping[float, Sequence[ErrorRecord]]
     phases = {d: p for d in errors_by_dropout
               if (p := find_fixed_lr_phase(histories_by_dropout.get(d, {}), base_lr)) and errors_by_dropout[d]}
     if not phases:
-        raise DataError(f"no epoch was trained at a learning rate other than the base rate {base_lr:g}")
+        rate = "the recipe's scheduled rate" if callable(base_lr) else f"the base rate {base_lr:g}"
+        raise DataError(f"no epoch was trained at a learning rate other than {rate}")
     ref = reference_fixed_lr(reference) if reference else None
     ref_best = reference_best_ensemble(reference) if reference else None
     splits = sorted({s for d in phases for s in list_split_names(errors_by_dropout[d])}, key=["test", "val"].index)
@@ -201,11 +203,12 @@ def plot_fixed_lr_phase(errors_by_dropout: Mapping[float, Sequence[ErrorRecord]]
 
 
 def plot_training_curves(history: Mapping[int, Mapping[str, np.ndarray]], dropout: float,
-                         base_lr: float | None = None):
+                         base_lr=None):
     """Per member (one row each): loss and error (100 - accuracy, %), training against validation.
 
     Training values are on augmented images with dropout active, validation
-    values in inference mode; a fixed-learning-rate phase is shaded.
+    values in inference mode; epochs at a rate other than `base_lr` (the recipe's: a number
+    or epoch -> rate) are shaded as a fixed-learning-rate phase.
     """
     members = sorted(history)
     if not members:

@@ -21,7 +21,7 @@ from ..errors import DataError
 from ..io.files import atomic_write_text
 from ..io.rundir import RunDir, format_utc_now
 from .reference_history import reference_best_ensemble
-from .summary import find_fixed_lr_phase, load_results, select_dropout
+from .summary import find_fixed_lr_phase, load_recipe_rates, load_results, select_dropout
 
 __all__ = ["caption_for", "render_report", "write_report"]
 
@@ -259,13 +259,15 @@ def _run_rows(run: RunDir, saved: dict) -> list[list[str]]:
     config = run.read_config()
     data = saved.get("data", {})
     phases = []
+    rates = load_recipe_rates(run)
     for d in config.dropouts:
-        p = find_fixed_lr_phase(run.read_histories(d, config.models), config.lr)
+        p = find_fixed_lr_phase(run.read_histories(d, config.models), rates)
         if p is not None:
             phases.append(f"dropout {d:g}: epochs {p[0] + 1}-{p[1]} at learning rate "
                           f"{', '.join(f'{x:g}' for x in p[2])}")
-    phase_txt = ("; ".join(phases) + f" (base rate {config.lr:g})") if phases else \
-        f"none (every epoch at the base rate {config.lr:g})"
+    own = f"the {config.recipe} recipe's schedule from base rate {config.lr:g}" if callable(rates) else \
+        f"the base rate {config.lr:g}"
+    phase_txt = ("; ".join(phases) + f" (otherwise {own})") if phases else f"none (every epoch at {own})"
     return [
         ["dataset", _e(f"{data.get('name', config.dataset)}: {data.get('n_train', '?')} train, "
                        f"{data.get('n_val', '?')} validation, {data.get('n_test', '?')} test images, "
@@ -273,7 +275,8 @@ def _run_rows(run: RunDir, saved: dict) -> list[list[str]]:
         ["ensembles", _e(f"{len(config.dropouts)} dropout rate(s) ({', '.join(f'{d:g}' for d in config.dropouts)})"
                          f" x {config.models} members, {config.epochs} epochs, checkpoint every "
                          f"{config.checkpoint_every}")],
-        ["training", _e(f"batch {config.batch_size}, Adam lr {config.lr:g}, seed {config.seed}, "
+        ["training", _e(f"{config.recipe} recipe, batch {config.batch_size}, Adam base lr {config.lr:g}, "
+                        f"seed {config.seed}, "
                         f"augmentation {'on' if config.augment.enabled else 'off'}, BN recalibration on "
                         f"{config.bn_recalibration_images} images")],
         ["fixed-learning-rate phase", _e(phase_txt)],

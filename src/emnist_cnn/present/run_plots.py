@@ -19,7 +19,7 @@ from .figures import write_figure
 from .image_plots import plot_augmented_samples, plot_confusion_matrix, plot_correct_samples, plot_misclassified
 from .plots import plot_checkpoint_errors, plot_ensemble_comparison, plot_fixed_lr_phase, plot_training_curves
 from .reference_history import load_reference_history, reference_best_ensemble
-from .summary import find_fixed_lr_phase, find_last_epoch, select_dropout
+from .summary import find_fixed_lr_phase, find_last_epoch, load_recipe_rates, select_dropout
 
 __all__ = ["plot_run", "plot_run_figures"]
 
@@ -70,13 +70,14 @@ def plot_run_figures(run_dir, compare_reference=None, data_dir=None, data=None, 
             ref = reference["dropouts"].get(d) if reference else None
             figs[f"errors_dropout_{d:g}"] = plot_checkpoint_errors(rows, d, ref, ref_best)
     figs["ensembles"] = plot_ensemble_comparison(errors, reference)
-    if any(find_fixed_lr_phase(h, config.lr) for h in histories.values()):
-        figs["fixed_lr"] = plot_fixed_lr_phase(errors, histories, config.lr, reference)
+    rates = load_recipe_rates(run)
+    if any(find_fixed_lr_phase(h, rates) for h in histories.values()):
+        figs["fixed_lr"] = plot_fixed_lr_phase(errors, histories, rates, reference)
     else:
         log.info("no fixed-learning-rate phase in %s: no fixed_lr plot", run)
     for d, h in histories.items():
         if h:
-            figs[f"training_curves_dropout_{d:g}"] = plot_training_curves(h, d, config.lr)
+            figs[f"training_curves_dropout_{d:g}"] = plot_training_curves(h, d, rates)
     if images:
         figs.update(_image_figures(run, config, errors, data, data_dir, dropout))
     return figs

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 
+from ..core.schedule import build_epoch_rates
 from ..core.selection import select_best_dropout, select_best_member
 from ..io.rundir import ErrorRecord, RunDir
 
-__all__ = ["find_last_epoch", "select_dropout", "find_fixed_lr_phase", "load_results"]
+__all__ = ["find_last_epoch", "select_dropout", "load_recipe_rates", "find_fixed_lr_phase", "load_results"]
+
+# A run's own learning rate: a number, or epoch -> rate for a scheduled recipe.
+Rates = float | Callable[[int], float]
 
 
 def find_last_epoch(rows: Sequence[ErrorRecord]) -> int | None:
@@ -32,15 +36,26 @@ def select_dropout(errors_by_dropout: Mapping[float, Sequence[ErrorRecord]]) -> 
     return select_best_dropout(val)
 
 
-def find_fixed_lr_phase(history: Mapping[int, Mapping[str, np.ndarray]], base_lr: float):
-    """The epochs trained at a rate other than `base_lr`: (last base-rate epoch, last epoch, rates), or None."""
+def load_recipe_rates(run: RunDir) -> Rates:
+    """The rate the run's recipe gives each epoch's history row: its base rate, or the schedule's."""
+    config = run.read_config()
+    if not config.recipe_spec.scheduled:
+        return config.lr
+    return build_epoch_rates(config, int(run.read_record()["data"]["n_train"]),
+                             run.find_schedule_epochs(config.epochs))
+
+
+def find_fixed_lr_phase(history: Mapping[int, Mapping[str, np.ndarray]], base_lr: Rates):
+    """The epochs trained at a rate other than the recipe's (`base_lr`, a number or epoch -> rate):
+    (last epoch at the recipe's rate, last epoch, rates), or None."""
     fixed_epochs, rates = [], set()
     for cols in history.values():
         lr, epochs = cols.get("learning_rate"), cols.get("epoch")
         if lr is None or epochs is None:
             continue
+        expected = np.array([base_lr(int(e)) for e in epochs]) if callable(base_lr) else base_lr
         # The history stores rates with 6 significant digits.
-        off = ~np.isclose(lr, base_lr, rtol=1e-5, atol=0)
+        off = ~np.isclose(lr, expected, rtol=1e-5, atol=0)
         fixed_epochs += epochs[off].astype(int).tolist()
         rates |= {float(f"{x:.6g}") for x in lr[off]}
     if not fixed_epochs:

@@ -1,0 +1,107 @@
+"""Recipes: the fast recipe's schedule reaches the optimizer at every step, fused or not, and is part of the
+experiment (a new --epochs is refused unless a fixed --lr replaces the schedule)."""
+
+from __future__ import annotations
+
+import shutil
+
+import keras
+import numpy as np
+import pytest
+
+from conftest import make_tiny_digits, planned_steps, read_csv, write_mnist_idx
+from emnist_cnn.config import RECIPES, TrainConfig
+from emnist_cnn.core.schedule import WARMUP_START, build_epoch_rates, learning_rate_at
+from emnist_cnn.errors import ConfigError
+from emnist_cnn.io.datasets import load_dataset
+from emnist_cnn.engine.train import train_and_evaluate
+from emnist_cnn.io.rundir import RunDir
+from emnist_cnn.present.summary import find_fixed_lr_phase, load_recipe_rates
+
+FAST = TrainConfig(dataset="mnist", dropouts=(0.3,), models=2, epochs=2, checkpoint_every=1, batch_size=64,
+                   val_fraction=0.2, bn_recalibration_images=200, recipe="fast")
+
+
+def test_schedule_warms_up_then_decays_linearly_to_zero():
+    cfg = TrainConfig(recipe="fast", epochs=4, lr=1e-3)
+    peak = 1e-3 * RECIPES["fast"].lr_scale
+    n = 10  # steps per epoch: 40 in all, warm-up round(0.1 x 40) = 4 of them
+    rates = [learning_rate_at(cfg, e, s, n) for e in range(1, 5) for s in range(n)]
+    assert rates[0] == pytest.approx(WARMUP_START * peak)
+    assert rates[2] == pytest.approx(peak * (WARMUP_START + (1 - WARMUP_START) * 2 / 4))
+    assert rates[4] == pytest.approx(peak)  # the peak, then a straight line to zero after the last step
+    assert rates[-1] == pytest.approx(peak / 36) and rates[-1] > 0
+    assert np.allclose(np.diff(rates[4:]), -peak / 36)
+    assert np.all(np.diff(rates[:5]) > 0)
+    # What a history row records: the epoch's last step.
+    assert build_epoch_rates(cfg, 10 * cfg.batch_size - 5)(2) == rates[19]
+    # The reference recipe: the base rate at every step, whatever the run's length.
+    ref = TrainConfig(lr=1e-3)
+    assert {learning_rate_at(ref, e, s, 7) for e in (1, 100) for s in (0, 6)} == {1e-3}
+
+
+@pytest.fixture(scope="module")
+def fast_runs(tmp_path_factory):
+    """FAST trained one member at a time and fused, with the learning rate each train step read."""
+    root = tmp_path_factory.mktemp("recipes")
+    data = write_mnist_idx(root / "data", *make_tiny_digits())
+    seen = {"seq": [], "fused": []}
+    original = keras.Model.train_on_batch
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("EMNIST_CNN_CACHE", str(root / "cache"))
+        ds = load_dataset("mnist", data)
+        for name, fused in (("seq", False), ("fused", True)):
+            def recording(self, *args, _name=name, **kwargs):
+                seen[_name].append(float(keras.ops.convert_to_numpy(self.optimizer.learning_rate)))
+                return original(self, *args, **kwargs)
+
+            mp.setattr(keras.Model, "train_on_batch", recording)
+            train_and_evaluate(FAST, root / name, dataset=ds, verbose=0, fused=fused)
+    return root, data, seen
+
+
+def test_fast_schedule_reaches_the_optimizer_at_every_step(fast_runs):
+    root, _, seen = fast_runs
+    per_epoch, total = planned_steps(root / "seq")
+    expected = [np.float32(learning_rate_at(FAST, e, s, per_epoch)) for e in (1, 2) for s in range(per_epoch)]
+    # One at a time: member 0's epoch 1, member 1's epoch 1, then epoch 2 likewise.
+    assert len(seen["seq"]) == total
+    assert seen["seq"] == expected[:per_epoch] * 2 + expected[per_epoch:] * 2
+    # Fused: one step trains both members, at the same rates.
+    assert seen["fused"] == expected
+    assert len(set(expected)) == len(expected)  # a new rate every step, so the checks above have teeth
+    # Each history row records its epoch's last rate, and no epoch counts as a fixed-rate phase.
+    rows = read_csv(root / "seq" / "dropout_0.3" / "history" / "model_0.csv")
+    assert [float(r["learning_rate"]) for r in rows] == pytest.approx([expected[per_epoch - 1], expected[-1]],
+                                                                       rel=1e-5)
+    run = RunDir(root / "seq")
+    assert find_fixed_lr_phase(run.read_histories(0.3, 2), load_recipe_rates(run)) is None
+
+
+def test_fast_recipe_fused_equals_one_at_a_time(fast_runs):
+    from test_fused import assert_same_run
+
+    root, _, _ = fast_runs
+    assert_same_run(root / "fused", root / "seq")
+
+
+def test_fast_schedule_length_is_part_of_the_experiment(fast_runs, tmp_path):
+    """Raising --epochs would change every remaining step's rate: refused, unless a fixed --lr replaces it."""
+    root, data, _ = fast_runs
+    run = tmp_path / "run"
+    shutil.copytree(root / "seq", run)
+    ds = load_dataset("mnist", data, cache=False)
+    before = (run / "config.json").read_bytes()
+    refusal = "fast recipe's learning rate schedule in .* spans 2 epochs; train to 2, or past it with a fixed --lr"
+    with pytest.raises(ConfigError, match=refusal):
+        train_and_evaluate(FAST.replace(epochs=3), run, dataset=ds, verbose=0)
+    assert (run / "config.json").read_bytes() == before
+    train_and_evaluate(FAST.replace(epochs=3), run, dataset=ds, verbose=0, fixed_lr=1e-5)
+    rows = read_csv(run / "dropout_0.3" / "history" / "model_0.csv")
+    assert [float(r["learning_rate"]) for r in rows][2] == pytest.approx(1e-5)
+    r = RunDir(run)
+    # Epochs 1-2 stay on the 2-epoch schedule they were trained with; epoch 3 is the fixed-rate phase.
+    assert find_fixed_lr_phase(r.read_histories(0.3, 2), load_recipe_rates(r)) == (2, 3, [1e-5])
+    # Going on without --lr would put the schedule's rate on epochs past it: refused too.
+    with pytest.raises(ConfigError, match=refusal):
+        train_and_evaluate(FAST.replace(epochs=4), run, dataset=ds, verbose=0)

@@ -3,6 +3,8 @@ experiment (a new --epochs is refused unless a fixed --lr replaces the schedule)
 
 from __future__ import annotations
 
+import csv
+import json
 import shutil
 
 import keras
@@ -105,3 +107,66 @@ def test_fast_schedule_length_is_part_of_the_experiment(fast_runs, tmp_path):
     # Going on without --lr would put the schedule's rate on epochs past it: refused too.
     with pytest.raises(ConfigError, match=refusal):
         train_and_evaluate(FAST.replace(epochs=4), run, dataset=ds, verbose=0)
+
+
+def with_test_mistakes(run, dst, dropout: str, wrong: list[int]):
+    """A copy of `run` whose records say its ensemble got exactly the test images `wrong` wrong at its last
+    checkpoint (the tiny synthetic digits are too easy for the two recipes to disagree on their own)."""
+    shutil.copytree(run, dst)
+    hist = dst / f"dropout_{dropout}" / "history"
+    rows = read_csv(hist / "errors.csv")
+    last = max(int(r["epoch"]) for r in rows)
+    for r in rows:
+        if int(r["epoch"]) == last and r["model"] == "ensemble" and r["split"] == "test":
+            r["n_errors"], r["error_pct"] = str(len(wrong)), f"{100 * len(wrong) / int(r['n']):.4f}"
+    with open(hist / "errors.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]), lineterminator="\n")
+        w.writeheader()
+        w.writerows(rows)
+    lines = ["split,index,label,predicted"] + [f"test,{i},0,1" for i in wrong]
+    (hist / f"misclassified_epoch_{last:03d}.csv").write_text("\n".join(lines) + "\n")
+    return dst
+
+
+def test_compare_pairs_two_recipes_on_the_same_test_images(fast_runs, tiny_run, tmp_path, capsys):
+    """`compare`: each run's chosen ensemble, and McNemar's exact test on exactly the images one gets wrong."""
+    from scipy.stats import binomtest
+
+    from conftest import run_cli
+
+    a = with_test_mistakes(tiny_run[0], tmp_path / "a", "0.2", list(range(15)))
+    b = with_test_mistakes(fast_runs[0] / "seq", tmp_path / "b", "0.3", [0, 1, 100])
+    assert run_cli(["compare", "--run-dir", a, b]) == 0
+    out = capsys.readouterr().out
+    p = binomtest(13, 14, 0.5).pvalue  # 13 images wrong only in A, 1 only in B
+    assert f"13 wrong only in A, 1 only in B; McNemar exact p = {p:.3g} (a real difference at the 5% level)" in out
+    assert "7.500% (15/200; 95% CI" in out and "1.500% (3/200; 95% CI" in out
+    assert " reference " in out and " fast " in out
+    assert run_cli(["compare", "--run-dir", a, b, "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert [r["recipe"] for r in result["runs"]] == ["reference", "fast"]
+    assert [r["n_errors"] for r in result["runs"]] == [15, 3]
+    assert result["paired"] == {"only_a_wrong": 13, "only_b_wrong": 1, "p_value": pytest.approx(p)}
+    # The real runs as trained: the same verdict from their own records.
+    assert run_cli(["compare", "--run-dir", tiny_run[0], fast_runs[0] / "seq"]) == 0
+    assert "McNemar exact p = " in capsys.readouterr().out
+
+
+def test_compare_refuses_runs_on_other_test_images(fast_runs, tmp_path, capsys):
+    from conftest import run_cli
+
+    other = tmp_path / "other"
+    shutil.copytree(fast_runs[0] / "seq", other)
+    record = json.loads((other / "config.json").read_text())
+    record["data"]["fingerprint"] = "0" * 64
+    (other / "config.json").write_text(json.dumps(record))
+    assert run_cli(["compare", "--run-dir", fast_runs[0] / "seq", other]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "were tested on different images" in err
+    assert run_cli(["compare", "--run-dir", fast_runs[0] / "seq", tmp_path / "missing"]) != 0
+    assert "not a run directory" in capsys.readouterr().err
+    # A per-image record that disagrees with errors.csv is named, not trusted.
+    broken = with_test_mistakes(fast_runs[0] / "seq", tmp_path / "broken", "0.3", [4, 5])
+    (broken / "dropout_0.3" / "history" / "misclassified_epoch_002.csv").write_text("split,index,label,predicted\n")
+    assert run_cli(["compare", "--run-dir", fast_runs[0] / "seq", broken]) == 1
+    assert "holds 0 wrong test images, errors.csv counts 2" in capsys.readouterr().err

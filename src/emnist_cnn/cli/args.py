@@ -10,7 +10,7 @@ from ..config import DATASETS, PRECISIONS, PRESETS, RECIPES
 
 __all__ = ["EXPORT_FORMATS", "PREPROCESSING_STYLES", "Parser", "add_run_args", "add_train_args", "add_evaluate_args",
            "add_plot_args", "add_export_args", "add_predict_args", "add_import_reference_args", "add_download_args",
-           "add_track_args"]
+           "add_track_args", "add_compare_args"]
 
 # Kept in step with engine.export.FORMATS and engine.predict.STYLES (checked by the tests); spelled out
 # here so that `--help` never imports the engine.
@@ -179,6 +179,12 @@ def add_evaluate_args(p: argparse.ArgumentParser) -> None:
                    help="with --weights: folder for the confusion matrix and misclassified CSVs "
                         "(default: none; a run writes into RUN/dropout_X/evaluation/)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of tables (default: off)")
+
+
+def add_compare_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--run-dir", type=Path, nargs=2, required=True, metavar=("A", "B"),
+                   help="the two run directories, trained on the same test set (required, no default)")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of the table (default: off)")
 
 
 def add_plot_args(p: argparse.ArgumentParser) -> None:

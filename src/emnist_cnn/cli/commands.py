@@ -18,7 +18,8 @@ from ..errors import ConfigError
 from ..io.rundir import RunDir
 
 __all__ = ["config_from_args", "scaleout_from_args", "tracking_from_args", "cmd_run", "cmd_track", "cmd_train",
-           "cmd_evaluate", "cmd_plot", "cmd_export", "cmd_predict", "cmd_import_reference", "cmd_download"]
+           "cmd_evaluate", "cmd_compare", "cmd_plot", "cmd_export", "cmd_predict", "cmd_import_reference",
+           "cmd_download"]
 
 
 def config_from_args(args: argparse.Namespace, preset: str | None = None) -> TrainConfig:
@@ -194,6 +195,23 @@ def cmd_export(args: argparse.Namespace) -> int:
         from ..engine.tracking import log_export
 
         print(f"  {'mlflow':12s} {log_export(args.run_dir, tracking, out, meta)} at {tracking.mlflow_uri}")
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    """`compare`: two runs' chosen ensembles on the same test images, with McNemar's exact test."""
+    from ..engine.compare import compare_runs
+    from ..present.tables import format_comparison
+
+    result = compare_runs(*args.run_dir)
+    if args.json:
+        runs = [{**r, "error_pct": r["error"].pct, "n_errors": r["error"].n_errors,
+                 "error_ci_pct": list(r["error"].interval_pct)} for r in result["runs"]]
+        for r in runs:
+            del r["error"]
+        print(json.dumps({**result, "runs": runs}, indent=2))
+        return 0
+    print(format_comparison(result))
     return 0
 
 

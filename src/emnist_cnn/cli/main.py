@@ -23,6 +23,11 @@ COMMANDS = {
     "evaluate": (a.add_evaluate_args, c.cmd_evaluate,
                  "errors of members, ensemble and best-k ensembles at a checkpoint",
                  "Evaluate a run's checkpoint (choices made on validation), or weight files."),
+    "compare": (a.add_compare_args, c.cmd_compare,
+                "two runs' chosen ensembles on the same test images, with McNemar's exact test",
+                "Compare two runs (two recipes, seeds or settings) on the same test images: each run's ensemble "
+                "chosen on validation, its test error with a 95% interval, and McNemar's exact test on the "
+                "images exactly one of them gets wrong. Reads the runs' records; loads no model."),
     "plot": (a.add_plot_args, c.cmd_plot, "write a run's plots (PNG) and a self-contained report.html",
              "Write RUN/plot_history/*.png and RUN/report.html (plots embedded, opens offline)."),
     "export": (a.add_export_args, c.cmd_export,

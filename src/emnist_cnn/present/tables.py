@@ -11,7 +11,7 @@ from ..core.metrics import ErrorRate
 from ..core.selection import select_best_member
 from ..io.rundir import ErrorRecord
 
-__all__ = ["format_table", "format_results", "format_evaluation"]
+__all__ = ["format_table", "format_results", "format_evaluation", "format_comparison"]
 
 
 def format_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
@@ -86,3 +86,20 @@ def format_evaluation(result: dict) -> str:
         out.append(f"\nall {len(result['members'])} members together: {split} error "
                    f"{ErrorRate(e['n_errors'], result['n'])}")
     return "\n".join(out)
+
+
+def format_comparison(result: dict) -> str:
+    """Two runs' chosen ensembles (`engine.compare.compare_runs`) and the paired test between them."""
+    a, b = result["runs"]
+    rows = [[label, r["run"], r["recipe"], f"{r['dropout']:g}", str(r["epoch"]), str(r["error"])]
+            for label, r in (("A", a), ("B", b))]
+    t = result["paired"]
+    return "\n".join([
+        f"{a['dataset']}, test split, {result['n']} images; each run's ensemble chosen on validation",
+        "",
+        format_table(["", "run", "recipe", "dropout", "epoch", "ensemble test error"], rows),
+        "",
+        f"paired on the same {result['n']} images: {t['only_a_wrong']} wrong only in A, {t['only_b_wrong']} only "
+        f"in B; McNemar exact p = {t['p_value']:.3g}"
+        + (" (a real difference at the 5% level)" if t["p_value"] < 0.05 else " (not shown to differ)"),
+    ])

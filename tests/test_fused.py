@@ -44,27 +44,30 @@ def state_arrays(path):
         return {k: z[k] for k in z.files if k != "meta"}
 
 
-def members(n, seed0=100, dropout=0.3):
+def members(n, seed0=100, dropout=0.3, label_smoothing=0.0):
     out = []
     for i in range(n):
         keras.utils.set_random_seed(seed0 + i)
-        m = compile_model(build_model(10, dropout), 1e-3)
+        m = compile_model(build_model(10, dropout), 1e-3, label_smoothing)
         m.optimizer.build(m.trainable_variables)
         out.append(m)
     return out
 
 
-def test_fused_step_equals_one_step_per_member():
-    """Summed losses give each member exactly its own gradient; dropout and Adam stay per member."""
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+def test_fused_step_equals_one_step_per_member(smoothing):
+    """Summed losses give each member exactly its own gradient; dropout and Adam stay per member.
+    With label smoothing (a recipe ingredient) the targets are one-hot."""
     rng = np.random.default_rng(0)
-    batches = [[(rng.random((32, 28, 28, 1), dtype=np.float32), rng.integers(0, 10, 32)) for _ in range(3)]
+    target = (lambda y: y) if not smoothing else (lambda y: np.eye(10, dtype=np.float32)[y])
+    batches = [[(rng.random((32, 28, 28, 1), dtype=np.float32), target(rng.integers(0, 10, 32))) for _ in range(3)]
                for _ in range(4)]
-    one_by_one = members(3)
+    one_by_one = members(3, label_smoothing=smoothing)
     logs_seq = []
     for step in batches:
         logs_seq.append([m.train_on_batch(x, y, return_dict=True) for m, (x, y) in zip(one_by_one, step)])
-    together = members(3)
-    fused = build_fused_trainer(together, 1e-3)
+    together = members(3, label_smoothing=smoothing)
+    fused = build_fused_trainer(together, 1e-3, smoothing)
     for k, step in enumerate(batches):
         logs = fused.train_on_batch([x for x, _ in step], [y for _, y in step], return_dict=True)
         for (loss, acc), ref in zip(fused_member_logs(logs, 3), logs_seq[k]):

@@ -183,7 +183,7 @@ def harness(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def fast_harness(tmp_path_factory):
-    """The same run with the fast recipe: a rate per step (warm-up, decay) and label smoothing."""
+    """The same run with the fast recipe: a new learning rate at every step (warm-up, then decay)."""
     return start_harness(tmp_path_factory.mktemp("killpoints-fast"), [*RUN_ARGS, "--recipe", "fast"])
 
 

@@ -1,5 +1,5 @@
 """Recipes: the fast recipe's schedule reaches the optimizer at every step, fused or not, and is part of the
-experiment (a new --epochs is refused unless a fixed --lr replaces the schedule)."""
+experiment (a new --epochs is refused unless a fixed --lr replaces the schedule); `compare` pairs two runs."""
 
 from __future__ import annotations
 
@@ -170,3 +170,14 @@ def test_compare_refuses_runs_on_other_test_images(fast_runs, tmp_path, capsys):
     (broken / "dropout_0.3" / "history" / "misclassified_epoch_002.csv").write_text("split,index,label,predicted\n")
     assert run_cli(["compare", "--run-dir", fast_runs[0] / "seq", broken]) == 1
     assert "holds 0 wrong test images, errors.csv counts 2" in capsys.readouterr().err
+
+
+def test_presets_take_a_recipe_and_reference_fast_is_the_reference_sweep_on_the_fast_recipe():
+    from emnist_cnn.config import PRESETS
+
+    ref, fast = TrainConfig.from_preset("reference"), TrainConfig.from_preset("reference-fast")
+    assert (ref.recipe, fast.recipe) == ("reference", "fast")
+    assert fast.replace(recipe="reference", epochs=ref.epochs) == ref  # only the recipe and its length differ
+    assert fast.epochs < ref.epochs and fast.epochs % fast.checkpoint_every == 0
+    assert TrainConfig.from_preset("quick", recipe="fast").recipe == "fast"
+    assert "recipe" not in PRESETS["quick"]

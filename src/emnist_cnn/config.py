@@ -98,11 +98,14 @@ class Recipe:
         return self.warmup_frac > 0 or self.decay != "constant"
 
 
-# Named recipes for --recipe. "fast" was chosen on the validation split only (README, Recipes).
+# Named recipes for --recipe. "fast" was chosen on the validation split only: of the candidates in
+# benchmarks/recipes.py (schedule, peak rate 1x/3x/5x, label smoothing 0/0.1) it had the lowest members'
+# validation error; label smoothing did not help there (README, Recipes).
 RECIPES: dict[str, Recipe] = {
     # The reference's protocol: Adam at a constant rate.
     "reference": Recipe(),
-    "fast": Recipe(lr_scale=3.0, warmup_frac=0.1, decay="linear", label_smoothing=0.1),
+    # Warm-up over the first 10% of steps to 3x the base rate, then linearly to zero at the last step.
+    "fast": Recipe(lr_scale=3.0, warmup_frac=0.1, decay="linear"),
 }
 
 
@@ -256,4 +259,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     # The reference protocol (meant for a GPU): 4 dropout rates x 10 members x 256 epochs.
     "reference": dict(dropouts=(0.2, 0.3, 0.4, 0.5), models=10, epochs=256, checkpoint_every=16,
                       batch_size=512, limit_train=None),
+    # The same sweep with the fast recipe for 3/4 of the epochs: on MNIST at the quick preset's scale the fast
+    # recipe reached the reference recipe's final validation error after 3 of 4 epochs (README, Recipes).
+    # A projection to EMNIST Digits' 256 epochs, not a measurement.
+    "reference-fast": dict(dropouts=(0.2, 0.3, 0.4, 0.5), models=10, epochs=192, checkpoint_every=16,
+                           batch_size=512, limit_train=None, recipe="fast"),
 }

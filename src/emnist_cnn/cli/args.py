@@ -55,8 +55,8 @@ def _add_training_group(p: argparse.ArgumentParser) -> None:
     t.add_argument("--batch-size", type=int, default=None, help="images per step (default: 512)")
     t.add_argument("--recipe", choices=tuple(RECIPES), default=None,
                    help="how members are optimised: reference is Adam at a constant rate, as the reference "
-                        "workflow; fast warms up to 3x the base rate, decays it linearly to zero by the last "
-                        "epoch and smooths labels by 0.1; part of the experiment (default: the preset's, "
+                        "workflow; fast warms up to 3x the base rate over the first 10%% of steps, then decays "
+                        "it linearly to zero by the last epoch; part of the experiment (default: the preset's, "
                         "else reference)")
     t.add_argument("--lr", type=float, default=None,
                    help="fixed Adam learning rate for the epochs this command trains, e.g. 1e-5 to continue "
@@ -148,7 +148,8 @@ def add_track_args(p: argparse.ArgumentParser) -> None:
 def add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", choices=sorted(PRESETS), default="quick",
                    help="quick: 2 members x 4 epochs on 20,000 images, minutes on a laptop CPU; "
-                        "reference: the original 4 x 10 x 256-epoch protocol for a GPU (default: quick)")
+                        "reference: the original 4 x 10 x 256-epoch protocol for a GPU; reference-fast: the "
+                        "same sweep with the fast recipe for 192 epochs (default: quick)")
     g = p.add_argument_group("run directory")
     g.add_argument("--run-dir", type=Path, default=None,
                    help="where config, weights, state and histories live (default: runs/<preset>-<dataset>)")

@@ -38,8 +38,10 @@ test: $(TEST_STAMP)
 	$(BIN)/python -m pytest -n $(TEST_JOBS) --dist loadfile --no-loadscope-reorder $(ARGS)
 
 # Throughput, efficiency and memory figures (about 3 minutes on 2 idle cores); ARGS="--quick", "--json PATH", "--only KEY".
+# BENCH=recipes compares the training recipes on the real MNIST digits in ../shared (benchmarks/recipes.py).
+BENCH ?= bench
 bench: $(STAMP)
-	$(BIN)/python benchmarks/bench.py $(ARGS)
+	$(BIN)/python benchmarks/$(BENCH).py $(ARGS)
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info

@@ -204,10 +204,12 @@ def _train_group_epoch(group: list[Member], ctx: TrainContext, trainer) -> None:
         logs = trainer.train_on_batch(xs, ys, return_dict=True)
         return fused_member_logs(logs, len(group))
 
-    sums = _run_steps(group, ctx, step, [trainer.optimizer] + [m.model.optimizer for m in group])
+    sums = _run_steps(group, ctx, step, [trainer.optimizer])
     train_seconds = (time.perf_counter() - t0) / len(group)
+    last_lr = float(read_variable(trainer.optimizer.learning_rate))  # the members record and save it
     for k, m in enumerate(group):
         copy_optimizer_state(trainer.optimizer, m.model.optimizer, m.model.trainable_variables)
+        m.model.optimizer.learning_rate.assign(last_lr)
         _finish_epoch(m, m.epoch + 1, sums[k], train_seconds, ctx)
 
 

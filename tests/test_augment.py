@@ -106,7 +106,7 @@ def wrap_half_turn(a: np.ndarray) -> np.ndarray:
 
 def inverse_map(params: dict, x: float, y: float) -> tuple[float, float]:
     """Where content at input (x, y) lands, from the output->input matrix of image 0."""
-    row = build_affine_transforms(params)[0].astype(np.float64)
+    row = to_numpy(build_affine_transforms(params))[0].astype(np.float64)
     m = np.array([row[0:3], row[3:6], [0.0, 0.0, 1.0]])
     out = np.linalg.solve(m, np.array([x, y, 1.0]))
     return float(out[0]), float(out[1])
@@ -189,7 +189,7 @@ def test_each_image_gets_its_own_warp():
 
 def test_transforms_are_affine_rows_for_affine_transform():
     p = sample_affine_params(np.random.default_rng(0), 7, AugmentConfig())
-    t = build_affine_transforms(p)
+    t = to_numpy(build_affine_transforms(p))
     assert t.shape == (7, 8)
     assert t.dtype == np.float32
     assert (t[:, 6:] == 0).all()  # no projective part: one pure affine warp
@@ -437,3 +437,53 @@ def test_nearest_fill_keeps_a_uniform_image_uniform_under_any_warp():
     grey = np.full((64, SIDE, SIDE), 180, np.uint8)
     out = to_numpy(augment_batch(grey, np.random.default_rng(8), AugmentConfig()))
     np.testing.assert_allclose(out, 180 / 255, atol=1e-5)
+
+
+# --------------------------------------------------------------------------
+# The warp inside the compiled training step
+
+
+@pytest.mark.parametrize("interpolation", ["bilinear", "nearest"])
+@pytest.mark.parametrize("fill_mode", ["nearest", "constant"])
+def test_xla_warp_by_gathering_equals_the_image_kernel(mnist, interpolation, fill_mode):
+    """XLA has no kernel for TensorFlow's image transform: the gathering warp must give the same pixels."""
+    cfg = AugmentConfig(interpolation=interpolation, fill_mode=fill_mode, rotation_deg=40, shift_frac=0.3)
+    x = mnist.x_train[:256].astype(np.float32)[..., None] / 255
+    params = sample_affine_params(np.random.default_rng(9), 256, cfg)
+    kernel = to_numpy(augment.warp_images(x, params, cfg))
+    gathered = to_numpy(augment.warp_images(x, params, cfg, xla=True))
+    np.testing.assert_allclose(gathered, kernel, atol=1e-6)
+    assert np.abs(kernel - x).mean() > 0.05  # the warps are large, with plenty of filled border
+
+
+def test_in_graph_draws_cover_the_reference_ranges():
+    u = keras.random.uniform((6, 20_000), seed=3)
+    p = {k: to_numpy(v) for k, v in augment.scale_affine_params(u, AugmentConfig()).items()}
+    for name, bound in (("theta", MAX_ROT), ("tx", 0.1), ("ty", 0.1), ("shear", MAX_SHEAR)):
+        assert np.abs(p[name]).max() <= bound * (1 + 1e-6) and np.abs(p[name]).max() > 0.99 * bound, name
+        assert abs(p[name].mean()) < 0.02 * bound, name
+    for name in ("zx", "zy"):
+        assert 0.9 <= p[name].min() < 0.901 and 1.099 < p[name].max() <= 1.1, name
+    assert abs(np.corrcoef(p["zx"], p["zy"])[0, 1]) < 0.03  # drawn separately for x and y
+
+
+def test_training_warp_depends_only_on_its_key_and_step(mnist):
+    """Same key, same warps (a resumed or fused member redraws them exactly); another key, other warps;
+    each step its own; inference mode never warps."""
+    from emnist_cnn.core.trainer import AugmentImages
+
+    x = mnist.x_train[:64].astype(np.float32)[..., None] / 255
+    layer = AugmentImages(AugmentConfig(), batch_size=64)
+
+    def two_steps(key):
+        layer.set_key(key)
+        return [to_numpy(layer(x, training=True)) for _ in range(2)]
+
+    a, b, c = two_steps(5), two_steps(5), two_steps(6)
+    np.testing.assert_array_equal(a[0], b[0])
+    np.testing.assert_array_equal(a[1], b[1])
+    assert np.abs(a[0] - a[1]).max() > 0.5 and np.abs(a[0] - c[0]).max() > 0.5
+    np.testing.assert_array_equal(to_numpy(layer(x, training=False)), x)
+    # A smaller last batch takes the first draws of a full one.
+    layer.set_key(5)
+    np.testing.assert_array_equal(to_numpy(layer(x[:10], training=True)), a[0][:10])

@@ -24,9 +24,9 @@ def _bench_module():
 
 
 def _fused_api_available() -> bool:
-    from emnist_cnn.core import model
+    from emnist_cnn.core import trainer
 
-    return hasattr(model, "build_fused_trainer")
+    return hasattr(trainer, "build_device_trainer")
 
 
 @pytest.fixture(scope="module")

@@ -10,13 +10,13 @@ and `except BaseException` on the way up runs). Patched functions:
   the reference's text table) is written to its temporary name but not renamed ("before"), or renamed
   ("after"); for the state this includes the rename of the latest state to `.prev.npz`;
 - `emnist_cnn.io.files.atomic_write_bytes`: the same at the level of one whole table or state file;
-- `keras.Model.train_on_batch`: mid-epoch;
+- `emnist_cnn.core.trainer.train_step`: mid-epoch;
 - `emnist_cnn.engine.train.evaluate_checkpoint`: while the ensemble is evaluated at a checkpoint;
 - `emnist_cnn.engine.members.save_member_state` and `save_weights_atomic`, `emnist_cnn.io.rundir.write_csv_rows`:
   around whole saves.
 
 After the kill, the same command runs once and must succeed, training no more than what the kill left
-undone: its training steps (`keras.Model.train_on_batch` calls, counted by the wrapper) are at most the
+undone: its training steps (`emnist_cnn.core.trainer.train_step` calls, counted by the wrapper) are at most the
 uninterrupted run's minus those the killed run had taken, plus one epoch (the one in flight). A resume that
 started again from epoch 0 would give the same bits, so only this count shows that nothing finished is
 recomputed. Then every history CSV must hold each epoch exactly once, in order, equal to the uninterrupted
@@ -49,14 +49,14 @@ import pytest
 from conftest import make_tiny_digits, planned_steps, write_mnist_idx
 
 # --no-fused: members train one at a time on any machine (the default on a CPU), so every
-# keras.Model.train_on_batch call is one member's step.
+# emnist_cnn.core.trainer.train_step call is one member's step.
 RUN_ARGS = ["--dataset", "mnist", "--dropout", "0.2", "--models", "2", "--epochs", "2", "--checkpoint-every", "1",
             "--batch-size", "32", "--val-fraction", "0.2", "--bn-recalibration", "100", "--quiet", "--no-fused"]
 
 WRAPPER = Path(__file__).with_name("killwrap.py")  # the CLI with patched functions (see its docstring)
-STEP = "keras.Model.train_on_batch"  # one training step (of a member, or of fused members)
+STEP = "emnist_cnn.core.trainer.train_step"  # one training step (of a member, or of fused members)
 
-TARGETS = ("os.replace", "emnist_cnn.io.files.atomic_write_bytes", "keras.Model.train_on_batch",
+TARGETS = ("os.replace", "emnist_cnn.io.files.atomic_write_bytes", "emnist_cnn.core.trainer.train_step",
            "emnist_cnn.engine.train.evaluate_checkpoint", "emnist_cnn.engine.members.save_member_state",
            "emnist_cnn.engine.members.save_weights_atomic", "emnist_cnn.io.rundir.write_csv_rows")
 
@@ -105,7 +105,7 @@ CI_POINTS = [
               why="epoch 2's state in its temp file, .prev holds epoch 1's"),
     KillPoint("emnist_cnn.io.files.atomic_write_bytes", "after", "SIGINT", name="model_1.csv", occurrence=2,
               why="member 1's history has epoch 2, its state still epoch 1"),
-    KillPoint("keras.Model.train_on_batch", "after", "SIGINT", fraction=0.4, why="mid-epoch"),
+    KillPoint("emnist_cnn.core.trainer.train_step", "after", "SIGINT", fraction=0.4, why="mid-epoch"),
 ]
 
 
@@ -119,9 +119,9 @@ def sweep_points() -> list[KillPoint]:
         points += [KillPoint("emnist_cnn.io.files.atomic_write_bytes", "after", "SIGKILL", n=n),
                    KillPoint("emnist_cnn.io.files.atomic_write_bytes", "before", "SIGINT", n=n)]
     for n in range(1, 25):
-        points.append(KillPoint("keras.Model.train_on_batch", "before", "SIGKILL", n=n))
+        points.append(KillPoint("emnist_cnn.core.trainer.train_step", "before", "SIGKILL", n=n))
         if n % 2 == 0:
-            points.append(KillPoint("keras.Model.train_on_batch", "after", "SIGINT", n=n))
+            points.append(KillPoint("emnist_cnn.core.trainer.train_step", "after", "SIGINT", n=n))
     for n in (1, 2, 3):
         points += [KillPoint("emnist_cnn.engine.train.evaluate_checkpoint", w, h, n=n)
                    for w, h in (("before", "SIGKILL"), ("after", "SIGKILL"), ("after", "SIGINT"))]
@@ -279,7 +279,7 @@ def test_killed_run_resumes_to_the_uninterrupted_result(harness, tmp_path, point
 
 
 # Mid-epoch is where a recipe's per-step rate matters: the epoch in flight is trained again from its start.
-FAST_POINT = KillPoint("keras.Model.train_on_batch", "before", "SIGKILL", fraction=0.6, why="mid-epoch 2")
+FAST_POINT = KillPoint("emnist_cnn.core.trainer.train_step", "before", "SIGKILL", fraction=0.6, why="mid-epoch 2")
 
 
 def test_fast_recipe_killed_mid_epoch_resumes_to_the_uninterrupted_result(fast_harness, tmp_path):

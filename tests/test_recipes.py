@@ -13,6 +13,7 @@ import pytest
 
 from conftest import make_tiny_digits, planned_steps, read_csv, write_mnist_idx
 from emnist_cnn.config import RECIPES, TrainConfig
+from emnist_cnn.core import trainer as trainer_module
 from emnist_cnn.core.schedule import WARMUP_START, build_epoch_rates, learning_rate_at
 from emnist_cnn.errors import ConfigError
 from emnist_cnn.io.datasets import load_dataset
@@ -48,16 +49,17 @@ def fast_runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("recipes")
     data = write_mnist_idx(root / "data", *make_tiny_digits())
     seen = {"seq": [], "fused": []}
-    original = keras.Model.train_on_batch
+    original = trainer_module.train_step
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("EMNIST_CNN_CACHE", str(root / "cache"))
         ds = load_dataset("mnist", data)
         for name, fused in (("seq", False), ("fused", True)):
-            def recording(self, *args, _name=name, **kwargs):
-                seen[_name].append(float(keras.ops.convert_to_numpy(self.optimizer.learning_rate)))
-                return original(self, *args, **kwargs)
+            def recording(trainer, xs, ys, _name=name):
+                # The rate the optimizer applies at this step (its schedule read at its step count).
+                seen[_name].append(float(keras.ops.convert_to_numpy(trainer.optimizer.learning_rate)))
+                return original(trainer, xs, ys)
 
-            mp.setattr(keras.Model, "train_on_batch", recording)
+            mp.setattr(trainer_module, "train_step", recording)
             train_and_evaluate(FAST, root / name, dataset=ds, verbose=0, fused=fused)
     return root, data, seen
 

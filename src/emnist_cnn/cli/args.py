@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 from ..config import DATASETS, PRECISIONS, PRESETS, RECIPES
+from ..core.device import DEVICES, JIT_COMPILE
 
 __all__ = ["EXPORT_FORMATS", "PREPROCESSING_STYLES", "Parser", "add_run_args", "add_train_args", "add_evaluate_args",
            "add_plot_args", "add_export_args", "add_predict_args", "add_import_reference_args", "add_download_args",
@@ -81,6 +82,16 @@ def _add_training_group(p: argparse.ArgumentParser) -> None:
                         "off on a CPU)")
     t.add_argument("--quiet", action="store_true",
                    help="no progress bars, only one line per epoch (default: progress bars)")
+    d = p.add_argument_group(
+        "device", "The first log line says where training runs (devices, fused or not, XLA, precision); "
+        "config.json and invocations.jsonl record it. Not part of the experiment: a run may switch.")
+    d.add_argument("--device", choices=DEVICES, default="auto",
+                   help="auto: a GPU when one is usable, else the CPU; gpu: stop at once, in one line, when "
+                        "no GPU is usable; cpu: hide the GPUs (choose GPUs with CUDA_VISIBLE_DEVICES) "
+                        "(default: auto)")
+    d.add_argument("--jit-compile", choices=JIT_COMPILE, default="auto",
+                   help="compile the training step with XLA: auto is on with a GPU and off on a CPU, where "
+                        "XLA measured slower; JAX always uses XLA (default: auto)")
 
 
 def _add_scaleout_group(p: argparse.ArgumentParser) -> None:

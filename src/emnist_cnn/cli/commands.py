@@ -83,14 +83,16 @@ def _train(args: argparse.Namespace, preset: str | None = None):
         return train_and_evaluate_on_ray(config, args.run_dir, scaleout, data_dir=args.data_dir, mirror=args.mirror,
                                          fixed_lr=args.lr, download=not args.no_download, fused=bool(args.fused),
                                          tracking=tracking)
+    from ..core.device import configure_device
     from ..core.threads import configure_threads
 
     configure_threads(scaleout.threads)  # before the backend starts in this process
+    configure_device(args.device)
     from ..engine.train import train_and_evaluate
 
     return train_and_evaluate(config, args.run_dir, data_dir=args.data_dir, mirror=args.mirror, fixed_lr=args.lr,
                               download=not args.no_download, verbose=0 if args.quiet else 1, fused=args.fused,
-                              tracking=tracking)
+                              tracking=tracking, jit_compile=args.jit_compile)
 
 
 def cmd_train(args: argparse.Namespace) -> int:

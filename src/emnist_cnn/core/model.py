@@ -1,7 +1,7 @@
 """The reference CNN in Keras 3 (channels_last), its ensembles as single models, BatchNormalization recalibration.
 
 Three ways to run several members as one Keras model, one per purpose:
-`build_fused_trainer` (training: one compiled step trains every member),
+`core.trainer.build_device_trainer` (training: one compiled step trains every member),
 `build_member_predictor` (inference: one output per member) and
 `build_averaged_ensemble` (deployment: one output, the mean softmax).
 """
@@ -9,16 +9,16 @@ Three ways to run several members as one Keras model, one per purpose:
 from __future__ import annotations
 
 import logging
+import weakref
 
 import keras
 import numpy as np
 
 from ..config import EMNIST_DIGITS_MEAN, EMNIST_DIGITS_STD, ModelConfig
 
-__all__ = ["EMNIST_DIGITS_MEAN", "EMNIST_DIGITS_STD", "build_model", "compile_model", "build_fused_trainer",
-           "fused_member_logs", "copy_optimizer_state", "accelerator_available", "build_member_predictor",
-           "build_averaged_ensemble", "predict_members", "predict_probabilities", "recalibrate_batchnorm",
-           "read_variable"]
+__all__ = ["EMNIST_DIGITS_MEAN", "EMNIST_DIGITS_STD", "build_model", "compile_model", "copy_optimizer_state",
+           "accelerator_available", "build_member_predictor", "build_averaged_ensemble", "predict_members",
+           "predict_probabilities", "recalibrate_batchnorm", "read_variable"]
 
 log = logging.getLogger(__name__)
 
@@ -101,40 +101,6 @@ def _loss(label_smoothing: float):
     return "sparse_categorical_crossentropy"
 
 
-def build_fused_trainer(models: list[keras.Model], lr: float, label_smoothing: float = 0.0) -> keras.Model:
-    """All `models` in one compiled graph: input i feeds member i, one step trains them all.
-
-    The fused model shares its variables with `models` (weights, BatchNormalization
-    statistics, dropout seeds). Its loss is the sum of the members' losses, so the
-    gradient reaching each member's weights is exactly that member's own, and Adam
-    updates every variable independently: a fused step equals one step of each
-    member. Copy the optimizer moments in and out with `copy_optimizer_state`.
-    Call it as `fused.train_on_batch([x_0, ..., x_n], [y_0, ..., y_n])`.
-    """
-    names = [f"member_{i}" for i in range(len(models))]
-    inputs = [keras.Input(m.inputs[0].shape[1:], name=f"pixels_{i}") for i, m in enumerate(models)]
-    # A renamed functional wrapper per member: graph names must be unique, layers stay shared.
-    outputs = [keras.Model(m.inputs[0], m.outputs[0], name=n)(x) for m, n, x in zip(models, names, inputs)]
-    fused = keras.Model(inputs, outputs, name="fused_ensemble")
-    fused.compile(
-        optimizer=keras.optimizers.Adam(learning_rate=lr),
-        loss={n: _loss(label_smoothing) for n in names},
-        metrics={n: ["accuracy"] for n in names},
-    )
-    fused.optimizer.build(fused.trainable_variables)
-    return fused
-
-
-def fused_member_logs(logs: dict, n_members: int) -> list[tuple[float, float]]:
-    """(loss, accuracy) per member from a fused model's `train_on_batch(..., return_dict=True)`."""
-    out = []
-    for i in range(n_members):
-        # Keras names these "<k>/member_<i>_loss" and "member_<i>_accuracy".
-        loss = next(v for k, v in logs.items() if k.endswith(f"member_{i}_loss"))
-        out.append((float(loss), float(logs[f"member_{i}_accuracy"])))
-    return out
-
-
 def copy_optimizer_state(src: keras.optimizers.Optimizer, dst: keras.optimizers.Optimizer, variables) -> None:
     """Copy Adam's step count and the moments of `variables` from `src` to `dst` (both built).
 
@@ -197,7 +163,7 @@ def predict_members(models, images: np.ndarray, batch_size: int = 2000) -> np.nd
     return np.concatenate(out, axis=1).astype(np.float32)
 
 
-def recalibrate_batchnorm(model: keras.Model, images: np.ndarray, batch_size: int = 1000) -> None:
+def recalibrate_batchnorm(model: keras.Model, images, batch_size: int = 1000) -> None:
     """Set every BatchNormalization layer's moving statistics to their exact values on `images`.
 
     With few optimizer steps the moving averages (momentum 0.99) lag far behind
@@ -205,27 +171,61 @@ def recalibrate_batchnorm(model: keras.Model, images: np.ndarray, batch_size: in
     statistics of the current weights fix that. Layers are done in order, each
     with the earlier ones already recalibrated, because inference mode feeds
     each layer its predecessors' normalized outputs. `images` is uint8
-    (N, 28, 28) or float [0, 1] (N, 28, 28, 1).
+    (N, 28, 28) or float [0, 1] (N, 28, 28, 1). Features stay on the device: per
+    batch only a mean and a variance per channel come back, combined exactly in
+    float64 (Chan et al.).
     """
     bns = [layer for layer in model.layers if isinstance(layer, keras.layers.BatchNormalization)]
     if not bns or len(images) == 0:
         return
-    for layer in bns:
-        # Truncated at this layer, so the pass skips everything after it.
-        probe = keras.Model(model.inputs[0], layer.input)
-        total, total_sq, count = 0.0, 0.0, 0
+    x = keras.ops.convert_to_tensor(_to_float(images) if isinstance(images, np.ndarray) else images)
+    for layer, probe in zip(bns, _probe_models(model, bns)):
+        sizes, moments = [], []
         for start in range(0, len(images), batch_size):
-            x = _to_float(images[start : start + batch_size])
-            feats = probe(x, training=False)
-            f = keras.ops.convert_to_numpy(feats).astype(np.float64)
-            f = f.reshape(-1, f.shape[-1])
-            total = total + f.sum(axis=0)
-            total_sq = total_sq + (f * f).sum(axis=0)
-            count += f.shape[0]
-        mean = total / count
-        var = np.maximum(total_sq / count - mean * mean, 0.0)
+            batch = x[start : start + batch_size]
+            sizes.append(batch.shape[0])
+            moments.append(np.asarray(probe.predict_on_batch(batch), np.float64))
+        w = np.array(sizes, np.float64)[:, None] / len(images)
+        m, v = np.stack([mv[0] for mv in moments]), np.stack([mv[1] for mv in moments])  # (batches, channels)
+        mean = (w * m).sum(axis=0)
         layer.moving_mean.assign(mean.astype(np.float32))
-        layer.moving_variance.assign(var.astype(np.float32))
+        layer.moving_variance.assign((w * (v + (m - mean) ** 2)).sum(axis=0).astype(np.float32))
+
+
+class _ChannelMoments(keras.layers.Layer):
+    """A batch's per-channel mean and variance as (2, channels), float32."""
+
+    def call(self, feats):
+        feats = keras.ops.cast(feats, "float32")
+        m = _mean_per_channel(feats)
+        return keras.ops.stack([m, _mean_per_channel(keras.ops.square(feats - m))])
+
+    def compute_output_shape(self, input_shape):
+        return (2, input_shape[-1])
+
+
+def _mean_per_channel(feats):
+    """Mean over all but the last axis, per image first: float32 sums of a million values drift by 1e-4."""
+    if len(feats.shape) > 2:
+        feats = keras.ops.mean(feats, axis=tuple(range(1, len(feats.shape) - 1)))
+    return keras.ops.mean(feats, axis=0)
+
+
+_PROBES: "weakref.WeakKeyDictionary[keras.Model, list[keras.Model]]" = weakref.WeakKeyDictionary()
+
+
+def _probe_models(model: keras.Model, bns: list) -> list[keras.Model]:
+    """Per BatchNormalization layer, `model` truncated at its input (a pass skips the rest) with the input's
+    channel moments as output; built, and compiled by its first call, once per model."""
+    if model not in _PROBES:
+        # TensorFlow counts the probes' first traces as one function retracing (same code) and warns.
+        logging.getLogger("tensorflow").addFilter(_drop_probe_retracing_warning)
+        _PROBES[model] = [keras.Model(model.inputs[0], _ChannelMoments()(layer.input)) for layer in bns]
+    return _PROBES[model]
+
+
+def _drop_probe_retracing_warning(record: logging.LogRecord) -> bool:
+    return "make_predict_function.<locals>.one_step_on_data_distributed" not in record.getMessage()
 
 
 def predict_probabilities(model: keras.Model, images: np.ndarray, batch_size: int = 2000) -> np.ndarray:

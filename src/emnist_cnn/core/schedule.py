@@ -5,9 +5,11 @@ from __future__ import annotations
 import math
 from typing import Callable
 
+import numpy as np
+
 from ..config import TrainConfig
 
-__all__ = ["WARMUP_START", "steps_per_epoch", "learning_rate_at", "build_epoch_rates"]
+__all__ = ["WARMUP_START", "steps_per_epoch", "learning_rate_at", "build_step_rates", "build_epoch_rates"]
 
 WARMUP_START = 0.1  # warm-up starts at this fraction of the peak rate
 
@@ -37,6 +39,13 @@ def learning_rate_at(config: TrainConfig, epoch: int, step: int, n_steps: int, s
     if recipe.decay == "linear":
         return peak * (total - t) / (total - warm)
     return peak
+
+
+def build_step_rates(config: TrainConfig, n_train: int) -> np.ndarray:
+    """float32 rate of every optimizer step of the run (step count t: epoch t // n_steps + 1, step t % n_steps)."""
+    n_steps = steps_per_epoch(n_train, config.batch_size)
+    return np.array([learning_rate_at(config, e, s, n_steps) for e in range(1, config.epochs + 1)
+                     for s in range(n_steps)], np.float32)
 
 
 def build_epoch_rates(config: TrainConfig, n_train: int, span: int | None = None) -> Callable[[int], float]:

@@ -21,7 +21,6 @@ from typing import Callable
 import numpy as np
 
 from ..config import TrainConfig
-from ..core.augment import augment_batch
 from ..core.metrics import evaluate_error, evaluate_loss
 from ..core.schedule import learning_rate_at, steps_per_epoch
 from ..errors import ConfigError
@@ -59,7 +58,9 @@ class TrainContext:
     calibration: np.ndarray  # uint8 training images for BatchNormalization recalibration
     verbose: int = 1
     fused: bool = False  # train same-epoch members in one compiled step where possible
-    fused_trainers: dict = field(default_factory=dict)  # built once per group of member models
+    trainers: dict = field(default_factory=dict)  # compiled steps, built once per group of member models
+    device_images: object = None  # the training images on the device (a DeviceImages), uploaded once
+    jit_compile: bool = False  # XLA for the compiled steps
     on_epoch: Callable[["Member"], None] | None = None  # called once each finished epoch is recorded
     fixed_lr: float | None = None  # a rate for every step this call trains, instead of the recipe's
 
@@ -145,20 +146,20 @@ def train_members_to(members: list[Member], target: int, ctx: TrainContext) -> N
     while pending := [m for m in members if m.epoch < target]:
         low = min(m.epoch for m in pending)
         group = [m for m in pending if m.epoch == low]
-        trainer = _fused_trainer(group, ctx) if ctx.fused else None
-        _train_group_epoch(group, ctx, trainer)
+        _train_group_epoch(group, ctx)
     for m in members:
         path = ctx.run.weights_path(m.dropout, target, m.index)
         if m.epoch == target and target in ctx.checkpoint_epochs and not path.exists():
             save_weights_atomic(m.model, path)
 
 
-def _fused_trainer(group: list[Member], ctx: TrainContext):
-    """The fused trainer for `group`, or None when it has one member or its optimizers' step counts differ."""
-    from ..core.model import build_fused_trainer, read_variable
+def _trainer(group: list[Member], ctx: TrainContext):
+    """The compiled step for `group` (built once per group of member models), or None when the members'
+    optimizers have taken different numbers of steps (they then train one by one)."""
+    from ..core.model import read_variable
+    from ..core.schedule import build_step_rates
+    from ..core.trainer import DeviceImages, StepRates, build_device_trainer
 
-    if len(group) < 2:
-        return None
     steps = {int(read_variable(m.model.optimizer.iterations)) for m in group}
     if len(steps) > 1:
         log.info("members %s have taken different numbers of optimizer steps (%s); training them one by one",
@@ -166,93 +167,91 @@ def _fused_trainer(group: list[Member], ctx: TrainContext):
         return None
     # Keyed by the model objects: members reopened from their states get a trainer of their own.
     key = tuple(id(m.model) for m in group)
-    if key not in ctx.fused_trainers:
-        lr = group[0].model.optimizer.learning_rate
-        ctx.fused_trainers[key] = build_fused_trainer([m.model for m in group], float(read_variable(lr)),
-                                                      ctx.config.recipe_spec.label_smoothing)
-    return ctx.fused_trainers[key]
+    if key not in ctx.trainers:
+        if ctx.device_images is None:
+            ctx.device_images = DeviceImages(ctx.data.x_train, name="training_images")
+        config = ctx.config
+        if ctx.scheduled:
+            lr = StepRates(build_step_rates(config, len(ctx.data.y_train)))
+        else:
+            lr = float(read_variable(group[0].model.optimizer.learning_rate))
+        ctx.trainers[key] = build_device_trainer([m.model for m in group], ctx.device_images, config.augment,
+                                                 config.batch_size, lr, config.recipe_spec.label_smoothing,
+                                                 ctx.jit_compile)
+    return ctx.trainers[key]
 
 
-def _epoch_batches(member: Member, n: int, epoch: int):
-    """The member's (rng, permutation) for `epoch`: they depend only on (member seed, epoch),
-    so a resumed run, or a fused one, draws exactly the same batches and warps."""
-    rng = np.random.default_rng([member.seed, epoch])
-    return rng, rng.permutation(n)
+def _epoch_order(member: Member, n: int, epoch: int) -> np.ndarray:
+    """The member's image order for `epoch`: a function of (member seed, epoch) only, so a resumed run, or
+    a fused one, draws exactly the same batches."""
+    return np.random.default_rng([member.seed, epoch]).permutation(n).astype(np.int32)
 
 
-def _train_group_epoch(group: list[Member], ctx: TrainContext, trainer) -> None:
+def _train_group_epoch(group: list[Member], ctx: TrainContext) -> None:
     """Train every member of `group` (all at the same epoch) for one epoch and record it.
 
-    With a fused trainer all members take each step together; otherwise one
-    after another. Both draw the same batches and give the same weights.
+    Fused, all members take each step together in one compiled step; otherwise
+    one after another, each in its own. Both draw the same batches and warps
+    and give the same weights.
     """
+    trainer = _trainer(group, ctx) if ctx.fused and len(group) > 1 else None
     if trainer is None:
         for m in group:
             t0 = time.perf_counter()
-            sums = _run_steps([m], ctx, lambda xs, ys, m=m: [_member_step(m, xs[0], ys[0])], [m.model.optimizer])
-            _finish_epoch(m, m.epoch + 1, sums[0], time.perf_counter() - t0, ctx)
+            logs = _run_epoch([m], _trainer([m], ctx), ctx)
+            _finish_epoch(m, m.epoch + 1, logs[0], time.perf_counter() - t0, ctx)
         return
-    from ..core.model import copy_optimizer_state, fused_member_logs, read_variable
-
     t0 = time.perf_counter()
-    for m in group:
-        copy_optimizer_state(m.model.optimizer, trainer.optimizer, m.model.trainable_variables)
-    # A float, not the member's variable: JAX may have donated that variable's buffer to a step.
-    trainer.optimizer.learning_rate.assign(float(read_variable(group[0].model.optimizer.learning_rate)))
-
-    def step(xs, ys):
-        logs = trainer.train_on_batch(xs, ys, return_dict=True)
-        return fused_member_logs(logs, len(group))
-
-    sums = _run_steps(group, ctx, step, [trainer.optimizer])
+    logs = _run_epoch(group, trainer, ctx)
     train_seconds = (time.perf_counter() - t0) / len(group)
-    last_lr = float(read_variable(trainer.optimizer.learning_rate))  # the members record and save it
     for k, m in enumerate(group):
-        copy_optimizer_state(trainer.optimizer, m.model.optimizer, m.model.trainable_variables)
-        m.model.optimizer.learning_rate.assign(last_lr)
-        _finish_epoch(m, m.epoch + 1, sums[k], train_seconds, ctx)
+        _finish_epoch(m, m.epoch + 1, logs[k], train_seconds, ctx)
 
 
-def _member_step(member: Member, x, y) -> tuple[float, float]:
-    logs = member.model.train_on_batch(x, y, return_dict=True)
-    return float(logs["loss"]), float(logs["accuracy"])
+def _run_epoch(group: list[Member], trainer, ctx: TrainContext) -> list[tuple[float, float]]:
+    """One epoch of `trainer`'s steps for `group`; returns (loss, accuracy) per member, means over the epoch.
 
-
-def _run_steps(group: list[Member], ctx: TrainContext, step, optimizers) -> np.ndarray:
-    """One epoch of steps for `group`; `step(xs, ys)` trains and returns (loss, accuracy) per member.
-
-    With a scheduled recipe, every optimizer in `optimizers` gets the step's rate
-    before it (a function of epoch and step only, so resumed and fused runs match).
-    Returns the epoch's mean (loss, accuracy) per member, weighted by batch size.
+    The members' optimizer state moves into the trainer's optimizer and back;
+    a scheduled recipe's rate comes from the trainer's `StepRates` (a function
+    of the step count, so resumed and fused runs match), and each member keeps
+    the epoch's last rate.
     """
-    import keras  # deferred: the backend is slow to import
+    from ..core.model import copy_optimizer_state, read_variable
+    from ..core.schedule import learning_rate_at
+    from ..core.trainer import augment_key, read_member_logs, train_epoch
 
-    data, bs = ctx.data, ctx.config.batch_size
-    n = len(data.y_train)
+    config, data = ctx.config, ctx.data
+    n, bs = len(data.y_train), config.batch_size
     steps = steps_per_epoch(n, bs)
     epoch = group[0].epoch + 1
-    streams = [_epoch_batches(m, n, epoch) for m in group]
+    opt = trainer.optimizer
+    for m in group:
+        copy_optimizer_state(m.model.optimizer, opt, m.model.trainable_variables)
+    if ctx.scheduled:
+        done = int(read_variable(opt.iterations))
+        if done != (epoch - 1) * steps:
+            raise ConfigError(f"dropout {group[0].dropout:g} model {group[0].index}: {done} optimizer steps before "
+                              f"epoch {epoch}, not {(epoch - 1) * steps}; the schedule cannot place this epoch")
+        last_lr = learning_rate_at(config, epoch, steps - 1, steps)
+    else:
+        # A float, not the member's variable: JAX may have donated that variable's buffer to a step.
+        last_lr = float(read_variable(group[0].model.optimizer.learning_rate))
+        opt.learning_rate.assign(last_lr)
+    orders = [_epoch_order(m, n, epoch) for m in group]
+    for k, m in enumerate(group):
+        trainer.get_layer(f"augment_{k}").set_key(augment_key(m.seed, epoch))
+    onehot = np.eye(data.num_classes, dtype=np.float32) if config.recipe_spec.label_smoothing else None
+    ys = [data.y_train[o] if onehot is None else onehot[data.y_train[o]] for o in orders]
     # Bars only on a terminal: in a log file their frames add about 16 KB per member-epoch, and the
     # epoch's own log line says the same.
-    bar = keras.utils.Progbar(steps, verbose=1 if ctx.verbose and sys.stdout.isatty() else 0, unit_name="step")
-    sums = np.zeros((len(group), 2))
-    # Label smoothing needs one-hot targets (Keras' sparse loss has no smoothing).
-    targets = np.eye(data.num_classes, dtype=np.float32) if ctx.config.recipe_spec.label_smoothing else None
-    for s in range(steps):
-        if ctx.scheduled:
-            lr = learning_rate_at(ctx.config, epoch, s, steps)
-            for opt in optimizers:
-                opt.learning_rate.assign(lr)
-        idxs = [perm[s * bs : (s + 1) * bs] for _, perm in streams]
-        xs = [augment_batch(data.x_train[idx], rng, ctx.config.augment) for (rng, _), idx in zip(streams, idxs)]
-        ys = [data.y_train[idx] if targets is None else targets[data.y_train[idx]] for idx in idxs]
-        per = np.asarray(step(xs, ys))
-        sums += per * len(idxs[0])
-        bar.update(s + 1, values=[("loss", per[:, 0].mean()), ("accuracy", per[:, 1].mean())])
-    return sums / n
+    logs = train_epoch(trainer, orders, ys, bs, show_bar=bool(ctx.verbose) and sys.stdout.isatty())
+    for m in group:
+        copy_optimizer_state(opt, m.model.optimizer, m.model.trainable_variables)
+        m.model.optimizer.learning_rate.assign(last_lr)
+    return read_member_logs(logs, len(group))
 
 
-def _finish_epoch(member: Member, epoch: int, loss_acc: np.ndarray, train_seconds: float,
+def _finish_epoch(member: Member, epoch: int, loss_acc: tuple[float, float], train_seconds: float,
                   ctx: TrainContext) -> None:
     """BatchNormalization recalibration, validation, then checkpoint, history row and state, in that order."""
     from ..core.model import predict_probabilities, read_variable, recalibrate_batchnorm

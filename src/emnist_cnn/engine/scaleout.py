@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 from ..config import ScaleOutConfig, TrackingConfig, TrainConfig
+from ..core.device import describe_runtime
 from ..core.threads import build_thread_env, configure_threads
 from ..errors import ConfigError, EmnistCnnError, RunDirError, format_one_line
 from ..io.files import LockBusyError
@@ -108,8 +109,10 @@ def train_segment(run_dir: str, config: TrainConfig, data: PreparedData, dropout
                 run.append_segment(dropout, i, {"target": target, "from": start[i], "node": node,
                                                 "pid": os.getpid(), "started": format_utc_now()})
             members = [open_member(run, config, data, dropout, i, fixed_lr) for i in indices]
+            # XLA as `--jit-compile auto` decides on this worker's device.
+            xla = describe_runtime("auto", fused, config.model.precision)["xla"]
             ctx = TrainContext(run, config, data, sample_calibration_images(config, data), verbose=0, fused=fused,
-                               fixed_lr=fixed_lr)
+                               fixed_lr=fixed_lr, jit_compile=xla)
             train_members_to(members, target, ctx)
     except Exception as exc:  # noqa: BLE001  (sorted into retried and final failures)
         _raise_transient_or_original(exc)

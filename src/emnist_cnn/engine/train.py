@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from ..config import RESUMABLE_CHANGES, TrackingConfig, TrainConfig
+from ..core.device import describe_runtime, format_runtime
 from ..core.metrics import ensemble_probabilities, evaluate_error
 from ..errors import ConfigError, DataError, RunDirError
 from ..io.download import load_or_download
@@ -62,11 +63,13 @@ def check_compatible(run: RunDir, config: TrainConfig, fixed_lr: float | None = 
     return saved
 
 
-def open_run(run: RunDir, config: TrainConfig, data: PreparedData, fixed_lr: float | None = None) -> TrainConfig:
+def open_run(run: RunDir, config: TrainConfig, data: PreparedData, fixed_lr: float | None = None,
+             runtime: dict | None = None) -> TrainConfig:
     """Create RUN/config.json, or check that a resumed run is the same experiment (hold the run's lock).
 
     Returns the config to train with. Changing anything but the epoch count and
-    checkpoint interval of an existing run is refused.
+    checkpoint interval of an existing run is refused. `runtime` (where this
+    process trains, see `core.device.describe_runtime`) is recorded as the latest.
     """
     saved = check_compatible(run, config, fixed_lr)
     if saved is not None:
@@ -85,10 +88,13 @@ def open_run(run: RunDir, config: TrainConfig, data: PreparedData, fixed_lr: flo
                         "results will not match an uninterrupted run to the bit", run, ", ".join(changed))
         saved["config"] = config.to_dict()
         saved["updated"] = format_utc_now()
+        if runtime is not None:
+            saved["runtime"] = runtime
         run.write_record(saved)
     else:
         run.write_record({"config": config.to_dict(), "data": data.describe(), "versions": collect_versions(),
-                          "created": format_utc_now(), "updated": format_utc_now()})
+                          "created": format_utc_now(), "updated": format_utc_now(),
+                          **({"runtime": runtime} if runtime is not None else {})})
     return config
 
 
@@ -147,8 +153,8 @@ def record_checkpoint(run: RunDir, dropout: float, epoch: int, records: list[Err
 
 
 def train_ensembles(config: TrainConfig, run_dir, data: PreparedData, *, fixed_lr: float | None = None,
-                    verbose: int = 1, fused: bool | None = None,
-                    tracking: TrackingConfig | None = None) -> dict[float, list[ErrorRecord]]:
+                    verbose: int = 1, fused: bool | None = None, tracking: TrackingConfig | None = None,
+                    jit_compile: str = "auto") -> dict[float, list[ErrorRecord]]:
     """Train (or resume) every ensemble of the run; returns each dropout rate's last-checkpoint errors.
 
     `fixed_lr` sets the learning rate for the epochs this call trains (the
@@ -156,17 +162,22 @@ def train_ensembles(config: TrainConfig, run_dir, data: PreparedData, *, fixed_l
     configured rate is used. `fused` trains each ensemble's members in one
     compiled step (same results as one by one); None: on a GPU only.
     `tracking`: where progress is sent (default: TensorBoard event files only).
+    `jit_compile`: XLA for the training step, "auto" (on with a GPU), "on" or "off".
     """
     run = RunDir(run_dir)
+    fused = fused_by_default() if fused is None else fused
+    runtime = describe_runtime(jit_compile, fused, config.model.precision)
+    log.info("%s", format_runtime(runtime))
     with run.lock():
         run.remove_stale_temporaries()
-        config = open_run(run, config, data, fixed_lr)
+        config = open_run(run, config, data, fixed_lr, runtime)
         run.append_invocation({"time": format_utc_now(), "argv": sys.argv, "epochs": config.epochs,
-                               "fixed_lr": fixed_lr, "fused": fused, "versions": collect_versions()})
+                               "fixed_lr": fixed_lr, "fused": fused, "runtime": runtime,
+                               "versions": collect_versions()})
         tracker = open_tracker(run, config, tracking, data)
-        ctx = TrainContext(run, config, data, sample_calibration_images(config, data), verbose,
-                           fused_by_default() if fused is None else fused,
-                           on_epoch=lambda m: tracker.sync(members=[(m.dropout, m.index)]), fixed_lr=fixed_lr)
+        ctx = TrainContext(run, config, data, sample_calibration_images(config, data), verbose, fused,
+                           on_epoch=lambda m: tracker.sync(members=[(m.dropout, m.index)]), fixed_lr=fixed_lr,
+                           jit_compile=runtime["xla"])
         with tracker_closed_on_exit(tracker):
             return {dropout: _train_ensemble(ctx, dropout, tracker) for dropout in config.dropouts}
 
@@ -212,7 +223,7 @@ def _train_ensemble(ctx: TrainContext, dropout: float, tracker: Tracker) -> list
             ens = {r.split: r.rate for r in records if r.is_ensemble}
             log.info("dropout %g epoch %d: ensemble error val %s test %s", dropout, target,
                      _pct(ens.get("val")), _pct(ens.get("test")))
-    ctx.fused_trainers.clear()
+    ctx.trainers.clear()
     return find_last_errors(run, config, dropout)
 
 
@@ -246,7 +257,8 @@ def load_training_data(config: TrainConfig, run_dir, *, data_dir=None, mirror=No
 
 def train_and_evaluate(config: TrainConfig, run_dir, *, data_dir=None, mirror=None, fixed_lr=None,
                        dataset=None, download: bool = True, verbose: int = 1, fused: bool | None = None,
-                       tracking: TrackingConfig | None = None) -> dict[float, list[ErrorRecord]]:
+                       tracking: TrackingConfig | None = None,
+                       jit_compile: str = "auto") -> dict[float, list[ErrorRecord]]:
     """Load (or download) the data, then train and evaluate every ensemble in `run_dir`.
 
     Returns each dropout rate's errors at the last checkpoint.
@@ -254,4 +266,4 @@ def train_and_evaluate(config: TrainConfig, run_dir, *, data_dir=None, mirror=No
     data = load_training_data(config, run_dir, data_dir=data_dir, mirror=mirror, dataset=dataset,
                               download=download, fixed_lr=fixed_lr)
     return train_ensembles(config, Path(run_dir), data, fixed_lr=fixed_lr, verbose=verbose, fused=fused,
-                           tracking=tracking)
+                           tracking=tracking, jit_compile=jit_compile)

@@ -71,10 +71,15 @@ KEYS: dict[str, tuple[str, str]] = {
     "peak_rss_mb": ("MiB", "memory"),
     "mat_load_s": ("s", "load"),
     "cache_load_s": ("s", "load"),
+    "host_ms_per_step": ("ms", "step"),
+    "reads_per_step": ("reads", "step"),
+    "loop_vs_bare_step": ("x", "step"),
+    "epoch_fixed_s": ("s", "fixed"),
+    "epoch_fixed_gpu_share": ("of epoch", "fixed"),
 }
 # Groups that need another group's figures first.
-DEPENDS = {"torch": ["train"], "bf16": ["train"], "flops": ["train"]}
-GROUP_ORDER = ["aug", "train", "torch", "bf16", "flops", "ensemble", "predict", "load", "memory"]
+DEPENDS = {"torch": ["train"], "bf16": ["train"], "flops": ["train"], "fixed": ["train"]}
+GROUP_ORDER = ["aug", "train", "torch", "bf16", "flops", "ensemble", "predict", "step", "fixed", "load", "memory"]
 
 # key -> (comparison, threshold, what it means)
 TARGETS = {
@@ -85,7 +90,11 @@ TARGETS = {
     "peak_fraction": (">=", 0.5, "training reaches >= 50% of fp32 peak"),
     "peak_rss_mb": ("<", 2500.0, "peak RSS of an EMNIST-Digits-sized training process < 2.5 GB"),
     "cache_load_s": ("<", 1.0, "reopening the decoded cache < 1 s"),
+    "reads_per_step": ("<", 0.5, "no blocking device read per training step (only at the epoch's end)"),
+    "loop_vs_bare_step": ("<", 1.1, "the training loop at batch 8 within 1.1x of a bare compiled step"),
+    "epoch_fixed_gpu_share": ("<", 0.1, "recalibration + validation + state < 10% of a GPU member-epoch"),
 }
+GPU_IMG_S = 20_000  # the README's assumed training speed of one GPU on EMNIST Digits, img/s
 
 NUM_CLASSES = 10
 LR = 1e-3
@@ -116,11 +125,15 @@ class Sizes:
     n_test: int = 40_000
     load_reps: int = 3
     rss_steps: int = 20
+    tiny_batch: int = 8  # the step-overhead figures: a batch this small is all fixed cost
+    tiny_steps: int = 60
+    calib_images: int = 10_000  # TrainConfig().bn_recalibration_images
+    val_images: int = 24_000  # EMNIST Digits' validation split at --val-fraction 0.1
 
 
 QUICK = dict(reps=2, batch=64, pool=512, aug_batches=2, ref_batches=1, train_steps=1, torch_steps=1, bf16_steps=1,
              members=2, ens_steps=1, ens_reps=2, predict_images=400, predict_batch=200, predict_reps=2, sgemm_n=256,
-             n_train=1_200, n_test=200, load_reps=2, rss_steps=2)
+             n_train=1_200, n_test=200, load_reps=2, rss_steps=2, tiny_steps=10, calib_images=500, val_images=500)
 
 
 @dataclass
@@ -311,17 +324,22 @@ def new_member(seed: int, name: str = "emnist_cnn", cfg=None):
     return model
 
 
-def keras_step(model, x_u8, y, batches: Batches, rng, aug_cfg) -> Callable[[], None]:
-    """One step of `_train_epoch`'s loop: augment_batch + train_on_batch, loss read back to the host."""
-    from emnist_cnn.core.augment import augment_batch
+def device_trainer(members, x_u8, aug_cfg, batch: int):
+    """The package's compiled step for `members`: training images on the device, augmentation in the graph."""
+    from emnist_cnn.core.trainer import DeviceImages, build_device_trainer
 
-    def step():
-        idx = batches.next()
-        xb = augment_batch(x_u8[idx], rng, aug_cfg)
-        logs = model.train_on_batch(xb, y[idx], return_dict=True)
-        float(logs["loss"])
+    return build_device_trainer(list(members), DeviceImages(x_u8), aug_cfg, batch, LR)
 
-    return step
+
+def epoch_steps(trainer, y, n_members: int, batch: int, steps: int, rng) -> Callable[[], None]:
+    """`steps` steps of `train_epoch` (the package's epoch loop), each member its own order; logs read once."""
+    from emnist_cnn.core.trainer import train_epoch
+
+    def run():
+        orders = [rng.choice(len(y), steps * batch, replace=False).astype(np.int32) for _ in range(n_members)]
+        train_epoch(trainer, orders, [y[o] for o in orders], batch)
+
+    return run
 
 
 def repeat(fn: Callable[[], None], n: int) -> Callable[[], None]:
@@ -458,20 +476,22 @@ def bench_train(res: Results, s: Sizes, ctx: dict) -> None:
     model = new_member(0)
     ctx["flops"] = flops_per_image(model)
     rng = np.random.default_rng(2)
-    batches = Batches(len(y), s.batch, rng)
-    on = keras_step(model, x, y, batches, rng, AugmentConfig())
-    off = keras_step(model, x, y, batches, rng, AugmentConfig(enabled=False))
+    noaug = device_trainer([model], x, AugmentConfig(enabled=False), s.batch)
+    on = epoch_steps(device_trainer([model], x, AugmentConfig(), s.batch), y, 1, s.batch, s.train_steps, rng)
+    off = epoch_steps(noaug, y, 1, s.batch, s.train_steps, rng)
     log.info("training, one member: %d steps of %d per repetition, %d repetitions, alternating aug on/off",
              s.train_steps, s.batch, s.reps)
-    t = alternate({"augment on": repeat(on, s.train_steps), "augment off": repeat(off, s.train_steps)}, s.reps)
+    on(), off()  # trace both
+    t = alternate({"augment on": on, "augment off": off}, s.reps)
     n = s.train_steps * s.batch
-    res.set("train_img_s", rate(n, t["augment on"]), f"batch {s.batch}: augment_batch + train_on_batch "
-            "(_train_epoch's step), build_model + compile_model, Adam")
+    res.set("train_img_s", rate(n, t["augment on"]), f"batch {s.batch}: train_epoch over build_device_trainer "
+            "(images on the device, warp in the graph), build_model + compile_model, Adam")
     res.set("train_noaug_img_s", rate(n, t["augment off"]), "same step with AugmentConfig(enabled=False)")
     res.set("train_aug_ratio", paired_ratio(n, t["augment on"], n, t["augment off"]),
             "train_img_s / train_noaug_img_s (median of per-round ratios)")
     ctx["keras_member"] = model
-    ctx["keras_noaug_step"] = off
+    ctx["noaug_trainer"] = noaug
+    ctx["train_img_s"] = res.figures["train_img_s"]
 
 
 def bench_torch(res: Results, s: Sizes, ctx: dict) -> None:
@@ -519,7 +539,8 @@ def bench_torch(res: Results, s: Sizes, ctx: dict) -> None:
     log.info("torch: %d steps of %d per repetition, %d repetitions, NCHW vs channels_last, %d threads",
              s.torch_steps, s.batch, s.reps, torch.get_num_threads())
     fns = {f"torch {f}": repeat(make_step(f), s.torch_steps) for f in variants}
-    fns["keras (augmentation off)"] = repeat(ctx["keras_noaug_step"], s.torch_steps)
+    fns["keras (augmentation off)"] = epoch_steps(ctx["noaug_trainer"], y, 1, s.batch, s.torch_steps,
+                                                  np.random.default_rng(5))
     t = alternate(fns, s.reps)
     n = s.torch_steps * s.batch
     rates = {f: rate(n, t[f"torch {f}"]) for f in variants}
@@ -601,11 +622,13 @@ def bench_bf16(res: Results, s: Sizes, ctx: dict) -> None:
         [(c.compute_dtype, c.kernel.dtype) for c in convs]
     x, y = ctx["pool"], ctx["labels"]
     rng = np.random.default_rng(4)
-    step = keras_step(model, x, y, Batches(len(y), s.batch, rng), rng, AugmentConfig(enabled=False))
+    bf16 = epoch_steps(device_trainer([model], x, AugmentConfig(enabled=False), s.batch), y, 1, s.batch,
+                       s.bf16_steps, rng)
+    fp32 = epoch_steps(ctx["noaug_trainer"], y, 1, s.batch, s.bf16_steps, rng)
+    bf16()  # trace
     log.info("bf16: %d steps of %d per repetition, %d repetitions, alternating with float32", s.bf16_steps,
              s.batch, s.reps)
-    t = alternate({"mixed_bfloat16": repeat(step, s.bf16_steps),
-                   "float32": repeat(ctx["keras_noaug_step"], s.bf16_steps)}, s.reps)
+    t = alternate({"mixed_bfloat16": bf16, "float32": fp32}, s.reps)
     n = s.bf16_steps * s.batch
     res.set("train_bf16_img_s", rate(n, t["mixed_bfloat16"]), "experiment: train_noaug_img_s's step under the "
             "'mixed_bfloat16' policy (bf16 compute, float32 weights)")
@@ -649,7 +672,6 @@ def _blas_name() -> str:
 
 
 def bench_ensemble(res: Results, s: Sizes, ctx: dict) -> None:
-    from emnist_cnn.core.augment import augment_batch
     from emnist_cnn.config import AugmentConfig
 
     cfg = AugmentConfig()
@@ -657,53 +679,116 @@ def bench_ensemble(res: Results, s: Sizes, ctx: dict) -> None:
     log.info("ensemble: building %d members", s.members)
     members = [new_member(100 + i, name=f"member_{i}") for i in range(s.members)]
     ctx["members"] = members
-    # Every member draws its own stream for shuffling and augmentation.
-    rngs = [np.random.default_rng([7, i]) for i in range(s.members)]
-    batches = [Batches(len(y), s.batch, r) for r in rngs]
-    steps = [keras_step(m, x, y, b, r, cfg) for m, b, r in zip(members, batches, rngs)]
+    rng = np.random.default_rng(7)
+    alone = [epoch_steps(device_trainer([m], x, cfg, s.batch), y, 1, s.batch, s.ens_steps, rng) for m in members]
 
-    def sequential():  # one member after another, as train_ensembles does
-        for step in steps:
-            for _ in range(s.ens_steps):
-                step()
+    def sequential():  # one member after another, each its own compiled step
+        for run in alone:
+            run()
 
-    fns = {"sequential": sequential}
-    fused_note = None
-    try:
-        from emnist_cnn.core.model import build_fused_trainer
-    except ImportError:
-        fused_note = "fused API not available (emnist_cnn.core.model.build_fused_trainer missing)"
-    if fused_note is None:
-        log.info("ensemble: building the fused model")
-        fused = build_fused_trainer(members, LR)
-        # Own streams for the fused run too (so both paths draw the same kind of batches).
-        frngs = [np.random.default_rng([8, i]) for i in range(s.members)]
-        fbatches = [Batches(len(y), s.batch, r) for r in frngs]
-
-        def fused_run():
-            for _ in range(s.ens_steps):
-                idxs = [b.next() for b in fbatches]
-                xs = [augment_batch(x[i], r, cfg) for i, r in zip(idxs, frngs)]
-                ys = [y[i] for i in idxs]
-                logs = fused.train_on_batch(xs, ys, return_dict=True)
-                float(next(iter(logs.values())))
-
-        fns["fused"] = fused_run
+    log.info("ensemble: building the fused trainer")
+    fused = epoch_steps(device_trainer(members, x, cfg, s.batch), y, s.members, s.batch, s.ens_steps, rng)
+    sequential(), fused()  # trace
     log.info("ensemble: %d members x %d steps of %d per repetition, %d repetitions", s.members, s.ens_steps,
              s.batch, s.ens_reps)
-    t = alternate(fns, s.ens_reps)
+    t = alternate({"sequential": sequential, "fused": fused}, s.ens_reps)
     n = s.members * s.ens_steps * s.batch
-    seq = rate(n, t["sequential"])
-    res.set("ensemble_sequential_img_s", seq, f"member-images/s, {s.members} members one after another, "
-            "own train_on_batch each, augmentation on, own rng streams")
-    if fused_note is None:
-        res.set("ensemble_fused_img_s", rate(n, t["fused"]), f"member-images/s, {s.members} members in one "
-                "build_fused_trainer(...).train_on_batch step, augmentation on per member")
-        res.set("fused_speedup", paired_ratio(n, t["fused"], n, t["sequential"]),
-                "ensemble_fused_img_s / ensemble_sequential_img_s (median of per-round ratios)")
-    else:
-        res.set("ensemble_fused_img_s", None, fused_note)
-        res.set("fused_speedup", None, fused_note)
+    res.set("ensemble_sequential_img_s", rate(n, t["sequential"]), f"member-images/s, {s.members} members one "
+            "after another, own compiled step each, augmentation on")
+    res.set("ensemble_fused_img_s", rate(n, t["fused"]), f"member-images/s, {s.members} members in one "
+            "build_device_trainer step, augmentation on per member")
+    res.set("fused_speedup", paired_ratio(n, t["fused"], n, t["sequential"]),
+            "ensemble_fused_img_s / ensemble_sequential_img_s (median of per-round ratios)")
+
+
+def bench_step(res: Results, s: Sizes, ctx: dict) -> None:
+    """What the loop adds around the compiled step: at a tiny batch the step is nearly all fixed cost."""
+    import keras
+
+    from emnist_cnn.config import AugmentConfig
+    from emnist_cnn.core.trainer import train_epoch
+
+    x, y = ctx["pool"], ctx["labels"]
+    b, k = s.tiny_batch, s.tiny_steps
+    trainer = device_trainer([new_member(3)], x, AugmentConfig(), b)
+    rng = np.random.default_rng(4)
+    order = rng.choice(len(y), k * b, replace=False).astype(np.int32)
+    xs = (keras.ops.convert_to_tensor(order[:b]),)
+    ys = (keras.ops.convert_to_tensor(y[order[:b]]),)
+
+    def loop():
+        train_epoch(trainer, [order], [y[order]], b)
+
+    def bare():  # the compiled step alone, on tensors already on the device, nothing read back
+        for _ in range(k):
+            trainer.train_function(iter([(xs, ys)]))
+
+    loop(), bare()
+    log.info("step overhead: %d steps of batch %d, %d repetitions, alternating loop / bare step", k, b, s.reps)
+    t = alternate({"loop": loop, "bare": bare}, s.reps)
+    res.set("host_ms_per_step", max(0.0, (statistics.median(t["loop"]) - statistics.median(t["bare"])) / k * 1e3),
+            f"(train_epoch - bare compiled step) per step at batch {b}: slicing, bookkeeping, one metrics read "
+            "per epoch")
+    res.set("loop_vs_bare_step", paired_ratio(k, t["bare"], k, t["loop"]),
+            "train_epoch's time per step / a bare compiled step's (median of per-round ratios)")
+    reads = count_device_reads(loop)
+    res.set("reads_per_step", reads / k, f"{reads} blocking device reads in an epoch of {k} steps (numpy(), "
+            "float(), np.array of a tensor), all at its end")
+
+
+def count_device_reads(fn: Callable[[], None]) -> int:
+    """Conversions of TensorFlow tensors to host values while `fn` runs (tests/test_device.py counts the same)."""
+    import tensorflow as tf
+    from tensorflow.python.framework import ops as tf_ops
+
+    count = [0]
+    real_numpy, real_array, real_asarray = tf_ops._EagerTensorBase._numpy, np.array, np.asarray
+
+    def counting_numpy(self):
+        count[0] += 1
+        return real_numpy(self)
+
+    def counting(real):
+        def convert(obj, *args, **kwargs):
+            count[0] += isinstance(obj, tf.Tensor)
+            return real(obj, *args, **kwargs)
+        return convert
+
+    tf_ops._EagerTensorBase._numpy, np.array, np.asarray = counting_numpy, counting(real_array), counting(real_asarray)
+    try:
+        fn()
+    finally:
+        tf_ops._EagerTensorBase._numpy, np.array, np.asarray = real_numpy, real_array, real_asarray
+    return count[0]
+
+
+def bench_fixed(res: Results, s: Sizes, ctx: dict) -> None:
+    """A member-epoch's work besides training (recalibration, validation, state), at EMNIST Digits' sizes."""
+    from emnist_cnn.core.model import predict_probabilities, recalibrate_batchnorm
+    from emnist_cnn.io.state import save_member_state
+
+    model = ctx["keras_member"]
+    calib = synthetic_images(s.calib_images, 5)
+    val = synthetic_images(s.val_images, 6)
+    path = Path(ctx["tmp"]) / "state" / "model_0.npz"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    parts = {"recalibrate": lambda: recalibrate_batchnorm(model, calib), "validate": lambda: predict_probabilities(
+        model, val), "state": lambda: save_member_state(path, model, 1, {"seed": 0, "learning_rate": LR})}
+    for fn in parts.values():
+        fn()  # trace
+    log.info("fixed per member-epoch: recalibration on %d, validation on %d images, state; %d repetitions",
+             s.calib_images, s.val_images, s.reps)
+    t = {name: statistics.median(v) for name, v in alternate(parts, s.reps).items()}
+    total = sum(t.values())
+    res.set("epoch_fixed_s", total, ", ".join(f"{k} {v:.2f} s" for k, v in t.items()) + " (this CPU)")
+    # On a GPU the compute parts speed up like training does; the state write does not.
+    compute_images = (t["recalibrate"] + t["validate"]) * ctx["train_img_s"]
+    gpu_epoch = 216_000 / GPU_IMG_S  # EMNIST Digits training images at --val-fraction 0.1
+    gpu_fixed = compute_images / GPU_IMG_S + t["state"]
+    res.set("epoch_fixed_gpu_share", gpu_fixed / gpu_epoch,
+            f"projection: recalibration + validation cost {compute_images:,.0f} training-image equivalents here; "
+            f"at an assumed {GPU_IMG_S:,} img/s that is {gpu_fixed:.2f} s with the state write, against "
+            f"{gpu_epoch:.1f} s of training per member-epoch")
 
 
 def bench_predict(res: Results, s: Sizes, ctx: dict) -> None:
@@ -861,8 +946,8 @@ def bench_memory(res: Results, s: Sizes, ctx: dict) -> None:
 def rss_child(mat_dir: str, steps: int) -> None:
     """Runs in the peak-RSS subprocess: the memory path of one member's epoch on EMNIST-sized data."""
     started = time.perf_counter()
-    from emnist_cnn.core.augment import augment_batch
     from emnist_cnn.config import TrainConfig
+    from emnist_cnn.core.trainer import DeviceImages, build_device_trainer, train_epoch
     from emnist_cnn.io.datasets import load_dataset
     from emnist_cnn.core.model import build_model, compile_model, predict_probabilities, recalibrate_batchnorm
     from emnist_cnn.engine.prepare import prepare_data
@@ -887,14 +972,9 @@ def rss_child(mat_dir: str, steps: int) -> None:
     mark("prepare")
     model = build_model(data.num_classes, config.dropouts[0], data.mean, data.std, config.model)
     compile_model(model, config.lr)
-    rng = np.random.default_rng(0)
-    perm = rng.permutation(len(data.y_train))
-    bs = config.batch_size
-    for step in range(steps):
-        idx = perm[step * bs : (step + 1) * bs]
-        logs = model.train_on_batch(augment_batch(data.x_train[idx], rng, config.augment), data.y_train[idx],
-                                    return_dict=True)
-        float(logs["loss"])
+    trainer = build_device_trainer([model], DeviceImages(data.x_train), config.augment, config.batch_size, config.lr)
+    order = np.random.default_rng(0).permutation(len(data.y_train))[: steps * config.batch_size].astype(np.int32)
+    train_epoch(trainer, [order], [data.y_train[order]], config.batch_size)
     mark("train")
     n_cal = min(config.bn_recalibration_images, len(data.y_train))
     calib = data.x_train[np.sort(np.random.default_rng(1).choice(len(data.y_train), n_cal, replace=False))]
@@ -912,7 +992,8 @@ def rss_child(mat_dir: str, steps: int) -> None:
 
 GROUPS: dict[str, Callable[[Results, Sizes, dict], None]] = {
     "aug": bench_aug, "train": bench_train, "torch": bench_torch, "bf16": bench_bf16, "flops": bench_flops,
-    "ensemble": bench_ensemble, "predict": bench_predict, "load": bench_load, "memory": bench_memory,
+    "ensemble": bench_ensemble, "predict": bench_predict, "step": bench_step, "fixed": bench_fixed,
+    "load": bench_load, "memory": bench_memory,
 }
 
 
@@ -929,7 +1010,7 @@ def fmt_value(key: str, value: float | None) -> str:
         return f"{value:,.1f}"
     if unit == "s":
         return f"{value:.3f}"
-    if unit == "of peak":
+    if unit in ("of peak", "of epoch"):
         return f"{value:.1%}"
     return f"{value:.2f}"
 

@@ -124,3 +124,12 @@ def test_an_epoch_reads_from_the_device_once_not_every_step(monkeypatch):
         monkeypatch.undo()
         assert reads[batch] == len(logs)  # each metric once, when the epoch ends
     assert reads[128] == reads[32] <= 8
+
+
+@pytest.mark.skipif(keras.backend.backend() != "tensorflow", reason="TensorFlow's op determinism")
+def test_op_determinism_turns_xla_off_and_the_record_says_so(fake_gpu, monkeypatch, caplog):
+    """Keras runs a TensorFlow model without XLA when op determinism is on, whatever jit_compile asks."""
+    monkeypatch.setenv("TF_DETERMINISTIC_OPS", "1")
+    with caplog.at_level(logging.WARNING):
+        assert describe_runtime("on", True, "float32")["xla"] is False
+    assert "TF_DETERMINISTIC_OPS" in caplog.text

@@ -218,3 +218,28 @@ def test_mixed_bfloat16_trains_with_float32_weights(tmp_path, tiny):
     assert any(r["model"] == "ensemble" for r in rows)
     hist = read_rows(tmp_path / "bf16" / "dropout_0.3" / "history" / "model_0.csv")
     assert np.isfinite(float(hist[0]["loss"]))
+
+
+def test_mixed_float16_scales_the_loss_and_resumes_to_the_bit(tmp_path, tiny):
+    """float16 compute with dynamic loss scaling: float32 weights, the loss scale kept in the member's state,
+    and an interrupted run (1 epoch, then 1 more) equal to a straight one, fused or not."""
+    cfg = TINY.replace(epochs=2, model=ModelConfig(precision="mixed_float16"), limit_train=300)
+    train_and_evaluate(cfg, tmp_path / "straight", dataset=tiny, verbose=0, fused=True)
+    train_and_evaluate(cfg.replace(epochs=1), tmp_path / "resumed", dataset=tiny, verbose=0, fused=False)
+    train_and_evaluate(cfg, tmp_path / "resumed", dataset=tiny, verbose=0, fused=True)
+    model = build_model(10, 0.3, cfg=ModelConfig(precision="mixed_float16"))
+    assert model.get_layer(index=2).compute_dtype == "float16"
+    state = state_arrays(RunDir(tmp_path / "straight").state_path(0.3, 0))
+    assert all(state[k].dtype == np.float32 for k in state if k.startswith("weight_"))
+    # The LossScaleOptimizer's variables come first (iteration, learning rate, then its step counter and
+    # the loss scale: 2**15 at the start, halved at an overflowing step, doubled after 2000 finite ones).
+    # A resume that restarted them would differ from the straight run below.
+    steps_since_change, scale = int(state["optimizer_2"]), float(state["optimizer_3"])
+    assert steps_since_change > 0 and scale in {2.0 ** k for k in range(16)}
+    for i in range(cfg.models):
+        assert read_rows(tmp_path / "resumed" / "dropout_0.3" / "history" / f"model_{i}.csv") == \
+            read_rows(tmp_path / "straight" / "dropout_0.3" / "history" / f"model_{i}.csv")
+        a = state_arrays(RunDir(tmp_path / "resumed").state_path(0.3, i))
+        b = state_arrays(RunDir(tmp_path / "straight").state_path(0.3, i))
+        for k in b:
+            np.testing.assert_array_equal(a[k], b[k], err_msg=f"model {i} {k}")

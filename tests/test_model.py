@@ -331,5 +331,7 @@ def test_recalibrated_statistics_equal_each_layers_input_statistics(short_run):
         moving_mean = to_numpy(layer.moving_mean).astype(np.float64)
         moving_var = to_numpy(layer.moving_variance).astype(np.float64)
         assert moving_mean.shape == mean.shape, layer.name
-        assert (np.abs(moving_mean - mean) <= 1e-4 * (np.abs(mean) + scale)).all(), layer.name
-        np.testing.assert_allclose(moving_var, var, rtol=1e-4, atol=1e-6 * var.max(), err_msg=layer.name)
+        # float32 tolerance: the device sums per image first, then per batch (measured within 4e-7; one
+        # float32 sum over a layer's 1.4 million values per channel drifts by 2e-4).
+        assert (np.abs(moving_mean - mean) <= 1e-5 * (np.abs(mean) + scale)).all(), layer.name
+        np.testing.assert_allclose(moving_var, var, rtol=1e-5, atol=1e-6 * var.max(), err_msg=layer.name)

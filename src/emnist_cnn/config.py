@@ -58,7 +58,7 @@ class AugmentConfig:
                "must be bilinear or nearest", self.interpolation)
 
 
-PRECISIONS = ("float32", "mixed_bfloat16")
+PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16")
 
 
 @dataclass(frozen=True)
@@ -68,8 +68,9 @@ class ModelConfig:
     leaky_slope: float = 0.3  # LeakyReLU negative slope
     bn_momentum: float = 0.99  # BatchNormalization moving-average momentum (Keras default)
     bn_epsilon: float = 1e-3  # BatchNormalization epsilon (Keras default)
-    # Compute dtype policy: "float32", or "mixed_bfloat16" (bfloat16 math, float32 weights;
-    # faster on CPUs with AVX-512 BF16 and on recent GPUs).
+    # Compute dtype policy: "float32"; "mixed_bfloat16" (bfloat16 math, float32 weights; faster on CPUs
+    # with AVX-512 BF16 and on GPUs from Ampere on); "mixed_float16" (float16 math with dynamic loss
+    # scaling, float32 weights: the usual GPU choice, tensor cores from Volta on; slow on a CPU).
     precision: str = "float32"
 
     def __post_init__(self) -> None:

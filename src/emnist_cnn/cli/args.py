@@ -74,8 +74,10 @@ def _add_training_group(p: argparse.ArgumentParser) -> None:
                         "evaluation; 0 keeps Keras' moving averages like the reference (default: 10000)")
     t.add_argument("--no-augment", action="store_true", help="train without augmentation (default: augment)")
     t.add_argument("--precision", choices=PRECISIONS, default=None,
-                   help="compute precision: mixed_bfloat16 computes in bfloat16 with float32 weights, faster on "
-                        "CPUs with AVX-512 BF16 and recent GPUs; part of the experiment (default: float32)")
+                   help="compute precision, float32 weights throughout: mixed_bfloat16 computes in bfloat16 "
+                        "(faster on CPUs with AVX-512 BF16 and GPUs from Ampere on); mixed_float16 in float16 "
+                        "with dynamic loss scaling (the usual GPU choice; slow on a CPU); part of the "
+                        "experiment (default: float32)")
     t.add_argument("--fused", action=argparse.BooleanOptionalAction, default=None,
                    help="train each ensemble's members together in one compiled step; same weights and "
                         "histories as one by one, faster on a GPU, more memory (default: on with a GPU, "

@@ -90,6 +90,10 @@ def describe_runtime(jit_compile: str, fused: bool, precision: str) -> dict:
     xla = {"on": True, "off": False}.get(jit_compile, accelerator or backend == "jax")
     if backend == "jax":
         xla = True  # everything JAX runs is compiled by XLA
+    if backend == "tensorflow" and xla and _op_determinism_enabled():
+        # Keras turns XLA off then (not every XLA op has a deterministic version): say so, record the truth.
+        log.warning("XLA off: TensorFlow op determinism is on (TF_DETERMINISTIC_OPS), which Keras runs without XLA")
+        xla = False
     if precision == "mixed_bfloat16":
         old = [d["name"] for d in devices if d.get("compute_capability") and d["compute_capability"] < [8, 0]]
         if old:
@@ -97,6 +101,12 @@ def describe_runtime(jit_compile: str, fused: bool, precision: str) -> dict:
                         "slower than float32 there", ", ".join(old))
     return {"backend": backend, "device": "GPU" if accelerator else "CPU", "gpus": devices, "fused": fused,
             "xla": xla, "precision": precision}
+
+
+def _op_determinism_enabled() -> bool:
+    from tensorflow.python.framework.config import is_op_determinism_enabled  # what Keras itself asks
+
+    return bool(is_op_determinism_enabled()) or os.environ.get("TF_DETERMINISTIC_OPS", "").lower() in ("1", "true")
 
 
 def _list_devices(backend: str) -> list[dict]:

@@ -16,7 +16,8 @@ import numpy as np
 
 from ..config import EMNIST_DIGITS_MEAN, EMNIST_DIGITS_STD, ModelConfig
 
-__all__ = ["EMNIST_DIGITS_MEAN", "EMNIST_DIGITS_STD", "build_model", "compile_model", "copy_optimizer_state",
+__all__ = ["EMNIST_DIGITS_MEAN", "EMNIST_DIGITS_STD", "build_model", "compile_model", "build_optimizer",
+           "copy_optimizer_state",
            "accelerator_available", "build_member_predictor", "build_averaged_ensemble", "predict_members",
            "predict_probabilities", "recalibrate_batchnorm", "read_variable"]
 
@@ -84,15 +85,23 @@ def build_model(
     return keras.Model(inputs, outputs, name=name)
 
 
-def compile_model(model: keras.Model, lr: float, label_smoothing: float = 0.0) -> keras.Model:
+def compile_model(model: keras.Model, lr: float, label_smoothing: float = 0.0,
+                  loss_scaling: bool = False) -> keras.Model:
     """Adam with categorical cross-entropy, as the reference: on integer labels, or with
-    `label_smoothing` on one-hot targets (Keras' sparse loss cannot smooth)."""
+    `label_smoothing` on one-hot targets (Keras' sparse loss cannot smooth). `loss_scaling`:
+    Adam inside Keras' dynamic `LossScaleOptimizer`, for float16 compute."""
     model.compile(
-        optimizer=keras.optimizers.Adam(learning_rate=lr),
+        optimizer=build_optimizer(lr, loss_scaling),
         loss=_loss(label_smoothing),
         metrics=["accuracy"],
     )
     return model
+
+
+def build_optimizer(lr, loss_scaling: bool = False) -> keras.optimizers.Optimizer:
+    """Adam at `lr` (a float or a schedule); with `loss_scaling`, wrapped in a dynamic LossScaleOptimizer."""
+    adam = keras.optimizers.Adam(learning_rate=lr)
+    return keras.optimizers.LossScaleOptimizer(adam) if loss_scaling else adam
 
 
 def _loss(label_smoothing: float):
@@ -102,11 +111,19 @@ def _loss(label_smoothing: float):
 
 
 def copy_optimizer_state(src: keras.optimizers.Optimizer, dst: keras.optimizers.Optimizer, variables) -> None:
-    """Copy Adam's step count and the moments of `variables` from `src` to `dst` (both built).
+    """Copy Adam's step count and the moments of `variables` from `src` to `dst` (both built), with the
+    loss scale and its step counter when both are LossScaleOptimizers.
 
-    Lets a fused optimizer take over members' optimizers and hand them back, so
-    a member's saved state is the same whichever way it was trained.
+    Lets a compiled training step's optimizer take over members' optimizers and
+    hand them back, so a member's saved state is the same whichever way it was trained.
     """
+    scaled = [isinstance(o, keras.optimizers.LossScaleOptimizer) for o in (src, dst)]
+    if scaled[0] != scaled[1]:
+        raise TypeError("copy_optimizer_state: one optimizer scales the loss, the other does not")
+    if scaled[0]:
+        dst.dynamic_scale.assign(src.dynamic_scale)
+        dst.step_counter.assign(src.step_counter)
+        src, dst = src.inner_optimizer, dst.inner_optimizer
     for opt in (src, dst):
         if not isinstance(opt, keras.optimizers.Adam):
             raise TypeError(f"copy_optimizer_state supports Adam, got {type(opt).__name__}")
@@ -218,14 +235,18 @@ def _probe_models(model: keras.Model, bns: list) -> list[keras.Model]:
     """Per BatchNormalization layer, `model` truncated at its input (a pass skips the rest) with the input's
     channel moments as output; built, and compiled by its first call, once per model."""
     if model not in _PROBES:
-        # TensorFlow counts the probes' first traces as one function retracing (same code) and warns.
-        logging.getLogger("tensorflow").addFilter(_drop_probe_retracing_warning)
         _PROBES[model] = [keras.Model(model.inputs[0], _ChannelMoments()(layer.input)) for layer in bns]
     return _PROBES[model]
 
 
-def _drop_probe_retracing_warning(record: logging.LogRecord) -> bool:
-    return "make_predict_function.<locals>.one_step_on_data_distributed" not in record.getMessage()
+def _drop_keras_retracing_warning(record: logging.LogRecord) -> bool:
+    """TensorFlow counts the first trace of every new Keras step function (a trainer per member group, a
+    probe per BatchNormalization layer) as a retracing of one function, the same code, and warns."""
+    message = record.getMessage()
+    return not ("triggered tf.function retracing" in message and "TensorFlowTrainer." in message)
+
+
+logging.getLogger("tensorflow").addFilter(_drop_keras_retracing_warning)
 
 
 def predict_probabilities(model: keras.Model, images: np.ndarray, batch_size: int = 2000) -> np.ndarray:

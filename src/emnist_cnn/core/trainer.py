@@ -16,6 +16,7 @@ import numpy as np
 
 from ..config import AugmentConfig
 from .augment import scale_affine_params, warp_images
+from .model import build_optimizer
 
 __all__ = ["DeviceImages", "AugmentImages", "StepRates", "EpochCallbacks", "build_device_trainer",
            "train_epoch", "train_step", "read_member_logs", "augment_key"]
@@ -101,14 +102,16 @@ class EpochCallbacks(keras.callbacks.CallbackList):
 
 
 def build_device_trainer(models: list[keras.Model], images: DeviceImages, augment: AugmentConfig, batch_size: int,
-                         learning_rate, label_smoothing: float = 0.0, jit_compile: bool = False) -> keras.Model:
+                         learning_rate, label_smoothing: float = 0.0, jit_compile: bool = False,
+                         loss_scaling: bool = False) -> keras.Model:
     """All `models` in one compiled step: input `index_i` (int32 indices into `images`) feeds member i.
 
     The trainer shares its variables with `models` (weights, BatchNormalization
     statistics, dropout seeds). Its loss is the sum of the members' losses, so the
     gradient reaching each member's weights is exactly that member's own, and Adam
     updates every variable independently: a step of k members equals one step of
-    each. `learning_rate`: a float, or a `StepRates` schedule. Per member the
+    each. `learning_rate`: a float, or a `StepRates` schedule; `loss_scaling` for
+    float16 compute (see `build_optimizer`). Per member the
     logs hold `ce` (the loss, label smoothing included) and `accuracy`, means
     over the epoch's images (see `read_member_logs`).
     """
@@ -129,7 +132,7 @@ def build_device_trainer(models: list[keras.Model], images: DeviceImages, augmen
         metric = lambda: keras.metrics.SparseCategoricalCrossentropy(name="ce")  # noqa: E731
     # The loss metric, not Keras' loss tracker: the tracker weights a batch by its static size, which a
     # retraced step no longer knows, so the smaller last batch would count as a full one.
-    trainer.compile(optimizer=keras.optimizers.Adam(learning_rate=learning_rate),
+    trainer.compile(optimizer=build_optimizer(learning_rate, loss_scaling),
                     loss={n: loss for n in names}, metrics={n: ["accuracy", metric()] for n in names},
                     jit_compile=jit_compile)
     trainer.optimizer.build(trainer.trainable_variables)

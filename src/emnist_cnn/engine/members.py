@@ -59,6 +59,7 @@ class TrainContext:
     verbose: int = 1
     fused: bool = False  # train same-epoch members in one compiled step where possible
     trainers: dict = field(default_factory=dict)  # compiled steps, built once per group of member models
+    predictors: dict = field(default_factory=dict)  # checkpoint evaluation's predictors, per group of models
     device_images: object = None  # the training images on the device (a DeviceImages), uploaded once
     jit_compile: bool = False  # XLA for the compiled steps
     on_epoch: Callable[["Member"], None] | None = None  # called once each finished epoch is recorded
@@ -88,7 +89,7 @@ def build_member_model(config: TrainConfig, data: PreparedData, dropout: float, 
     keras.utils.set_random_seed(seed)
     model = build_model(data.num_classes, dropout, data.mean, data.std, config.model, seed=seed)
     if compiled:
-        compile_model(model, config.lr, config.recipe_spec.label_smoothing)
+        compile_model(model, config.lr, config.recipe_spec.label_smoothing, config.model.precision == "mixed_float16")
         model.optimizer.build(model.trainable_variables)
     return model
 
@@ -177,7 +178,7 @@ def _trainer(group: list[Member], ctx: TrainContext):
             lr = float(read_variable(group[0].model.optimizer.learning_rate))
         ctx.trainers[key] = build_device_trainer([m.model for m in group], ctx.device_images, config.augment,
                                                  config.batch_size, lr, config.recipe_spec.label_smoothing,
-                                                 ctx.jit_compile)
+                                                 ctx.jit_compile, config.model.precision == "mixed_float16")
     return ctx.trainers[key]
 
 

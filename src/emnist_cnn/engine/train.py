@@ -99,12 +99,15 @@ def open_run(run: RunDir, config: TrainConfig, data: PreparedData, fixed_lr: flo
 
 
 def evaluate_checkpoint(run: RunDir, config: TrainConfig, data: PreparedData, dropout: float,
-                        epoch: int, members: dict[int, Member] | None = None) -> list[ErrorRecord]:
+                        epoch: int, members: dict[int, Member] | None = None,
+                        predictors: dict | None = None) -> list[ErrorRecord]:
     """Errors of every member and of the ensemble at one checkpoint, on val and test.
 
     Members held in memory at exactly `epoch` are used as they are (their weights
     are the checkpoint's) with the validation softmax of their last epoch; the
-    others are loaded from their checkpoint files. All members predict in one pass.
+    others are loaded from their checkpoint files. All members predict in one pass,
+    through a predictor kept in `predictors` for the same member models (so later
+    checkpoints reuse its compiled function).
     """
     from ..core.model import build_member_predictor, predict_members
 
@@ -118,7 +121,10 @@ def evaluate_checkpoint(run: RunDir, config: TrainConfig, data: PreparedData, dr
                 val[i] = m.val_probs[1]
             continue
         models.append(load_checkpoint_model(run, dropout, epoch, i, config=config, data=data))
-    predictor = build_member_predictor(models)
+    key = tuple(id(m) for m in models)
+    predictor = (predictors or {}).get(key) or build_member_predictor(models)
+    if predictors is not None:
+        predictors[key] = predictor
     probs = {"test": list(predict_members(predictor, data.x_test))}
     missing = [i for i in range(config.models) if i not in val]
     if len(data.y_val) and missing:
@@ -216,7 +222,7 @@ def _train_ensemble(ctx: TrainContext, dropout: float, tracker: Tracker) -> list
                 members[i] = open_member(run, config, ctx.data, dropout, i, ctx.fixed_lr)
         train_members_to(list(members.values()), target, ctx)
         if target not in done and run.has_all_weights(dropout, target, config.models):
-            records = evaluate_checkpoint(run, config, ctx.data, dropout, target, members)
+            records = evaluate_checkpoint(run, config, ctx.data, dropout, target, members, ctx.predictors)
             record_checkpoint(run, dropout, target, records)
             tracker.sync(dropouts=[dropout])
             done.add(target)
@@ -224,6 +230,7 @@ def _train_ensemble(ctx: TrainContext, dropout: float, tracker: Tracker) -> list
             log.info("dropout %g epoch %d: ensemble error val %s test %s", dropout, target,
                      _pct(ens.get("val")), _pct(ens.get("test")))
     ctx.trainers.clear()
+    ctx.predictors.clear()
     return find_last_errors(run, config, dropout)
 
 

@@ -6,8 +6,11 @@ so the decisions and what is recorded are real, and the step then runs on the CP
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -25,6 +28,7 @@ from emnist_cnn.engine.train import train_and_evaluate
 from emnist_cnn.io.datasets import load_dataset
 from emnist_cnn.io.rundir import RunDir
 
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench.py"
 T4 = {"name": "Tesla T4", "id": "/physical_device:GPU:0", "compute_capability": [7, 5]}
 
 
@@ -80,33 +84,17 @@ def test_a_run_says_and_records_where_it_trained(fake_gpu, tmp_path, tiny_mnist_
     assert len(rows) == 1 and float(rows[0]["loss"]) > 0
 
 
-def _count_device_reads(monkeypatch) -> list[int]:
-    """Conversions of TensorFlow eager tensors to host values: `.numpy()`, `float()`, `bool()` (all through
-    `_numpy`) and `np.array` / `np.asarray` of a tensor (NumPy reads those through the buffer protocol)."""
-    import tensorflow as tf
-    from tensorflow.python.framework import ops as tf_ops
-
-    count = [0]
-    real_numpy = tf_ops._EagerTensorBase._numpy
-
-    def counting_numpy(self):
-        count[0] += 1
-        return real_numpy(self)
-
-    def counting(real):
-        def convert(obj, *args, **kwargs):
-            count[0] += isinstance(obj, tf.Tensor)
-            return real(obj, *args, **kwargs)
-        return convert
-
-    monkeypatch.setattr(tf_ops._EagerTensorBase, "_numpy", counting_numpy)
-    monkeypatch.setattr(np, "array", counting(np.array))
-    monkeypatch.setattr(np, "asarray", counting(np.asarray))
-    return count
+def _count_device_reads(fn) -> int:
+    """`make bench`'s counter of blocking device reads (numpy(), float(), bool(), np.array of a tensor)."""
+    spec = importlib.util.spec_from_file_location("bench_for_device_reads", BENCH)
+    bench = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = bench  # dataclasses look their module up there
+    spec.loader.exec_module(bench)
+    return bench.count_device_reads(fn)
 
 
 @pytest.mark.skipif(keras.backend.backend() != "tensorflow", reason="the direct step loop is TensorFlow's")
-def test_an_epoch_reads_from_the_device_once_not_every_step(monkeypatch):
+def test_an_epoch_reads_from_the_device_once_not_every_step():
     """4 steps or 16 steps: the same few reads, all at the epoch's end (one per logged metric)."""
     rng = np.random.default_rng(0)
     images = DeviceImages(rng.integers(0, 256, (512, 28, 28), dtype=np.uint8))
@@ -118,10 +106,13 @@ def test_an_epoch_reads_from_the_device_once_not_every_step(monkeypatch):
         trainer = build_device_trainer(members, images, AugmentConfig(), batch, 1e-3)
         orders = [rng.permutation(512).astype(np.int32) for _ in members]
         train_epoch(trainer, orders, [labels[o] for o in orders], batch)  # traces outside the count
-        count = _count_device_reads(monkeypatch)
-        logs = train_epoch(trainer, orders, [labels[o] for o in orders], batch)
-        reads[batch] = count[0]
-        monkeypatch.undo()
+        logs = {}
+        targets = [labels[o] for o in orders]
+
+        def epoch(trainer=trainer, orders=orders, targets=targets, batch=batch, logs=logs):
+            logs.update(train_epoch(trainer, orders, targets, batch))
+
+        reads[batch] = _count_device_reads(epoch)
         assert reads[batch] == len(logs)  # each metric once, when the epoch ends
     assert reads[128] == reads[32] <= 8
 

@@ -12,6 +12,7 @@ from conftest import make_tiny_digits, planned_steps, run_cli, write_mnist_idx
 import emnist_cnn  # noqa: F401  (selects the backend before keras is imported)
 import keras
 from emnist_cnn.config import AugmentConfig, ModelConfig, TrainConfig
+from emnist_cnn.errors import ConfigError
 from emnist_cnn.io.datasets import load_dataset
 from emnist_cnn.core import trainer as trainer_module
 from emnist_cnn.core.model import (build_model, compile_model, copy_optimizer_state, predict_members,
@@ -222,9 +223,13 @@ def test_mixed_bfloat16_trains_with_float32_weights(tmp_path, tiny):
 
 def test_mixed_float16_scales_the_loss_and_resumes_to_the_bit(tmp_path, tiny):
     """float16 compute with dynamic loss scaling: float32 weights, the loss scale kept in the member's state,
-    and an interrupted run (1 epoch, then 1 more) equal to a straight one, fused or not."""
+    an interrupted run (1 epoch, then 1 more) equal to a straight one. Never fused (one loss scale would be
+    shared by the members); never with a step schedule (loss scaling skips steps)."""
     cfg = TINY.replace(epochs=2, model=ModelConfig(precision="mixed_float16"), limit_train=300)
+    with pytest.raises(ConfigError, match="mixed_float16 does not work with the fast recipe"):
+        cfg.replace(recipe="fast")
     train_and_evaluate(cfg, tmp_path / "straight", dataset=tiny, verbose=0, fused=True)
+    assert [r["fused"] for r in RunDir(tmp_path / "straight").read_invocations()] == [False]
     train_and_evaluate(cfg.replace(epochs=1), tmp_path / "resumed", dataset=tiny, verbose=0, fused=False)
     train_and_evaluate(cfg, tmp_path / "resumed", dataset=tiny, verbose=0, fused=True)
     model = build_model(10, 0.3, cfg=ModelConfig(precision="mixed_float16"))

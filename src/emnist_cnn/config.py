@@ -149,6 +149,10 @@ class TrainConfig:
                self.limit_train)
         _check(self.bn_recalibration_images >= 0, "--bn-recalibration", "must be >= 0",
                self.bn_recalibration_images)
+        # Loss scaling skips the steps that overflow, and the schedule is indexed by the steps taken.
+        _check(not (self.recipe_spec.scheduled and self.model.precision == "mixed_float16"), "--precision",
+               f"mixed_float16 does not work with the {self.recipe} recipe's step schedule yet (loss scaling skips "
+               "steps); use mixed_bfloat16 or float32", self.model.precision)
 
     def find_dropout(self, dropout: float) -> float:
         """The run's own rate equal to `dropout` (as typed, 0.20 is 0.2), else a ConfigError listing them."""

@@ -87,7 +87,8 @@ def describe_runtime(jit_compile: str, fused: bool, precision: str) -> dict:
     devices = _list_devices(backend) if accelerator else []
     if jit_compile not in JIT_COMPILE:
         raise ConfigError(f"--jit-compile must be one of {', '.join(JIT_COMPILE)}, got {jit_compile!r}")
-    xla = {"on": True, "off": False}.get(jit_compile, accelerator or backend == "jax")
+    # torch: "on" is torch.compile (what Keras' jit_compile means there); auto leaves it off, as Keras does.
+    xla = {"on": True, "off": False}.get(jit_compile, backend == "jax" or (accelerator and backend == "tensorflow"))
     if backend == "jax":
         xla = True  # everything JAX runs is compiled by XLA
     if backend == "tensorflow" and xla and _op_determinism_enabled():
@@ -144,5 +145,6 @@ def format_runtime(runtime: dict) -> str:
                                                      if d.get("compute_capability") else "") for d in runtime["gpus"])
     else:
         where = "CPU (no GPU is used)"
+    compiler = "torch.compile" if runtime["backend"] == "torch" else "XLA"
     return (f"training on {where}; {'fused' if runtime['fused'] else 'one member at a time'}; "
-            f"XLA {'on' if runtime['xla'] else 'off'}; {runtime['precision']}; {runtime['backend']} backend")
+            f"{compiler} {'on' if runtime['xla'] else 'off'}; {runtime['precision']}; {runtime['backend']} backend")

@@ -141,7 +141,7 @@ def accelerator_available() -> bool:
         if backend == "tensorflow":
             import tensorflow as tf
 
-            return bool(tf.config.list_physical_devices("GPU"))
+            return bool(tf.config.get_visible_devices("GPU"))  # --device cpu hides them
         if backend == "jax":
             import jax
 

@@ -116,10 +116,12 @@ def build_device_trainer(models: list[keras.Model], images: DeviceImages, augmen
     over the epoch's images (see `read_member_logs`).
     """
     names = [f"member_{i}" for i in range(len(models))]
+    # Only TensorFlow's image-transform kernel has no XLA version; JAX's and torch's warps compile.
+    gather = jit_compile and keras.backend.backend() == "tensorflow"
     inputs, outputs = [], []
     for i, (m, name) in enumerate(zip(models, names)):
         idx = keras.Input((), dtype="int32", name=f"index_{i}")
-        x = AugmentImages(augment, batch_size, jit_compile, name=f"augment_{i}")(images(idx))
+        x = AugmentImages(augment, batch_size, gather, name=f"augment_{i}")(images(idx))
         # A renamed functional wrapper per member: graph names must be unique, layers stay shared.
         outputs.append(keras.Model(m.inputs[0], m.outputs[0], name=name)(x))
         inputs.append(idx)

@@ -30,7 +30,7 @@ from ..io.state import load_member_state, save_member_state
 from .prepare import PreparedData
 
 __all__ = ["Member", "TrainContext", "member_seed", "build_member_model", "open_member", "sample_calibration_images",
-           "fused_by_default", "train_members_to"]
+           "fused_by_default", "resolve_fused", "train_members_to"]
 
 log = logging.getLogger(__name__)
 
@@ -122,6 +122,17 @@ def sample_calibration_images(config: TrainConfig, data: PreparedData) -> np.nda
     rng = np.random.default_rng([config.seed, 7])
     n = min(config.bn_recalibration_images, len(data.y_train))
     return data.x_train[np.sort(rng.choice(len(data.y_train), n, replace=False))]
+
+
+def resolve_fused(fused: bool | None, config: TrainConfig) -> bool:
+    """Whether members train fused: as asked, else `fused_by_default()`; never with mixed_float16, whose
+    one loss scale per trainer would be shared by the members (an overflow in one would skip every
+    member's step), so fused training would no longer equal one member at a time."""
+    if config.model.precision == "mixed_float16":
+        if fused:
+            log.warning("--fused is off with --precision mixed_float16: the members would share one loss scale")
+        return False
+    return fused_by_default() if fused is None else fused
 
 
 def fused_by_default() -> bool:

@@ -29,7 +29,7 @@ from ..errors import ConfigError, EmnistCnnError, RunDirError, format_one_line
 from ..io.files import LockBusyError
 from ..io.rundir import ErrorRecord, RunDir, collect_versions, format_utc_now
 from ..io.state import read_state_epoch
-from .members import TrainContext, open_member, sample_calibration_images, train_members_to
+from .members import TrainContext, open_member, resolve_fused, sample_calibration_images, train_members_to
 from .prepare import PreparedData
 from .tracking import Tracker
 from .train import (evaluate_checkpoint, find_last_errors, load_training_data, open_run, open_tracker,
@@ -257,6 +257,7 @@ def train_ensembles_on_ray(config: TrainConfig, run_dir, data: PreparedData, sca
     Returns each dropout rate's errors at the last checkpoint.
     """
     ray = import_ray()
+    fused = resolve_fused(fused, config)
     run = RunDir(check_run_dir_shared(run_dir))
     # The driver trains nothing, but takes the tasks' thread count: config.json records it with the versions.
     configure_threads(scaleout.task_threads)
@@ -266,6 +267,7 @@ def train_ensembles_on_ray(config: TrainConfig, run_dir, data: PreparedData, sca
         run.append_invocation({"time": format_utc_now(), "argv": sys.argv, "epochs": config.epochs,
                                "fixed_lr": fixed_lr, "fused": fused, "ray": scaleout.ray_address,
                                "threads": scaleout.task_threads, "gpus_per_member": scaleout.gpus_per_member,
+                               "runtime": "decided per task on its worker (--jit-compile auto)",
                                "versions": collect_versions()})
         tracker = open_tracker(run, config, tracking, data)
         with tracker_closed_on_exit(tracker):

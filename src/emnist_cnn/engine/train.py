@@ -23,7 +23,7 @@ from ..errors import ConfigError, DataError, RunDirError
 from ..io.download import load_or_download
 from ..io.rundir import ErrorRecord, RunDir, collect_versions, format_utc_now
 from ..io.weights import load_checkpoint_model
-from .members import Member, TrainContext, sample_calibration_images, fused_by_default, open_member, train_members_to
+from .members import Member, TrainContext, open_member, resolve_fused, sample_calibration_images, train_members_to
 from .prepare import PreparedData, prepare_data
 from .tracking import Tracker
 
@@ -121,10 +121,15 @@ def evaluate_checkpoint(run: RunDir, config: TrainConfig, data: PreparedData, dr
                 val[i] = m.val_probs[1]
             continue
         models.append(load_checkpoint_model(run, dropout, epoch, i, config=config, data=data))
-    key = tuple(id(m) for m in models)
-    predictor = (predictors or {}).get(key) or build_member_predictor(models)
-    if predictors is not None:
-        predictors[key] = predictor
+    # Kept only for members held in memory (alive as long as the cache): a model loaded from a file is
+    # freed on return, and its id could come back as another checkpoint's model.
+    key = tuple(id(m) for m in models) if all(members.get(i) is not None and members[i].model is models[i]
+                                                for i in range(config.models)) else None
+    predictor = (predictors or {}).get(key) if key is not None else None
+    if predictor is None:
+        predictor = build_member_predictor(models)
+        if predictors is not None and key is not None:
+            predictors[key] = predictor
     probs = {"test": list(predict_members(predictor, data.x_test))}
     missing = [i for i in range(config.models) if i not in val]
     if len(data.y_val) and missing:
@@ -171,7 +176,7 @@ def train_ensembles(config: TrainConfig, run_dir, data: PreparedData, *, fixed_l
     `jit_compile`: XLA for the training step, "auto" (on with a GPU), "on" or "off".
     """
     run = RunDir(run_dir)
-    fused = fused_by_default() if fused is None else fused
+    fused = resolve_fused(fused, config)
     runtime = describe_runtime(jit_compile, fused, config.model.precision)
     log.info("%s", format_runtime(runtime))
     with run.lock():

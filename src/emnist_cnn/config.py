@@ -73,6 +73,11 @@ class ModelConfig:
     # scaling, float32 weights: the usual GPU choice, tensor cores from Volta on; slow on a CPU).
     precision: str = "float32"
 
+    @property
+    def loss_scaling(self) -> bool:
+        """float16 compute needs its loss scaled (dynamically) to keep small gradients from underflowing."""
+        return self.precision == "mixed_float16"
+
     def __post_init__(self) -> None:
         _check(self.precision in PRECISIONS, "--precision", f"must be one of {', '.join(PRECISIONS)}",
                self.precision)
@@ -150,7 +155,7 @@ class TrainConfig:
         _check(self.bn_recalibration_images >= 0, "--bn-recalibration", "must be >= 0",
                self.bn_recalibration_images)
         # Loss scaling skips the steps that overflow, and the schedule is indexed by the steps taken.
-        _check(not (self.recipe_spec.scheduled and self.model.precision == "mixed_float16"), "--precision",
+        _check(not (self.recipe_spec.scheduled and self.model.loss_scaling), "--precision",
                f"mixed_float16 does not work with the {self.recipe} recipe's step schedule yet (loss scaling skips "
                "steps); use mixed_bfloat16 or float32", self.model.precision)
 

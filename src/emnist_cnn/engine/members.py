@@ -89,7 +89,7 @@ def build_member_model(config: TrainConfig, data: PreparedData, dropout: float, 
     keras.utils.set_random_seed(seed)
     model = build_model(data.num_classes, dropout, data.mean, data.std, config.model, seed=seed)
     if compiled:
-        compile_model(model, config.lr, config.recipe_spec.label_smoothing, config.model.precision == "mixed_float16")
+        compile_model(model, config.lr, config.recipe_spec.label_smoothing, config.model.loss_scaling)
         model.optimizer.build(model.trainable_variables)
     return model
 
@@ -128,7 +128,7 @@ def resolve_fused(fused: bool | None, config: TrainConfig) -> bool:
     """Whether members train fused: as asked, else `fused_by_default()`; never with mixed_float16, whose
     one loss scale per trainer would be shared by the members (an overflow in one would skip every
     member's step), so fused training would no longer equal one member at a time."""
-    if config.model.precision == "mixed_float16":
+    if config.model.loss_scaling:
         if fused:
             log.warning("--fused is off with --precision mixed_float16: the members would share one loss scale")
         return False
@@ -189,7 +189,7 @@ def _trainer(group: list[Member], ctx: TrainContext):
             lr = float(read_variable(group[0].model.optimizer.learning_rate))
         ctx.trainers[key] = build_device_trainer([m.model for m in group], ctx.device_images, config.augment,
                                                  config.batch_size, lr, config.recipe_spec.label_smoothing,
-                                                 ctx.jit_compile, config.model.precision == "mixed_float16")
+                                                 ctx.jit_compile, config.model.loss_scaling)
     return ctx.trainers[key]
 
 

@@ -22,8 +22,9 @@ import keras
 from emnist_cnn.config import AugmentConfig, TrainConfig
 from emnist_cnn.core import device, model as model_module
 from emnist_cnn.core.device import describe_runtime, format_runtime
-from emnist_cnn.core.model import build_model, compile_model
-from emnist_cnn.core.trainer import DeviceImages, build_device_trainer, train_epoch
+from emnist_cnn.core.model import (build_model, compile_model, copy_optimizer_state, predict_members,
+                                   predict_probabilities)
+from emnist_cnn.core.trainer import DeviceImages, build_device_trainer, read_member_logs, train_epoch
 from emnist_cnn.engine.train import train_and_evaluate
 from emnist_cnn.io.datasets import load_dataset
 from emnist_cnn.io.rundir import RunDir
@@ -124,3 +125,77 @@ def test_op_determinism_turns_xla_off_and_the_record_says_so(fake_gpu, monkeypat
     with caplog.at_level(logging.WARNING):
         assert describe_runtime("on", True, "float32")["xla"] is False
     assert "TF_DETERMINISTIC_OPS" in caplog.text
+
+
+def _members_like(n: int, seed: int = 5) -> list:
+    out = []
+    for _ in range(n):
+        keras.utils.set_random_seed(seed)
+        m = compile_model(build_model(10, 0.0), 1e-3)  # no dropout: the two ways draw no masks
+        m.optimizer.build(m.trainable_variables)
+        out.append(m)
+    return out
+
+
+def test_the_short_last_batch_is_padded_and_padding_counts_nowhere():
+    """8 images in a batch of 32 (24 padding rows): the step equals a plain Keras step on the 8 images alone.
+    Adam's first moment after one step is 0.1 x the gradient, so it checks the loss; the moving statistics
+    check BatchNormalization's batch statistics; the logs check the metrics. Padding that entered any of them
+    (the padding rows are real images, image 0 with label 0) would move them by far more than rounding."""
+    rng = np.random.default_rng(0)
+    x, y = rng.integers(0, 256, (8, 28, 28), dtype=np.uint8), rng.integers(1, 10, 8)
+    padded, plain = _members_like(2)
+    trainer = build_device_trainer([padded], DeviceImages(x), AugmentConfig(enabled=False), 32, 1e-3)
+    (loss, acc), = read_member_logs(train_epoch(trainer, [np.arange(8, dtype=np.int32)], [y], 32), 1)
+    expected = plain.train_on_batch(x.astype(np.float32)[..., None] / 255, y, return_dict=True)
+    assert loss == pytest.approx(expected["loss"], rel=1e-6) and acc == pytest.approx(expected["accuracy"])
+    copy_optimizer_state(trainer.optimizer, padded.optimizer, padded.trainable_variables)
+    for v, ma, mb in zip(padded.trainable_variables, padded.optimizer._momentums, plain.optimizer._momentums):
+        ma, mb = np.asarray(ma), np.asarray(mb)
+        np.testing.assert_allclose(ma, mb, rtol=0, atol=1e-4 * np.abs(mb).max(), err_msg=v.path)
+    for va, vb in zip(padded.non_trainable_variables, plain.non_trainable_variables):
+        np.testing.assert_allclose(np.asarray(va), np.asarray(vb), rtol=1e-6, atol=1e-8, err_msg=va.path)
+
+
+def _count_traces(n: int, batch: int, epochs: int = 2) -> int:
+    """How often Python runs Keras' step body (only while tracing) over `epochs` epochs of `n` images."""
+    rng = np.random.default_rng(0)
+    images, labels = DeviceImages(rng.integers(0, 256, (n, 28, 28), dtype=np.uint8)), rng.integers(0, 10, n)
+    trainer = build_device_trainer(_members_like(1), images, AugmentConfig(), batch, 1e-3)
+    traced, keras_step = [], trainer.train_step
+
+    def counting(data):
+        traced.append(1)
+        return keras_step(data)
+
+    trainer.train_step = counting
+    for _ in range(epochs):
+        order = rng.permutation(n).astype(np.int32)
+        train_epoch(trainer, [order], [labels[order]], batch)
+    return len(traced)
+
+
+def test_a_short_last_batch_costs_no_trace_of_its_own():
+    """40 images in batches of 32 trace the step as often as 64 (two full batches) do, and a second epoch not
+    at all: the last batch has the full shape (under XLA, one compilation, not two)."""
+    full = _count_traces(64, 32, epochs=1)
+    assert _count_traces(40, 32, epochs=2) == full <= 2  # TensorFlow traces twice when a first call creates variables
+
+
+def test_inference_pads_its_last_batch_and_returns_only_real_rows():
+    """50 images in batches of 32: one traced shape, and the same probabilities as one call on all 50."""
+    rng = np.random.default_rng(1)
+    x = rng.integers(0, 256, (50, 28, 28), dtype=np.uint8)
+    model = _members_like(1)[0]
+    shapes, keras_step = set(), model.predict_step
+
+    def recording(data):
+        shapes.add(tuple(keras.tree.flatten(data)[0].shape))
+        return keras_step(data)
+
+    model.predict_step = recording
+    probs = predict_probabilities(model, x, batch_size=32)
+    assert probs.shape == (50, 10) and shapes == {(32, 28, 28, 1)}
+    whole = np.asarray(keras.Model(model.inputs, model.outputs)(x.astype(np.float32)[..., None] / 255))
+    np.testing.assert_allclose(probs, whole, atol=1e-6)
+    np.testing.assert_allclose(predict_members([model], x, batch_size=32)[0], whole, atol=1e-6)

@@ -142,9 +142,9 @@ def test_switching_between_fused_and_one_at_a_time_on_resume(straight, data_dir,
     steps = []
     real_step = trainer_module.train_step
 
-    def counting_step(trainer, xs, ys):
+    def counting_step(trainer, xs, ys, weights):
         steps.append(len(xs))
-        return real_step(trainer, xs, ys)
+        return real_step(trainer, xs, ys, weights)
 
     monkeypatch.setattr(trainer_module, "train_step", counting_step)
     run = tmp_path / "run"
@@ -174,9 +174,9 @@ def test_fused_resume_catches_up_a_member_left_behind(straight, tmp_path, tiny, 
     callers = []
     real_step = trainer_module.train_step
 
-    def recording_step(trainer, xs, ys):
+    def recording_step(trainer, xs, ys, weights):
         callers.append(id(trainer))
-        return real_step(trainer, xs, ys)
+        return real_step(trainer, xs, ys, weights)
 
     monkeypatch.setattr(trainer_module, "train_step", recording_step)
     train_and_evaluate(cfg, run, dataset=tiny, verbose=0, fused=True)

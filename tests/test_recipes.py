@@ -54,10 +54,10 @@ def fast_runs(tmp_path_factory):
         mp.setenv("EMNIST_CNN_CACHE", str(root / "cache"))
         ds = load_dataset("mnist", data)
         for name, fused in (("seq", False), ("fused", True)):
-            def recording(trainer, xs, ys, _name=name):
+            def recording(trainer, xs, ys, weights, _name=name):
                 # The rate the optimizer applies at this step (its schedule read at its step count).
                 seen[_name].append(float(keras.ops.convert_to_numpy(trainer.optimizer.learning_rate)))
-                return original(trainer, xs, ys)
+                return original(trainer, xs, ys, weights)
 
             mp.setattr(trainer_module, "train_step", recording)
             train_and_evaluate(FAST, root / name, dataset=ds, verbose=0, fused=fused)

@@ -133,6 +133,21 @@ def test_fused_groups_on_gpus_equal_the_local_run(cluster, data, local_run, tmp_
     assert saved["versions"]["env"]["TF_NUM_INTRAOP_THREADS"] == "1"
     invocation = [json.loads(line) for line in (run / "invocations.jsonl").read_text().splitlines()][-1]
     assert (invocation["ray"], invocation["threads"]) == (cluster.address, 1)
+    assert invocation["runtime"]["device"] == invocation["runtime"]["jit_compile"] == "auto"
+    # Each task decided on its own worker, and its segment says what it got (no GPU build here: the CPU).
+    assert {(s["device"], s["xla"]) for m in MEMBERS for s in segments[m]} == {("CPU", False)}
+
+
+def test_device_gpu_reaches_the_workers_and_fails_there_in_one_line(cluster, data, tmp_path):
+    """--device gpu is applied by each task on its worker: on these workers (a logical GPU for Ray, a CPU-only
+    TensorFlow) the first task stops the run with the worker's reason, not a silent CPU run."""
+    cluster, _ = cluster
+    r = cli("train", "--run-dir", tmp_path / "run", "--data-dir", data, *ARGS, "--epochs", "1", "--ray",
+            cluster.address, "--gpus-per-member", "0.5", "--device", "gpu")
+    assert r.returncode == 2, r.stderr[-2000:]
+    last = r.stderr.strip().splitlines()[-1]
+    assert "--device gpu: the tensorflow backend sees no usable GPU" in last, r.stderr[-2000:]
+    assert "Traceback" not in r.stderr and not list((tmp_path / "run").glob("dropout_*/state/*.npz"))
 
 
 def test_a_killed_worker_and_a_dead_node_are_retried_and_the_result_stays_identical(cluster, data, local_run,
@@ -179,7 +194,7 @@ def test_a_killed_worker_and_a_dead_node_are_retried_and_the_result_stays_identi
     assert sum("(attempt 2)" in line for line in err.splitlines()) == 2, err[-3000:]
 
 
-@pytest.mark.parametrize("case", ["relative run dir", "ray missing", "gpus without ray"])
+@pytest.mark.parametrize("case", ["relative run dir", "ray missing", "gpus without ray", "gpu without gpus"])
 def test_bad_ray_settings_are_one_line(case, data, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     base = ["train", "--data-dir", str(data), *ARGS, "--epochs", "1"]
@@ -192,9 +207,12 @@ def test_bad_ray_settings_are_one_line(case, data, tmp_path, monkeypatch):
         r = subprocess.run([sys.executable, "-c", code, *base, "--run-dir", str(tmp_path / "run"), "--ray", "local"],
                            capture_output=True, text=True, timeout=300)
         want = "--ray needs Ray, which is not installed"
-    else:
+    elif case == "gpus without ray":
         r = cli(*base, "--run-dir", str(tmp_path / "run"), "--gpus-per-member", "0.5")
         want = "--gpus-per-member needs --ray"
+    else:  # Ray would hide every GPU from the tasks
+        r = cli(*base, "--run-dir", str(tmp_path / "run"), "--ray", "local", "--device", "gpu")
+        want = "--device gpu with --ray needs --gpus-per-member above 0"
     assert r.returncode == 2, r.stderr[-2000:]
     assert want in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert not (tmp_path / "run").exists() and not (tmp_path / "runs").exists()

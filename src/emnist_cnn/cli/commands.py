@@ -82,7 +82,7 @@ def _train(args: argparse.Namespace, preset: str | None = None):
 
         return train_and_evaluate_on_ray(config, args.run_dir, scaleout, data_dir=args.data_dir, mirror=args.mirror,
                                          fixed_lr=args.lr, download=not args.no_download, fused=bool(args.fused),
-                                         tracking=tracking)
+                                         tracking=tracking, device=args.device, jit_compile=args.jit_compile)
     from ..core.device import configure_device
     from ..core.threads import configure_threads
 

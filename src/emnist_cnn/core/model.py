@@ -171,10 +171,10 @@ def predict_members(models, images: np.ndarray, batch_size: int = 2000) -> np.nd
     stacked = models if isinstance(models, keras.Model) else build_member_predictor(list(models))
     n_members = len(stacked.outputs)
     out = []
-    for start in range(0, len(images), batch_size):
-        probs = stacked.predict_on_batch(_to_float(images[start : start + batch_size]))
+    for batch, n in _batches(images, batch_size):
+        probs = stacked.predict_on_batch(batch)
         probs = probs if isinstance(probs, (list, tuple)) else [probs]
-        out.append(np.stack([np.asarray(p) for p in probs]))
+        out.append(np.stack([np.asarray(p)[:n] for p in probs]))
     if not out:
         return np.zeros((n_members, 0, stacked.outputs[0].shape[-1]), np.float32)
     return np.concatenate(out, axis=1).astype(np.float32)
@@ -252,8 +252,8 @@ logging.getLogger("tensorflow").addFilter(_drop_keras_retracing_warning)
 def predict_probabilities(model: keras.Model, images: np.ndarray, batch_size: int = 2000) -> np.ndarray:
     """Inference-mode softmax for uint8 (N, 28, 28) images, in batches to bound memory."""
     out = []
-    for start in range(0, len(images), batch_size):
-        out.append(np.asarray(model.predict_on_batch(_to_float(images[start : start + batch_size]))))
+    for batch, n in _batches(images, batch_size):
+        out.append(np.asarray(model.predict_on_batch(batch))[:n])
     if not out:
         return np.zeros((0, model.output_shape[-1]), np.float32)
     return np.concatenate(out).astype(np.float32)
@@ -291,6 +291,17 @@ def build_averaged_ensemble(members, name: str = "emnist_cnn_ensemble") -> keras
 def read_variable(variable) -> float:
     """A scalar backend variable (learning rate, step count) as a Python float."""
     return float(keras.ops.convert_to_numpy(variable))
+
+
+def _batches(images: np.ndarray, batch_size: int):
+    """(float batch, its number of real images) over `images`; when there are several batches the last is
+    padded to full size, so inference has one shape (one trace, one XLA compilation)."""
+    for start in range(0, len(images), batch_size):
+        batch = _to_float(images[start : start + batch_size])
+        n = len(batch)
+        if n < batch_size < len(images):
+            batch = np.concatenate([batch, np.zeros((batch_size - n,) + batch.shape[1:], batch.dtype)])
+        yield batch, n
 
 
 def _to_float(x: np.ndarray) -> np.ndarray:

@@ -3,9 +3,11 @@
 `build_device_trainer` wraps one or more member models in a Keras model whose
 inputs are the batch's image indices, one int32 vector per member. Each step
 gathers the images from `DeviceImages` (uploaded once), warps them in the graph
-with `AugmentImages` and trains every member; Keras' `fit` runs an epoch of
-such steps, its metrics accumulate on the device and `EpochCallbacks` reads
-them once, at the epoch's end. The members share their variables with the
+with `AugmentImages` and trains every member; metrics accumulate on the device
+and are read once, at the epoch's end. Every step has the same shape: the
+last, smaller batch is padded with index -1, rows that BatchNormalization's
+statistics, the loss and the metrics leave out, so a step function is traced
+(and, under XLA, compiled) once. The members share their variables with the
 trainer; copy optimizer moments in and out with `copy_optimizer_state`.
 """
 
@@ -18,7 +20,7 @@ from ..config import AugmentConfig
 from .augment import scale_affine_params, warp_images
 from .model import build_optimizer
 
-__all__ = ["DeviceImages", "AugmentImages", "StepRates", "EpochCallbacks", "build_device_trainer",
+__all__ = ["DeviceImages", "AugmentImages", "MaskedBatchNorm", "build_masked_member", "StepRates", "EpochCallbacks", "build_device_trainer",
            "train_epoch", "train_step", "read_member_logs", "augment_key"]
 
 
@@ -33,7 +35,9 @@ class DeviceImages(keras.layers.Layer):
                                       initializer=lambda shape, dtype: images.astype(np.float16), name="images")
 
     def call(self, indices):
-        x = keras.ops.cast(keras.ops.take(self.images, indices, axis=0), "float32")
+        # Padding rows (index -1) gather image 0; their outputs count nowhere (see `build_device_trainer`).
+        x = keras.ops.take(self.images, keras.ops.maximum(indices, 0), axis=0)
+        x = keras.ops.cast(x, "float32")
         return keras.ops.expand_dims(x * np.float32(1.0 / 255.0), -1)
 
 
@@ -59,6 +63,44 @@ class AugmentImages(keras.layers.Layer):
         # Drawn for a full batch and cut to this one: the last, smaller batch needs no other shape.
         u = keras.random.uniform((6, self.batch_size), seed=self.seed_generator)[:, : keras.ops.shape(x)[0]]
         return warp_images(x, scale_affine_params(u, self.cfg), self.cfg, self.xla)
+
+
+class MaskedBatchNorm(keras.layers.Layer):
+    """Calls a member's BatchNormalization (training: statistics over the batch's real rows, index >= 0).
+
+    Keras' BatchNormalization takes the mask and attaches it to its output, and
+    the next layers would pass it on to the loss; the output here carries none.
+    """
+
+    def __init__(self, layer: keras.layers.BatchNormalization, **kwargs):
+        super().__init__(dtype=layer.dtype_policy, **kwargs)
+        self.layer = layer
+
+    def call(self, features, indices, training=None):
+        rank = len(features.shape)
+        valid = keras.ops.reshape(keras.ops.greater_equal(indices, 0), (-1,) + (1,) * (rank - 2))
+        mask = keras.ops.broadcast_to(valid, keras.ops.shape(features)[:-1])  # the shape Keras asks for
+        # A new tensor: the layer's output carries the mask as an attribute.
+        return keras.ops.multiply(self.layer(features, training=training, mask=mask), 1)
+
+    def compute_output_shape(self, features_shape, indices_shape):
+        return tuple(features_shape)
+
+
+def build_masked_member(model: keras.Model, name: str) -> keras.Model:
+    """`model` (a chain of layers, as `build_model` makes) with inputs (pixels, indices): every
+    BatchNormalization layer takes its statistics over the rows whose index is >= 0. Shares `model`'s layers."""
+    pixels = keras.Input(model.inputs[0].shape[1:], name="pixels")
+    indices = keras.Input((), dtype="int32", name="indices")
+    x = pixels
+    for layer in model.layers:
+        if isinstance(layer, keras.layers.InputLayer):
+            continue
+        if isinstance(layer, keras.layers.BatchNormalization):
+            x = MaskedBatchNorm(layer, name=f"{layer.name}_masked")(x, indices)
+        else:
+            x = layer(x)
+    return keras.Model([pixels, indices], x, name=name)
 
 
 @keras.saving.register_keras_serializable(package="emnist_cnn")
@@ -106,7 +148,8 @@ def build_device_trainer(models: list[keras.Model], images: DeviceImages, augmen
                          loss_scaling: bool = False) -> keras.Model:
     """All `models` in one compiled step: input `index_i` (int32 indices into `images`) feeds member i.
 
-    The trainer shares its variables with `models` (weights, BatchNormalization
+    Index -1 pads a batch: the row enters no BatchNormalization statistics, and
+    with sample weight 0 (see `train_epoch`) no loss or metric either. The trainer shares its variables with `models` (weights, BatchNormalization
     statistics, dropout seeds). Its loss is the sum of the members' losses, so the
     gradient reaching each member's weights is exactly that member's own, and Adam
     updates every variable independently: a step of k members equals one step of
@@ -122,20 +165,23 @@ def build_device_trainer(models: list[keras.Model], images: DeviceImages, augmen
     for i, (m, name) in enumerate(zip(models, names)):
         idx = keras.Input((), dtype="int32", name=f"index_{i}")
         x = AugmentImages(augment, batch_size, gather, name=f"augment_{i}")(images(idx))
-        # A renamed functional wrapper per member: graph names must be unique, layers stay shared.
-        outputs.append(keras.Model(m.inputs[0], m.outputs[0], name=name)(x))
+        # A functional wrapper per member, named member_i: graph names must be unique, layers stay shared.
+        outputs.append(build_masked_member(m, name)([x, idx]))
         inputs.append(idx)
     trainer = keras.Model(inputs, outputs, name="member_trainer")
+    # The mean over the weighted (real) rows: a full batch's mean is the same as without weights.
+    mean = "mean_with_sample_weight"
     if label_smoothing:  # Keras' sparse loss cannot smooth: one-hot targets
-        loss = keras.losses.CategoricalCrossentropy(label_smoothing=label_smoothing)
+        loss = keras.losses.CategoricalCrossentropy(label_smoothing=label_smoothing, reduction=mean)
         metric = lambda: keras.metrics.CategoricalCrossentropy(label_smoothing=label_smoothing, name="ce")  # noqa: E731
     else:
-        loss = keras.losses.SparseCategoricalCrossentropy()
+        loss = keras.losses.SparseCategoricalCrossentropy(reduction=mean)
         metric = lambda: keras.metrics.SparseCategoricalCrossentropy(name="ce")  # noqa: E731
-    # The loss metric, not Keras' loss tracker: the tracker weights a batch by its static size, which a
-    # retraced step no longer knows, so the smaller last batch would count as a full one.
+    # The loss metric, not Keras' loss tracker: the tracker weights a batch by its row count, padding included.
     trainer.compile(optimizer=build_optimizer(learning_rate, loss_scaling),
-                    loss={n: loss for n in names}, metrics={n: ["accuracy", metric()] for n in names},
+                    loss={n: loss for n in names},
+                    # Weighted: padding rows (weight 0) count nowhere.
+                    weighted_metrics={n: ["accuracy", metric()] for n in names},
                     jit_compile=jit_compile)
     trainer.optimizer.build(trainer.trainable_variables)
     return trainer
@@ -144,32 +190,41 @@ def build_device_trainer(models: list[keras.Model], images: DeviceImages, augmen
 def train_epoch(trainer: keras.Model, orders: list[np.ndarray], targets: list[np.ndarray], batch_size: int,
                 show_bar: bool = False) -> dict[str, float]:
     """One epoch of `trainer`'s steps: member i sees its images in `orders[i]` with `targets[i]`, in batches
-    of `batch_size` (the last may be smaller). Returns the epoch's logs, read from the device once.
+    of `batch_size`, the last padded to full size (index -1, sample weight 0). Returns the epoch's logs,
+    read from the device once.
 
     TensorFlow: the step is called directly, with each member's order and targets
     uploaded once per epoch and sliced on the device (Keras' `fit` reads a value
     back after every step). JAX and torch: Keras' `fit`.
     """
-    steps = -(-len(orders[0]) // batch_size)
+    n = len(orders[0])
+    steps = -(-n // batch_size)
+    pad = steps * batch_size - n
+    xs = [np.concatenate([o.astype(np.int32), np.full(pad, -1, np.int32)]) for o in orders]
+    ys = [np.concatenate([t, np.zeros((pad,) + t.shape[1:], t.dtype)]) for t in targets]
+    weights = np.concatenate([np.ones(n, np.float32), np.zeros(pad, np.float32)])
     callbacks = EpochCallbacks(trainer, steps, show_bar)
     if keras.backend.backend() != "tensorflow":
-        trainer.fit(orders, targets, batch_size=batch_size, epochs=1, shuffle=False, verbose=0, callbacks=callbacks)
+        trainer.fit(xs, ys, sample_weight=[weights] * len(xs), batch_size=batch_size, epochs=1, shuffle=False,
+                    verbose=0, callbacks=callbacks)
         return callbacks.epoch_logs
     trainer.make_train_function()
-    xs = [keras.ops.convert_to_tensor(o) for o in orders]
-    ys = [keras.ops.convert_to_tensor(t) for t in targets]
+    xs = [keras.ops.convert_to_tensor(x) for x in xs]
+    ys = [keras.ops.convert_to_tensor(y) for y in ys]
+    weights = keras.ops.convert_to_tensor(weights)
     trainer.reset_metrics()
     for s in range(steps):
         batch = slice(s * batch_size, (s + 1) * batch_size)
-        train_step(trainer, [x[batch] for x in xs], [y[batch] for y in ys])
+        train_step(trainer, [x[batch] for x in xs], [y[batch] for y in ys], [weights[batch]] * len(xs))
         callbacks.on_train_batch_end(s)
     callbacks.on_epoch_end(0, trainer.get_metrics_result())
     return callbacks.epoch_logs
 
 
-def train_step(trainer: keras.Model, xs: list, ys: list) -> None:
-    """One compiled step of a TensorFlow trainer on device tensors; nothing is read back."""
-    trainer.train_function(iter([(tuple(xs), tuple(ys))]))
+def train_step(trainer: keras.Model, xs: list, ys: list, weights: list) -> None:
+    """One compiled step of a TensorFlow trainer on device tensors (indices, targets, sample weights per
+    member); nothing is read back."""
+    trainer.train_function(iter([(tuple(xs), tuple(ys), tuple(weights))]))
 
 
 def read_member_logs(logs: dict[str, float], n_members: int) -> list[tuple[float, float]]:

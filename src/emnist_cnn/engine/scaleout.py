@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 from ..config import ScaleOutConfig, TrackingConfig, TrainConfig
-from ..core.device import describe_runtime
+from ..core.device import DEVICES, JIT_COMPILE, configure_device, describe_runtime
 from ..core.threads import build_thread_env, configure_threads
 from ..errors import ConfigError, EmnistCnnError, RunDirError, format_one_line
 from ..io.files import LockBusyError
@@ -35,8 +35,8 @@ from .tracking import Tracker
 from .train import (evaluate_checkpoint, find_last_errors, load_training_data, open_run, open_tracker,
                     record_checkpoint, tracker_closed_on_exit)
 
-__all__ = ["TransientStorageError", "check_run_dir_shared", "import_ray", "train_segment", "evaluate_segment",
-           "train_ensembles_on_ray", "train_and_evaluate_on_ray"]
+__all__ = ["TransientStorageError", "check_run_dir_shared", "check_ray_device", "import_ray", "train_segment",
+           "evaluate_segment", "train_ensembles_on_ray", "train_and_evaluate_on_ray"]
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +60,18 @@ def check_run_dir_shared(run_dir) -> Path:
         raise ConfigError(f"--run-dir {run_dir} must be an absolute path with --ray, on a filesystem every node "
                           f"mounts at the same path (e.g. --run-dir {Path(run_dir).absolute()})")
     return path
+
+
+def check_ray_device(device: str, jit_compile: str, scaleout: ScaleOutConfig) -> None:
+    """`--device` and `--jit-compile` values, and `--device gpu` only with GPUs reserved per task: Ray hides
+    every GPU from a task that reserves none (CUDA_VISIBLE_DEVICES is empty there)."""
+    if device not in DEVICES:
+        raise ConfigError(f"--device must be one of {', '.join(DEVICES)}, got {device!r}")
+    if jit_compile not in JIT_COMPILE:
+        raise ConfigError(f"--jit-compile must be one of {', '.join(JIT_COMPILE)}, got {jit_compile!r}")
+    if device == "gpu" and not scaleout.gpus_per_member:
+        raise ConfigError("--device gpu with --ray needs --gpus-per-member above 0: Ray hides the GPUs from "
+                          "tasks that reserve none")
 
 
 def import_ray():
@@ -89,8 +101,10 @@ def _node_label() -> str:
 
 
 def train_segment(run_dir: str, config: TrainConfig, data: PreparedData, dropout: float, indices: tuple[int, ...],
-                  fixed_lr: float | None, target: int, fused: bool, threads: int, lock_timeout: float) -> dict:
-    """A Ray task: train these members of one dropout rate from their states to epoch `target`.
+                  fixed_lr: float | None, target: int, fused: bool, threads: int, lock_timeout: float,
+                  device: str = "auto", jit_compile: str = "auto") -> dict:
+    """A Ray task: train these members of one dropout rate from their states to epoch `target`, on this
+    worker's device as `--device` and `--jit-compile` decide here.
 
     Holds the members' lock while it trains, so that a stale attempt (on a node cut off from the
     cluster) and its retry never write at once. Returns what the driver prints.
@@ -100,6 +114,8 @@ def train_segment(run_dir: str, config: TrainConfig, data: PreparedData, dropout
     run = RunDir(run_dir)
     node = _node_label()
     try:
+        configure_device(device)  # `gpu` on a worker without one: a final failure, in one line
+        runtime = describe_runtime(jit_compile, fused, config.model.precision)
         with run.member_lock(dropout, indices, lock_timeout):
             start = {i: read_state_epoch(run.state_path(dropout, i)) for i in indices}
             attempts = []
@@ -107,12 +123,11 @@ def train_segment(run_dir: str, config: TrainConfig, data: PreparedData, dropout
                 previous = [s for s in run.read_segments(dropout, i) if s.get("target") == target]
                 attempts.append(len(previous) + 1)
                 run.append_segment(dropout, i, {"target": target, "from": start[i], "node": node,
-                                                "pid": os.getpid(), "started": format_utc_now()})
+                                                "pid": os.getpid(), "device": runtime["device"],
+                                                "xla": runtime["xla"], "started": format_utc_now()})
             members = [open_member(run, config, data, dropout, i, fixed_lr) for i in indices]
-            # XLA as `--jit-compile auto` decides on this worker's device.
-            xla = describe_runtime("auto", fused, config.model.precision)["xla"]
             ctx = TrainContext(run, config, data, sample_calibration_images(config, data), verbose=0, fused=fused,
-                               fixed_lr=fixed_lr, jit_compile=xla)
+                               fixed_lr=fixed_lr, jit_compile=runtime["xla"])
             train_members_to(members, target, ctx)
     except Exception as exc:  # noqa: BLE001  (sorted into retried and final failures)
         _raise_transient_or_original(exc)
@@ -126,10 +141,11 @@ def train_segment(run_dir: str, config: TrainConfig, data: PreparedData, dropout
 
 
 def evaluate_segment(run_dir: str, config: TrainConfig, data: PreparedData, dropout: float, epoch: int,
-                     threads: int) -> list[ErrorRecord]:
+                     threads: int, device: str = "auto") -> list[ErrorRecord]:
     """A Ray task: every member's and the ensemble's errors at one checkpoint, from the checkpoint files."""
     configure_threads(threads)
     try:
+        configure_device(device)
         return evaluate_checkpoint(RunDir(run_dir), config, data, dropout, epoch)
     except Exception as exc:  # noqa: BLE001
         _raise_transient_or_original(exc)
@@ -153,8 +169,9 @@ class _Driver:
     """Keeps one task per member (or fused group) in flight and one evaluation per dropout rate."""
 
     def __init__(self, ray, run: RunDir, config: TrainConfig, data: PreparedData, scaleout: ScaleOutConfig,
-                 fixed_lr: float | None, fused: bool, tracker: Tracker):
+                 fixed_lr: float | None, fused: bool, tracker: Tracker, device: str, jit_compile: str):
         self.ray, self.run, self.config, self.scaleout, self.fixed_lr = ray, run, config, scaleout, fixed_lr
+        self.device, self.jit_compile = device, jit_compile
         self.tracker = tracker
         self.ckpts = config.checkpoint_epochs()
         groups = [tuple(range(config.models))] if fused else [(i,) for i in range(config.models)]
@@ -188,7 +205,7 @@ class _Driver:
             if unit not in busy and (target := self.next_target(unit)) is not None:
                 ref = self.train_task.remote(str(self.run.path), self.config, self.data_ref, unit[0], unit[1],
                                              self.fixed_lr, target, self.fused, self.scaleout.task_threads,
-                                             self.scaleout.lock_timeout)
+                                             self.scaleout.lock_timeout, self.device, self.jit_compile)
                 self.in_flight[ref] = ("train", unit, target)
         evaluating = {job[1] for job in self.in_flight.values() if job[0] == "eval"}
         for d in self.config.dropouts:
@@ -197,7 +214,7 @@ class _Driver:
             for c in self.ckpts:
                 if c not in self.evaluated[d] and self.run.has_all_weights(d, c, self.config.models):
                     ref = self.eval_task.remote(str(self.run.path), self.config, self.data_ref, d, c,
-                                                self.scaleout.task_threads)
+                                                self.scaleout.task_threads, self.device)
                     self.in_flight[ref] = ("eval", d, c)
                     break
 
@@ -251,11 +268,15 @@ class _Driver:
 
 def train_ensembles_on_ray(config: TrainConfig, run_dir, data: PreparedData, scaleout: ScaleOutConfig, *,
                            fixed_lr: float | None = None, fused: bool = False,
-                           tracking: TrackingConfig | None = None) -> dict[float, list[ErrorRecord]]:
+                           tracking: TrackingConfig | None = None, device: str = "auto",
+                           jit_compile: str = "auto") -> dict[float, list[ErrorRecord]]:
     """Train (or resume) every ensemble of the run as Ray tasks; the same files as `train_ensembles`.
 
+    `device` and `jit_compile` are applied by each task on its worker (see
+    `core.device`); each member's segments record the device and XLA it got.
     Returns each dropout rate's errors at the last checkpoint.
     """
+    check_ray_device(device, jit_compile, scaleout)
     ray = import_ray()
     fused = resolve_fused(fused, config)
     run = RunDir(check_run_dir_shared(run_dir))
@@ -267,7 +288,8 @@ def train_ensembles_on_ray(config: TrainConfig, run_dir, data: PreparedData, sca
         run.append_invocation({"time": format_utc_now(), "argv": sys.argv, "epochs": config.epochs,
                                "fixed_lr": fixed_lr, "fused": fused, "ray": scaleout.ray_address,
                                "threads": scaleout.task_threads, "gpus_per_member": scaleout.gpus_per_member,
-                               "runtime": "decided per task on its worker (--jit-compile auto)",
+                               "runtime": {"device": device, "jit_compile": jit_compile,
+                                           "decided": "per task on its worker (the members' segments.jsonl)"},
                                "versions": collect_versions()})
         tracker = open_tracker(run, config, tracking, data)
         with tracker_closed_on_exit(tracker):
@@ -276,7 +298,7 @@ def train_ensembles_on_ray(config: TrainConfig, run_dir, data: PreparedData, sca
                 resources = ray.cluster_resources()
                 log.info("ray: %d node(s), %g CPUs, %g GPUs; %d thread(s) per task", len(ray.nodes()),
                          resources.get("CPU", 0), resources.get("GPU", 0), scaleout.task_threads)
-                _Driver(ray, run, config, data, scaleout, fixed_lr, fused, tracker).drive()
+                _Driver(ray, run, config, data, scaleout, fixed_lr, fused, tracker, device, jit_compile).drive()
             finally:
                 ray.shutdown()
         return {d: find_last_errors(run, config, d) for d in config.dropouts}
@@ -284,12 +306,13 @@ def train_ensembles_on_ray(config: TrainConfig, run_dir, data: PreparedData, sca
 
 def train_and_evaluate_on_ray(config: TrainConfig, run_dir, scaleout: ScaleOutConfig, *, data_dir=None,
                               mirror=None, fixed_lr=None, dataset=None, download: bool = True,
-                              fused: bool = False,
-                              tracking: TrackingConfig | None = None) -> dict[float, list[ErrorRecord]]:
+                              fused: bool = False, tracking: TrackingConfig | None = None, device: str = "auto",
+                              jit_compile: str = "auto") -> dict[float, list[ErrorRecord]]:
     """`train_and_evaluate` with the members trained as Ray tasks (see the module's docstring)."""
+    check_ray_device(device, jit_compile, scaleout)
     check_run_dir_shared(run_dir)
     import_ray()  # before loading data: a missing extra is a one-line error, not a late failure
     data = load_training_data(config, run_dir, data_dir=data_dir, mirror=mirror, dataset=dataset,
                               download=download, fixed_lr=fixed_lr)
     return train_ensembles_on_ray(config, run_dir, data, scaleout, fixed_lr=fixed_lr, fused=fused,
-                                  tracking=tracking)
+                                  tracking=tracking, device=device, jit_compile=jit_compile)

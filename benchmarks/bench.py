@@ -715,13 +715,14 @@ def bench_step(res: Results, s: Sizes, ctx: dict) -> None:
     order = rng.choice(len(y), k * b, replace=False).astype(np.int32)
     xs = (keras.ops.convert_to_tensor(order[:b]),)
     ys = (keras.ops.convert_to_tensor(y[order[:b]]),)
+    ws = (keras.ops.convert_to_tensor(np.ones(b, np.float32)),)  # sample weights, as train_epoch passes them
 
     def loop():
         train_epoch(trainer, [order], [y[order]], b)
 
     def bare():  # the compiled step alone, on tensors already on the device, nothing read back
         for _ in range(k):
-            trainer.train_function(iter([(xs, ys)]))
+            trainer.train_function(iter([(xs, ys, ws)]))
 
     loop(), bare()
     log.info("step overhead: %d steps of batch %d, %d repetitions, alternating loop / bare step", k, b, s.reps)

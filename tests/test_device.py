@@ -7,9 +7,11 @@ so the decisions and what is recorded are real, and the step then runs on the CP
 from __future__ import annotations
 
 import importlib.util
+import gc
 import json
 import logging
 import sys
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +23,7 @@ import emnist_cnn  # noqa: F401  (selects the backend before keras is imported)
 import keras
 from emnist_cnn.config import AugmentConfig, TrainConfig
 from emnist_cnn.core import device, model as model_module
-from emnist_cnn.core.device import describe_runtime, format_runtime
+from emnist_cnn.core.device import STEPS_PER_CALL_GPU, describe_runtime, format_runtime
 from emnist_cnn.core.model import (build_model, compile_model, copy_optimizer_state, predict_members,
                                    predict_probabilities)
 from emnist_cnn.core.trainer import DeviceImages, build_device_trainer, read_member_logs, train_epoch
@@ -30,6 +32,8 @@ from emnist_cnn.io.datasets import load_dataset
 from emnist_cnn.io.rundir import RunDir
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench.py"
+# TensorFlow's direct step loop runs several steps per call on a GPU.
+PER_CALL = f"; {STEPS_PER_CALL_GPU} steps per call" if keras.backend.backend() == "tensorflow" else ""
 T4 = {"name": "Tesla T4", "id": "/physical_device:GPU:0", "compute_capability": [7, 5]}
 
 
@@ -64,7 +68,8 @@ def test_xla_decision_with_a_gpu(fake_gpu, caplog):
         runtime = describe_runtime("on", True, "mixed_bfloat16")
     assert "mixed_bfloat16" in caplog.text and "Tesla T4" in caplog.text  # bfloat16 is slow before Ampere
     line = format_runtime(runtime)
-    assert line.startswith("training on /physical_device:GPU:0 Tesla T4 (7.5); fused; XLA on; mixed_bfloat16")
+    assert line.startswith(f"training on /physical_device:GPU:0 Tesla T4 (7.5); fused; XLA on{PER_CALL}; "
+                           "mixed_bfloat16")
 
 
 def test_a_run_says_and_records_where_it_trained(fake_gpu, tmp_path, tiny_mnist_dir, caplog):
@@ -75,12 +80,14 @@ def test_a_run_says_and_records_where_it_trained(fake_gpu, tmp_path, tiny_mnist_
     with caplog.at_level(logging.INFO, logger="emnist_cnn"):
         train_and_evaluate(cfg, tmp_path / "run", dataset=load_dataset("mnist", tiny_mnist_dir), verbose=0)
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("training on ")]
-    assert lines == ["training on /physical_device:GPU:0 Tesla T4 (7.5); fused; XLA on; float32; "
+    assert lines == [f"training on /physical_device:GPU:0 Tesla T4 (7.5); fused; XLA on{PER_CALL}; float32; "
                      f"{keras.backend.backend()} backend"]
     run = RunDir(tmp_path / "run")
     recorded = json.loads(run.config_path.read_text())["runtime"]
     assert recorded == run.read_invocations()[-1]["runtime"]
     assert recorded["gpus"] == [T4] and recorded["xla"] is True and recorded["fused"] is True
+    # 3 steps an epoch (160 images): one call of the steps loop, compiled by XLA.
+    assert recorded["steps_per_call"] == (STEPS_PER_CALL_GPU if keras.backend.backend() == "tensorflow" else 1)
     rows = run.read_history_rows(0.2, 0)
     assert len(rows) == 1 and float(rows[0]["loss"]) > 0
 
@@ -96,26 +103,27 @@ def _count_device_reads(fn) -> int:
 
 @pytest.mark.skipif(keras.backend.backend() != "tensorflow", reason="the direct step loop is TensorFlow's")
 def test_an_epoch_reads_from_the_device_once_not_every_step():
-    """4 steps or 16 steps: the same few reads, all at the epoch's end (one per logged metric)."""
+    """4 steps, 16 steps, 16 steps in calls of 5: the same few reads, all at the epoch's end (one per logged
+    metric)."""
     rng = np.random.default_rng(0)
     images = DeviceImages(rng.integers(0, 256, (512, 28, 28), dtype=np.uint8))
     labels = rng.integers(0, 10, 512)
     reads = {}
-    for batch in (128, 32):
+    for batch, per_call in ((128, 1), (32, 1), (32, 5)):
         keras.utils.set_random_seed(0)
         members = [compile_model(build_model(), 1e-3) for _ in range(2)]
         trainer = build_device_trainer(members, images, AugmentConfig(), batch, 1e-3)
         orders = [rng.permutation(512).astype(np.int32) for _ in members]
-        train_epoch(trainer, orders, [labels[o] for o in orders], batch)  # traces outside the count
+        train_epoch(trainer, orders, [labels[o] for o in orders], batch, steps_per_call=per_call)  # traces
         logs = {}
         targets = [labels[o] for o in orders]
 
-        def epoch(trainer=trainer, orders=orders, targets=targets, batch=batch, logs=logs):
-            logs.update(train_epoch(trainer, orders, targets, batch))
+        def epoch(trainer=trainer, orders=orders, targets=targets, batch=batch, logs=logs, per_call=per_call):
+            logs.update(train_epoch(trainer, orders, targets, batch, steps_per_call=per_call))
 
-        reads[batch] = _count_device_reads(epoch)
-        assert reads[batch] == len(logs)  # each metric once, when the epoch ends
-    assert reads[128] == reads[32] <= 8
+        reads[batch, per_call] = _count_device_reads(epoch)
+        assert reads[batch, per_call] == len(logs)  # each metric once, when the epoch ends
+    assert reads[128, 1] == reads[32, 1] == reads[32, 5] <= 8
 
 
 @pytest.mark.skipif(keras.backend.backend() != "tensorflow", reason="TensorFlow's op determinism")
@@ -175,6 +183,7 @@ def _count_traces(n: int, batch: int, epochs: int = 2) -> int:
     return len(traced)
 
 
+@pytest.mark.skipif(keras.backend.backend() != "tensorflow", reason="counts TensorFlow's traces of the step")
 def test_a_short_last_batch_costs_no_trace_of_its_own():
     """40 images in batches of 32 trace the step as often as 64 (two full batches) do, and a second epoch not
     at all: the last batch has the full shape (under XLA, one compilation, not two)."""
@@ -186,7 +195,8 @@ def test_inference_pads_its_last_batch_and_returns_only_real_rows():
     """50 images in batches of 32: one traced shape, and the same probabilities as one call on all 50."""
     rng = np.random.default_rng(1)
     x = rng.integers(0, 256, (50, 28, 28), dtype=np.uint8)
-    model = _members_like(1)[0]
+    model, same = _members_like(2)  # `same` predicts all 50 at once: `model` sees only the padded batches
+    whole = np.asarray(same.predict_on_batch(x.astype(np.float32)[..., None] / 255))
     shapes, keras_step = set(), model.predict_step
 
     def recording(data):
@@ -196,6 +206,40 @@ def test_inference_pads_its_last_batch_and_returns_only_real_rows():
     model.predict_step = recording
     probs = predict_probabilities(model, x, batch_size=32)
     assert probs.shape == (50, 10) and shapes == {(32, 28, 28, 1)}
-    whole = np.asarray(keras.Model(model.inputs, model.outputs)(x.astype(np.float32)[..., None] / 255))
     np.testing.assert_allclose(probs, whole, atol=1e-6)
     np.testing.assert_allclose(predict_members([model], x, batch_size=32)[0], whole, atol=1e-6)
+
+
+@pytest.mark.skipif(keras.backend.backend() != "tensorflow", reason="the direct step loop is TensorFlow's")
+def test_several_steps_per_call_are_the_same_steps_to_the_bit():
+    """Two fused members, 2 epochs of 4 steps (the last padded): 3 steps per call (calls of 3 and 1) and 8
+    (one call) give one step per call's logs, weights and optimizer step count, bit for bit."""
+    rng = np.random.default_rng(0)
+    images, labels = DeviceImages(rng.integers(0, 256, (100, 28, 28), dtype=np.uint8)), rng.integers(0, 10, 100)
+
+    def train(per_call):
+        members = []
+        for i in range(2):
+            keras.utils.set_random_seed(7 + i)
+            members.append(compile_model(build_model(10, 0.3, seed=7 + i), 1e-3))
+        trainer = build_device_trainer(members, images, AugmentConfig(), 32, 1e-3)
+        logs = []
+        for epoch in range(2):
+            for k in range(2):
+                trainer.get_layer(f"augment_{k}").set_key(100 + epoch + k)
+            orders = [np.random.default_rng([epoch, k]).permutation(100).astype(np.int32) for k in range(2)]
+            logs.append(read_member_logs(train_epoch(trainer, orders, [labels[o] for o in orders], 32,
+                                                     steps_per_call=per_call), 2))
+        freed.append(weakref.ref(trainer))
+        return logs, [w for m in members for w in m.get_weights()], int(trainer.optimizer.iterations.numpy())
+
+    freed = []
+    one = train(1)
+    assert one[2] == 8 and len({loss for epoch in one[0] for loss, _ in epoch}) == 4
+    for per_call in (3, 8):
+        logs, weights, steps = train(per_call)
+        assert logs == one[0] and steps == one[2]
+        for a, b in zip(weights, one[1]):
+            np.testing.assert_array_equal(a, b)
+    gc.collect()
+    assert [ref() for ref in freed] == [None] * 3  # the compiled loop does not keep its trainer (and images)

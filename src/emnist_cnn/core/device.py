@@ -11,12 +11,13 @@ import sys
 
 from ..errors import ConfigError
 
-__all__ = ["DEVICES", "JIT_COMPILE", "configure_device", "describe_runtime", "format_runtime"]
+__all__ = ["DEVICES", "JIT_COMPILE", "STEPS_PER_CALL_GPU", "configure_device", "describe_runtime", "format_runtime"]
 
 log = logging.getLogger(__name__)
 
 DEVICES = ("auto", "gpu", "cpu")
 JIT_COMPILE = ("auto", "on", "off")
+STEPS_PER_CALL_GPU = 16  # training steps per compiled call on a GPU (a choice: no GPU here to measure it on)
 
 
 def configure_device(device: str) -> None:
@@ -100,8 +101,11 @@ def describe_runtime(jit_compile: str, fused: bool, precision: str) -> dict:
         if old:
             log.warning("--precision mixed_bfloat16 on %s (compute capability below 8.0, no native bfloat16): "
                         "slower than float32 there", ", ".join(old))
+    # Several steps per call on a GPU, where a step can take less time than Python needs to launch it; on
+    # the CPU the step loop measured within 1.1x of a bare compiled step. Only TensorFlow has the direct loop.
+    steps_per_call = STEPS_PER_CALL_GPU if accelerator and backend == "tensorflow" else 1
     return {"backend": backend, "device": "GPU" if accelerator else "CPU", "gpus": devices, "fused": fused,
-            "xla": xla, "precision": precision}
+            "xla": xla, "precision": precision, "steps_per_call": steps_per_call}
 
 
 def _op_determinism_enabled() -> bool:
@@ -146,5 +150,7 @@ def format_runtime(runtime: dict) -> str:
     else:
         where = "CPU (no GPU is used)"
     compiler = "torch.compile" if runtime["backend"] == "torch" else "XLA"
+    per_call = f"; {runtime['steps_per_call']} steps per call" if runtime.get("steps_per_call", 1) > 1 else ""
     return (f"training on {where}; {'fused' if runtime['fused'] else 'one member at a time'}; "
-            f"{compiler} {'on' if runtime['xla'] else 'off'}; {runtime['precision']}; {runtime['backend']} backend")
+            f"{compiler} {'on' if runtime['xla'] else 'off'}{per_call}; {runtime['precision']}; "
+            f"{runtime['backend']} backend")

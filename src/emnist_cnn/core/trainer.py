@@ -13,6 +13,8 @@ trainer; copy optimizer moments in and out with `copy_optimizer_state`.
 
 from __future__ import annotations
 
+import weakref
+
 import keras
 import numpy as np
 
@@ -20,8 +22,8 @@ from ..config import AugmentConfig
 from .augment import scale_affine_params, warp_images
 from .model import build_optimizer
 
-__all__ = ["DeviceImages", "AugmentImages", "MaskedBatchNorm", "build_masked_member", "StepRates", "EpochCallbacks", "build_device_trainer",
-           "train_epoch", "train_step", "read_member_logs", "augment_key"]
+__all__ = ["DeviceImages", "AugmentImages", "MaskedBatchNorm", "build_masked_member", "StepRates", "EpochCallbacks",
+           "build_device_trainer", "train_epoch", "train_step", "train_steps", "read_member_logs", "augment_key"]
 
 
 class DeviceImages(keras.layers.Layer):
@@ -60,7 +62,7 @@ class AugmentImages(keras.layers.Layer):
     def call(self, x, training=None):
         if not training or not self.cfg.enabled:
             return x
-        # Drawn for a full batch and cut to this one: the last, smaller batch needs no other shape.
+        # Drawn for a full batch and cut to this one (train_epoch pads every batch to full size anyway).
         u = keras.random.uniform((6, self.batch_size), seed=self.seed_generator)[:, : keras.ops.shape(x)[0]]
         return warp_images(x, scale_affine_params(u, self.cfg), self.cfg, self.xla)
 
@@ -68,8 +70,8 @@ class AugmentImages(keras.layers.Layer):
 class MaskedBatchNorm(keras.layers.Layer):
     """Calls a member's BatchNormalization (training: statistics over the batch's real rows, index >= 0).
 
-    Keras' BatchNormalization takes the mask and attaches it to its output, and
-    the next layers would pass it on to the loss; the output here carries none.
+    Keras' BatchNormalization attaches the mask to its output, and each next layer
+    that takes no mask (Conv2D, Dense) would warn; the output here carries none.
     """
 
     def __init__(self, layer: keras.layers.BatchNormalization, **kwargs):
@@ -149,14 +151,16 @@ def build_device_trainer(models: list[keras.Model], images: DeviceImages, augmen
     """All `models` in one compiled step: input `index_i` (int32 indices into `images`) feeds member i.
 
     Index -1 pads a batch: the row enters no BatchNormalization statistics, and
-    with sample weight 0 (see `train_epoch`) no loss or metric either. The trainer shares its variables with `models` (weights, BatchNormalization
+    with sample weight 0 (see `train_epoch`) no loss or metric either. The
+    trainer shares its variables with `models` (weights, BatchNormalization
     statistics, dropout seeds). Its loss is the sum of the members' losses, so the
     gradient reaching each member's weights is exactly that member's own, and Adam
     updates every variable independently: a step of k members equals one step of
-    each. `learning_rate`: a float, or a `StepRates` schedule; `loss_scaling` for
-    float16 compute (see `build_optimizer`). Per member the
-    logs hold `ce` (the loss, label smoothing included) and `accuracy`, means
-    over the epoch's images (see `read_member_logs`).
+    each (to the bit without XLA; XLA compiles the members' masked statistics
+    together, within rounding). `learning_rate`: a float, or a `StepRates`
+    schedule; `loss_scaling` for float16 compute (see `build_optimizer`). Per
+    member the logs hold `ce` (the loss, label smoothing included) and
+    `accuracy`, means over the epoch's images (see `read_member_logs`).
     """
     names = [f"member_{i}" for i in range(len(models))]
     # Only TensorFlow's image-transform kernel has no XLA version; JAX's and torch's warps compile.
@@ -188,14 +192,16 @@ def build_device_trainer(models: list[keras.Model], images: DeviceImages, augmen
 
 
 def train_epoch(trainer: keras.Model, orders: list[np.ndarray], targets: list[np.ndarray], batch_size: int,
-                show_bar: bool = False) -> dict[str, float]:
+                show_bar: bool = False, steps_per_call: int = 1) -> dict[str, float]:
     """One epoch of `trainer`'s steps: member i sees its images in `orders[i]` with `targets[i]`, in batches
     of `batch_size`, the last padded to full size (index -1, sample weight 0). Returns the epoch's logs,
     read from the device once.
 
     TensorFlow: the step is called directly, with each member's order and targets
     uploaded once per epoch and sliced on the device (Keras' `fit` reads a value
-    back after every step). JAX and torch: Keras' `fit`.
+    back after every step); `steps_per_call` > 1 runs that many steps per call, in
+    a loop in the graph (the same steps: to the bit without XLA, within rounding
+    under it). JAX and torch: Keras' `fit`.
     """
     n = len(orders[0])
     steps = -(-n // batch_size)
@@ -209,14 +215,24 @@ def train_epoch(trainer: keras.Model, orders: list[np.ndarray], targets: list[np
                     verbose=0, callbacks=callbacks)
         return callbacks.epoch_logs
     trainer.make_train_function()
-    xs = [keras.ops.convert_to_tensor(x) for x in xs]
-    ys = [keras.ops.convert_to_tensor(y) for y in ys]
-    weights = keras.ops.convert_to_tensor(weights)
     trainer.reset_metrics()
-    for s in range(steps):
-        batch = slice(s * batch_size, (s + 1) * batch_size)
-        train_step(trainer, [x[batch] for x in xs], [y[batch] for y in ys], [weights[batch]] * len(xs))
-        callbacks.on_train_batch_end(s)
+    if steps_per_call > 1:
+        # (steps, batch, ...): a step's slice keeps its static shape inside the graph's loop.
+        data = (tuple(keras.ops.convert_to_tensor(x.reshape((steps, batch_size))) for x in xs),
+                tuple(keras.ops.convert_to_tensor(y.reshape((steps, batch_size) + y.shape[1:])) for y in ys),
+                (keras.ops.convert_to_tensor(weights.reshape((steps, batch_size))),) * len(xs))
+        for first in range(0, steps, steps_per_call):
+            count = min(steps_per_call, steps - first)
+            train_steps(trainer, data, first, count)
+            callbacks.on_train_batch_end(first + count - 1)
+    else:
+        xs = [keras.ops.convert_to_tensor(x) for x in xs]
+        ys = [keras.ops.convert_to_tensor(y) for y in ys]
+        weights = keras.ops.convert_to_tensor(weights)
+        for s in range(steps):
+            batch = slice(s * batch_size, (s + 1) * batch_size)
+            train_step(trainer, [x[batch] for x in xs], [y[batch] for y in ys], [weights[batch]] * len(xs))
+            callbacks.on_train_batch_end(s)
     callbacks.on_epoch_end(0, trainer.get_metrics_result())
     return callbacks.epoch_logs
 
@@ -225,6 +241,36 @@ def train_step(trainer: keras.Model, xs: list, ys: list, weights: list) -> None:
     """One compiled step of a TensorFlow trainer on device tensors (indices, targets, sample weights per
     member); nothing is read back."""
     trainer.train_function(iter([(tuple(xs), tuple(ys), tuple(weights))]))
+
+
+def train_steps(trainer: keras.Model, data: tuple, first: int, count: int) -> None:
+    """Steps `first` .. `first + count - 1` of a TensorFlow trainer in one call; `data` holds (indices,
+    targets, sample weights) per member as (steps, batch, ...) device tensors. Nothing is read back."""
+    if trainer not in _MULTI_STEP:
+        _MULTI_STEP[trainer] = _build_multi_step(trainer)
+    _MULTI_STEP[trainer](data, np.int32(first), np.int32(count))
+
+
+_MULTI_STEP: "weakref.WeakKeyDictionary[keras.Model, object]" = weakref.WeakKeyDictionary()
+
+
+def _build_multi_step(trainer: keras.Model):
+    import tensorflow as tf
+
+    owner = weakref.ref(trainer)  # the cache holds this function: a strong reference would keep the trainer
+
+    def step(data, s):
+        owner().train_step(keras.tree.map_structure(lambda t: tf.gather(t, s), data))
+
+    @tf.function(jit_compile=bool(trainer.jit_compile), reduce_retracing=True)
+    def run(data, first, count):
+        # The first step outside the loop: a first trace creates the metrics' variables there, and
+        # TensorFlow allows no variable creation inside a loop.
+        step(data, first)
+        for s in tf.range(first + 1, first + count):
+            step(data, s)
+
+    return run
 
 
 def read_member_logs(logs: dict[str, float], n_members: int) -> list[tuple[float, float]]:

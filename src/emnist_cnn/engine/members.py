@@ -62,6 +62,7 @@ class TrainContext:
     predictors: dict = field(default_factory=dict)  # checkpoint evaluation's predictors, per group of models
     device_images: object = None  # the training images on the device (a DeviceImages), uploaded once
     jit_compile: bool = False  # XLA for the compiled steps
+    steps_per_call: int = 1  # training steps per compiled call (see core.trainer.train_epoch)
     on_epoch: Callable[["Member"], None] | None = None  # called once each finished epoch is recorded
     fixed_lr: float | None = None  # a rate for every step this call trains, instead of the recipe's
 
@@ -256,7 +257,8 @@ def _run_epoch(group: list[Member], trainer, ctx: TrainContext) -> list[tuple[fl
     ys = [data.y_train[o] if onehot is None else onehot[data.y_train[o]] for o in orders]
     # Bars only on a terminal: in a log file their frames add about 16 KB per member-epoch, and the
     # epoch's own log line says the same.
-    logs = train_epoch(trainer, orders, ys, bs, show_bar=bool(ctx.verbose) and sys.stdout.isatty())
+    logs = train_epoch(trainer, orders, ys, bs, show_bar=bool(ctx.verbose) and sys.stdout.isatty(),
+                       steps_per_call=ctx.steps_per_call)
     for m in group:
         copy_optimizer_state(opt, m.model.optimizer, m.model.trainable_variables)
         m.model.optimizer.learning_rate.assign(last_lr)

@@ -124,10 +124,12 @@ def train_segment(run_dir: str, config: TrainConfig, data: PreparedData, dropout
                 attempts.append(len(previous) + 1)
                 run.append_segment(dropout, i, {"target": target, "from": start[i], "node": node,
                                                 "pid": os.getpid(), "device": runtime["device"],
-                                                "xla": runtime["xla"], "started": format_utc_now()})
+                                                "xla": runtime["xla"], "steps_per_call": runtime["steps_per_call"],
+                                                "started": format_utc_now()})
             members = [open_member(run, config, data, dropout, i, fixed_lr) for i in indices]
             ctx = TrainContext(run, config, data, sample_calibration_images(config, data), verbose=0, fused=fused,
-                               fixed_lr=fixed_lr, jit_compile=runtime["xla"])
+                               fixed_lr=fixed_lr, jit_compile=runtime["xla"],
+                               steps_per_call=runtime["steps_per_call"])
             train_members_to(members, target, ctx)
     except Exception as exc:  # noqa: BLE001  (sorted into retried and final failures)
         _raise_transient_or_original(exc)
@@ -289,7 +291,7 @@ def train_ensembles_on_ray(config: TrainConfig, run_dir, data: PreparedData, sca
                                "fixed_lr": fixed_lr, "fused": fused, "ray": scaleout.ray_address,
                                "threads": scaleout.task_threads, "gpus_per_member": scaleout.gpus_per_member,
                                "runtime": {"device": device, "jit_compile": jit_compile,
-                                           "decided": "per task on its worker (the members' segments.jsonl)"},
+                                           "decided": "per task on its worker (history/segments_model_<i>.jsonl)"},
                                "versions": collect_versions()})
         tracker = open_tracker(run, config, tracking, data)
         with tracker_closed_on_exit(tracker):

@@ -188,7 +188,7 @@ def train_ensembles(config: TrainConfig, run_dir, data: PreparedData, *, fixed_l
         tracker = open_tracker(run, config, tracking, data)
         ctx = TrainContext(run, config, data, sample_calibration_images(config, data), verbose, fused,
                            on_epoch=lambda m: tracker.sync(members=[(m.dropout, m.index)]), fixed_lr=fixed_lr,
-                           jit_compile=runtime["xla"])
+                           jit_compile=runtime["xla"], steps_per_call=runtime["steps_per_call"])
         with tracker_closed_on_exit(tracker):
             return {dropout: _train_ensemble(ctx, dropout, tracker) for dropout in config.dropouts}
 

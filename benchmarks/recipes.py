@@ -1,21 +1,24 @@
 """Recipes side by side: error against wall time and member-images, with seeds, intervals and paired tests.
 
-    .venv/bin/python benchmarks/recipes.py [--seeds 0 1 2] [--fast-epochs 1 2 4] [--reference-epochs 4]
+    .venv/bin/python benchmarks/recipes.py [--seeds 0 1 2] [--fast-epochs 1 2 4] [--reference-epochs 4 12]
                                            [--json PATH]
     .venv/bin/python benchmarks/recipes.py --ingredients [--seeds 0 1] [--candidates NAME ...]
                                                       # how `fast` was chosen (validation only)
 
-Trains the quick preset (2 members x 4 epochs, batch 128) on the real MNIST
-digits in ../shared (9,000 train / 1,000 validation / 10,000 test) once per
-recipe and seed, and the fast recipe also with shorter schedules. Prints, per
-recipe and length: wall time, member-images, members' and ensemble's
-validation and test error (mean and spread over seeds, and the pooled 95%
-Wilson interval), the wall time at which each reaches the reference recipe's
+Trains the quick preset (2 members, the recipe's batch size: 128 for the
+reference recipe, 64 for fast) on the real MNIST digits in ../shared (9,000
+train / 1,000 validation / 10,000 test) once per recipe and seed; the fast
+recipe once per schedule length, the reference recipe (a constant rate, so its
+first E epochs are a run of E epochs) once to its longest length, with a
+checkpoint at each. Prints, per recipe and length: wall time (for a whole run),
+a member's training seconds, member-images, members' and ensemble's validation
+and test error (mean and spread over seeds, and the pooled 95% Wilson
+interval), the training seconds at which each reaches the reference recipe's
 final validation error, and McNemar's exact test between the recipes'
 ensembles on the same test images (each seed's pair, and their discordant
-images pooled over seeds). `--ingredients` trains the candidate recipes
-(each ingredient of `fast` added or left out) and ranks them on the
-validation split; the test set is not read for that choice.
+images pooled over seeds). `--ingredients` trains the candidate recipes (each
+ingredient of `fast` added or left out) and ranks them on the validation split;
+the test set is not read for that choice.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import statistics
 import sys
@@ -38,6 +42,9 @@ MNIST = ROOT.parent / "shared" / "data" / "mnist"
 # Candidates for --ingredients: the fast recipe, and it with one ingredient removed or changed.
 CANDIDATES = {
     "reference": dict(),
+    "reference+b64": dict(batch_size=64),
+    "schedule+3x+b64": dict(lr_scale=3.0, warmup_frac=0.1, decay="linear", batch_size=64),
+    "schedule+5x+b64": dict(lr_scale=5.0, warmup_frac=0.1, decay="linear", batch_size=64),
     "schedule": dict(warmup_frac=0.1, decay="linear"),
     "schedule+3x": dict(lr_scale=3.0, warmup_frac=0.1, decay="linear"),
     "schedule+3x+smooth": dict(lr_scale=3.0, warmup_frac=0.1, decay="linear", label_smoothing=0.1),
@@ -47,14 +54,16 @@ CANDIDATES = {
 }
 
 
-def train_one(recipe: str, seed: int, epochs: int, root: Path) -> dict:
-    """One quick-preset run of `recipe`; its wall time, per-epoch member errors and checkpoint errors."""
+def train_one(recipe: str, seed: int, lengths: list[int], root: Path) -> dict[int, dict]:
+    """One quick-preset run of `recipe` to the longest of `lengths`, with a checkpoint at each; per length, its
+    figures (wall time only for the whole run)."""
     from emnist_cnn.config import TrainConfig
     from emnist_cnn.engine.train import train_and_evaluate
     from emnist_cnn.io.rundir import RunDir
 
+    epochs = max(lengths)
     config = TrainConfig.from_preset("quick", dataset="mnist", recipe=recipe, seed=seed, epochs=epochs,
-                                     checkpoint_every=epochs)
+                                     checkpoint_every=math.gcd(*lengths))
     run_dir = root / f"{recipe}-e{epochs}-s{seed}"
     t0 = time.perf_counter()
     train_and_evaluate(config, run_dir, data_dir=MNIST, verbose=0)
@@ -64,21 +73,23 @@ def train_one(recipe: str, seed: int, epochs: int, root: Path) -> dict:
     d = config.dropouts[0]
     hist = run.read_histories(d, config.models)
     n_train = int(run.read_record()["data"]["n_train"])
-    rows = [r for r in run.read_errors(d) if r.epoch == epochs]
-    by = {(r.model, r.split): r.rate for r in rows}
-    wrong = run.read_checkpoint_misclassified(d, epochs, "test")
-    return {
-        "recipe": recipe, "seed": seed, "epochs": epochs, "wall_s": wall,
-        "member_images": epochs * n_train * config.models,
-        # Per epoch: members' mean validation error (%) and the cumulative training seconds (mean over members).
-        "val_error_by_epoch": [float(100 * (1 - np.mean([h["val_accuracy"][e] for h in hist.values()])))
-                               for e in range(epochs)],
-        "seconds_by_epoch": np.cumsum(np.mean([h["seconds"] for h in hist.values()], axis=0)).tolist(),
-        "ensemble": {s: [by[("ensemble", s)].n_errors, by[("ensemble", s)].n] for s in ("val", "test")},
-        "members": {s: [[r.n_errors, r.n] for (m, sp), r in sorted(by.items()) if m != "ensemble" and sp == s]
-                    for s in ("val", "test")},
-        "test_wrong": sorted(int(k) for k, _, _ in wrong),
-    }
+    # Per epoch: members' mean validation error (%) and the cumulative training seconds (mean over members).
+    val = [float(100 * (1 - np.mean([h["val_accuracy"][e] for h in hist.values()]))) for e in range(epochs)]
+    seconds = np.cumsum(np.mean([h["seconds"] for h in hist.values()], axis=0)).tolist()
+    out = {}
+    for length in lengths:
+        by = {(r.model, r.split): r.rate for r in run.read_errors(d) if r.epoch == length}
+        out[length] = {
+            "recipe": recipe, "seed": seed, "epochs": length, "batch_size": config.batch_size,
+            "wall_s": wall if length == epochs else None,
+            "member_images": length * n_train * config.models,
+            "val_error_by_epoch": val[:length], "seconds_by_epoch": seconds[:length],
+            "ensemble": {s: [by[("ensemble", s)].n_errors, by[("ensemble", s)].n] for s in ("val", "test")},
+            "members": {s: [[r.n_errors, r.n] for (m, sp), r in sorted(by.items()) if m != "ensemble" and sp == s]
+                        for s in ("val", "test")},
+            "test_wrong": sorted(int(k) for k, _, _ in run.read_checkpoint_misclassified(d, length, "test")),
+        }
+    return out
 
 
 def summarise(runs: list[dict], split: str) -> dict:
@@ -125,7 +136,7 @@ def run_ingredients(args, root: Path) -> dict:
     for name, fields in CANDIDATES.items():
         RECIPES.setdefault(name, Recipe(**fields))
     names = args.candidates or list(CANDIDATES)
-    results = {name: [train_one(name, s, 4, root) for s in args.seeds] for name in names}
+    results = {name: [train_one(name, s, [4], root)[4] for s in args.seeds] for name in names}
     print(f"\nIngredients (quick preset, seeds {args.seeds}; validation split only, 1,000 images)")
     print(f"{'candidate':<22}{'member val %':>14}{'ensemble val errors':>22}{'wall s':>9}")
     for name, runs in sorted(results.items(), key=lambda kv: statistics.mean(
@@ -138,31 +149,41 @@ def run_ingredients(args, root: Path) -> dict:
 
 
 def run_comparison(args, root: Path) -> dict:
-    ref = [train_one("reference", s, args.reference_epochs, root) for s in args.seeds]
-    fast = {e: [train_one("fast", s, e, root) for s in args.seeds] for e in args.fast_epochs}
+    lengths = sorted(set(args.reference_epochs))
+    by_seed = [train_one("reference", s, lengths, root) for s in args.seeds]
+    refs = {e: [r[e] for r in by_seed] for e in lengths}
+    fast = {e: [train_one("fast", s, [e], root)[e] for s in args.seeds] for e in args.fast_epochs}
+    ref = refs[lengths[-1]]  # the longest reference run: its final validation error is the target
     n_test = ref[0]["ensemble"]["test"][1]
     target = statistics.mean(r["val_error_by_epoch"][-1] for r in ref)
     ref_wall = statistics.mean(r["wall_s"] for r in ref)
     ref_train = statistics.mean(r["seconds_by_epoch"][-1] for r in ref)
-    rows = [("reference", args.reference_epochs, ref)] + [("fast", e, runs) for e, runs in sorted(fast.items())]
+    rows = [("reference", e, runs) for e, runs in refs.items()] + [("fast", e, runs) for e, runs in
+                                                                   sorted(fast.items())]
     out = {"seeds": args.seeds, "target_val_error": target, "rows": []}
-    print(f"\nRecipes on real MNIST (quick preset: 2 members, batch 128, 9,000 train images; epochs as shown), "
+    print(f"\nRecipes on real MNIST (quick preset: 2 members, 9,000 train images, batch: reference "
+          f"{ref[0]['batch_size']}, fast {next(iter(fast.values()))[0]['batch_size']}; epochs as shown), "
           f"seeds {args.seeds}")
     print("errors in %: mean over seeds (sd); test ensembles also with the 95% Wilson interval of the pooled "
-          "count")
-    print(f"{'recipe':<10}{'epochs':>7}{'wall s':>8}{'member-img':>11}{'val member':>12}{'val ens':>14}"
-          f"{'test member':>13}{'test ens':>16}{'test ens 95% CI':>17}{'reach ref val':>15}")
+          "count; wall s for whole runs only (a shorter reference length is a checkpoint of the longest run); "
+          "member s: a member's training seconds to that epoch")
+    print(f"{'recipe':<10}{'epochs':>7}{'wall s':>8}{'member s':>9}{'member-img':>11}{'val member':>12}"
+          f"{'val ens':>14}{'test member':>13}{'test ens':>16}{'test ens 95% CI':>17}{'reach ref val':>15}")
     for name, e, runs in rows:
         v, t = summarise(runs, "val"), summarise(runs, "test")
         reach = time_to_reach(runs, target)
-        wall = statistics.mean(r["wall_s"] for r in runs)
-        cells = [f"{name:<10}", f"{e:>7}", f"{wall:>8.1f}", f"{runs[0]['member_images']:>11,}",
+        walls = [r["wall_s"] for r in runs if r["wall_s"] is not None]
+        wall = statistics.mean(walls) if walls else None
+        train_s = statistics.mean(r["seconds_by_epoch"][-1] for r in runs)
+        cells = [f"{name:<10}", f"{e:>7}", f"{'-' if wall is None else f'{wall:.1f}':>8}", f"{train_s:>9.1f}",
+                 f"{runs[0]['member_images']:>11,}",
                  f"{v['member_mean']:>12.3f}", f"{v['mean']:>8.3f} ({v['sd']:.2f})",
                  f"{t['member_mean']:>13.3f}", f"{t['mean']:>10.3f} ({t['sd']:.2f})",
                  f"{t['pooled_ci'][0]:>10.3f}-{t['pooled_ci'][1]:.3f}",
                  f"{'-' if reach is None else f'{reach:.1f} s':>15}"]
         print("".join(cells))
-        out["rows"].append({"recipe": name, "epochs": e, "wall_s": wall, "val": v, "test": t,
+        out["rows"].append({"recipe": name, "epochs": e, "wall_s": wall, "member_train_s": train_s, "val": v,
+                            "test": t,
                             "reach_target_train_s": reach,
                             "runs": [{k: x for k, x in r.items() if k != "test_wrong"} for r in runs]})
     print(f"\nreference recipe's final member validation error: {target:.3f}% after {ref_train:.1f} s of "
@@ -175,18 +196,23 @@ def run_comparison(args, root: Path) -> dict:
         print(f"{name:<10}{e:>7}" + "".join(f"{'-' if c is None else f'{c:.1f}':>12}" for c in cells))
     out["levels"] = {f"{name}-{e}": {str(x): time_to_reach(runs, x) for x in levels} for name, e, runs in rows}
     for e, runs in sorted(fast.items()):
-        reach = time_to_reach(runs, target)
-        share = None if reach is None else reach / ref_train
-        print(f"fast, {e}-epoch schedule: reaches it after "
-              f"{'never' if reach is None else f'{reach:.1f} s, {share:.2f}x the reference recipe'}")
-        p = paired(runs, ref, n_test)
-        ratio = statistics.mean(100 * r["ensemble"]["test"][0] / n_test for r in runs) / \
-            statistics.mean(100 * r["ensemble"]["test"][0] / n_test for r in ref)
-        print(f"  test ensembles, fast ({e} epochs) vs reference ({args.reference_epochs}): error ratio {ratio:.2f}; "
-              f"{p['only_a']} images wrong only in fast, {p['only_b']} only in reference over {len(runs)} seeds, "
-              f"McNemar exact p = {p['pooled_p']:.3g} (per seed: "
-              + ", ".join(f"{s['only_a']}/{s['only_b']} p={s['p']:.2g}" for s in p["per_seed"]) + ")")
-        out.setdefault("paired", {})[str(e)] = {**p, "error_ratio": ratio, "reach_share": share}
+        for length, ref_runs in refs.items():
+            level = statistics.mean(r["val_error_by_epoch"][-1] for r in ref_runs)
+            ref_s = statistics.mean(r["seconds_by_epoch"][-1] for r in ref_runs)
+            reach = time_to_reach(runs, level)
+            share = None if reach is None else reach / ref_s
+            print(f"fast, {e}-epoch schedule: reaches the {length}-epoch reference's {level:.3f}% after "
+                  f"{'never' if reach is None else f'{reach:.1f} s, {share:.2f}x its {ref_s:.1f} s'}")
+            out.setdefault("reach_share", {})[f"fast{e}-reference{length}"] = share
+        for length, ref_runs in refs.items():
+            p = paired(runs, ref_runs, n_test)
+            ratio = statistics.mean(100 * r["ensemble"]["test"][0] / n_test for r in runs) / \
+                statistics.mean(100 * r["ensemble"]["test"][0] / n_test for r in ref_runs)
+            print(f"  test ensembles, fast ({e} epochs) vs reference ({length}): error ratio {ratio:.2f}; "
+                  f"{p['only_a']} images wrong only in fast, {p['only_b']} only in reference over {len(runs)} "
+                  f"seeds, McNemar exact p = {p['pooled_p']:.3g} (per seed: "
+                  + ", ".join(f"{s['only_a']}/{s['only_b']} p={s['p']:.2g}" for s in p["per_seed"]) + ")")
+            out.setdefault("paired", {})[f"fast{e}-reference{length}"] = {**p, "error_ratio": ratio}
     return out
 
 
@@ -195,9 +221,10 @@ def main(argv=None) -> int:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="run seeds (default: 0 1 2)")
     p.add_argument("--fast-epochs", type=int, nargs="+", default=[1, 2, 4],
                    help="schedule lengths of the fast recipe, in epochs (default: 1 2 4)")
-    p.add_argument("--reference-epochs", type=int, default=4,
-                   help="epochs of the reference recipe's runs: 4 is the quick preset's budget, more asks how "
-                        "long the reference recipe needs for what the fast one reaches (default: 4)")
+    p.add_argument("--reference-epochs", type=int, nargs="+", default=[4],
+                   help="lengths of the reference recipe's runs, checkpoints of one run per seed: 4 is the quick "
+                        "preset's budget, more asks how long the reference recipe needs for what the fast one "
+                        "reaches; the longest sets the validation error to reach (default: 4)")
     p.add_argument("--levels", type=float, nargs="+", default=[3.0, 2.5, 2.0, 1.75],
                    help="validation errors (%%) whose time to reach is reported, besides the reference "
                         "recipe's final one (default: 3 2.5 2 1.75)")

@@ -179,7 +179,35 @@ def test_presets_take_a_recipe_and_reference_fast_is_the_reference_sweep_on_the_
 
     ref, fast = TrainConfig.from_preset("reference"), TrainConfig.from_preset("reference-fast")
     assert (ref.recipe, fast.recipe) == ("reference", "fast")
-    assert fast.replace(recipe="reference", epochs=ref.epochs) == ref  # only the recipe and its length differ
+    # Only the recipe, its length and its batch size differ.
+    assert fast.replace(recipe="reference", epochs=ref.epochs, batch_size=ref.batch_size) == ref
     assert fast.epochs < ref.epochs and fast.epochs % fast.checkpoint_every == 0
-    assert TrainConfig.from_preset("quick", recipe="fast").recipe == "fast"
-    assert "recipe" not in PRESETS["quick"]
+    assert (TrainConfig.from_preset("quick", recipe="fast").recipe, "recipe" in PRESETS["quick"]) == ("fast", False)
+
+
+def test_the_fast_recipe_brings_its_batch_size_unless_one_is_given(tmp_path):
+    """A new run: an explicit --batch-size, else the recipe's (fast: 64), else the preset's (quick: 128), else
+    512. A resumed run keeps the batch size it was started with."""
+    from emnist_cnn.cli.commands import config_from_args
+    from emnist_cnn.cli.main import build_parser
+
+    assert RECIPES["fast"].batch_size == 64 and RECIPES["reference"].batch_size is None
+    assert [TrainConfig.from_preset("quick", **c).batch_size for c in
+            ({}, {"recipe": "fast"}, {"recipe": "fast", "batch_size": 100})] == [128, 64, 100]
+    assert (TrainConfig.from_preset("reference").batch_size, TrainConfig.from_preset("reference-fast").batch_size,
+            TrainConfig(recipe="fast").batch_size) == (512, 64, 512)  # a config built directly is as given
+
+    def batch(*argv):
+        parser = build_parser()
+        args = parser.parse_args(list(map(str, argv)))
+        return config_from_args(args, getattr(args, "preset", None)).batch_size
+
+    new = tmp_path / "new"
+    assert [batch("train", "--run-dir", new, *flags) for flags in
+            ([], ["--recipe", "fast"], ["--recipe", "fast", "--batch-size", "256"])] == [512, 64, 256]
+    assert [batch("run", "--run-dir", new, *flags) for flags in
+            ([], ["--recipe", "fast"], ["--preset", "reference", "--recipe", "fast"])] == [128, 64, 64]
+    started = RunDir(tmp_path / "started")  # a fast run started at batch 200: resuming keeps it
+    started.path.mkdir()
+    started.write_record({"config": FAST.replace(batch_size=200).to_dict(), "data": {}})
+    assert batch("train", "--run-dir", started.path, "--epochs", "3") == 200

@@ -53,12 +53,14 @@ def _add_training_group(p: argparse.ArgumentParser) -> None:
     t.add_argument("--epochs", type=int, default=None, help="total epochs per member (default: 256)")
     t.add_argument("--checkpoint-every", type=int, default=None,
                    help="epochs between weight checkpoints and ensemble evaluations (default: 16)")
-    t.add_argument("--batch-size", type=int, default=None, help="images per step (default: 512)")
+    t.add_argument("--batch-size", type=int, default=None,
+                   help="images per step (default: the recipe's, 64 for fast; for reference the preset's, "
+                        "else 512)")
     t.add_argument("--recipe", choices=tuple(RECIPES), default=None,
                    help="how members are optimised: reference is Adam at a constant rate, as the reference "
-                        "workflow; fast warms up to 3x the base rate over the first 10%% of steps, then decays "
-                        "it linearly to zero by the last epoch; part of the experiment (default: the preset's, "
-                        "else reference)")
+                        "workflow; fast takes 64 images per step, warms up to 3x the base rate over the first "
+                        "10%% of steps, then decays it linearly to zero by the last epoch; part of the "
+                        "experiment (default: the preset's, else reference)")
     t.add_argument("--lr", type=float, default=None,
                    help="fixed Adam learning rate for the epochs this command trains, e.g. 1e-5 to continue "
                         "a finished run; replaces a recipe's schedule (default: the recipe's rate from the "
@@ -162,7 +164,7 @@ def add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", choices=sorted(PRESETS), default="quick",
                    help="quick: 2 members x 4 epochs on 20,000 images, minutes on a laptop CPU; "
                         "reference: the original 4 x 10 x 256-epoch protocol for a GPU; reference-fast: the "
-                        "same sweep with the fast recipe for 192 epochs (default: quick)")
+                        "same sweep with the fast recipe for 96 epochs (default: quick)")
     g = p.add_argument_group("run directory")
     g.add_argument("--run-dir", type=Path, default=None,
                    help="where config, weights, state and histories live (default: runs/<preset>-<dataset>)")

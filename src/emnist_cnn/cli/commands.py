@@ -23,9 +23,11 @@ __all__ = ["config_from_args", "scaleout_from_args", "tracking_from_args", "cmd_
 
 
 def config_from_args(args: argparse.Namespace, preset: str | None = None) -> TrainConfig:
-    """Defaults, then the run's saved config (when resuming), then the preset, then explicit flags."""
+    """Defaults, then the run's saved config (when resuming), then the preset, then explicit flags; a new run
+    without --batch-size takes its recipe's batch size, when the recipe has one."""
     run = RunDir(args.run_dir) if args.run_dir else None
-    if run is not None and run.exists():
+    resuming = run is not None and run.exists()
+    if resuming:
         base = run.read_config()
     elif preset:
         base = TrainConfig.from_preset(preset)
@@ -43,7 +45,8 @@ def config_from_args(args: argparse.Namespace, preset: str | None = None) -> Tra
         changes["augment"] = AugmentConfig(enabled=False)
     if args.precision is not None:
         changes["model"] = dataclasses.replace(base.model, precision=args.precision)
-    return base.replace(**changes)
+    config = base.replace(**changes)
+    return config if resuming or args.batch_size is not None else config.with_recipe_batch_size()
 
 
 def _check_lr_and_data_dir(args: argparse.Namespace) -> None:

@@ -206,8 +206,11 @@ def test_the_fast_recipe_brings_its_batch_size_unless_one_is_given(tmp_path):
     assert [batch("train", "--run-dir", new, *flags) for flags in
             ([], ["--recipe", "fast"], ["--recipe", "fast", "--batch-size", "256"])] == [512, 64, 256]
     assert [batch("run", "--run-dir", new, *flags) for flags in
-            ([], ["--recipe", "fast"], ["--preset", "reference", "--recipe", "fast"])] == [128, 64, 64]
+            ([], ["--recipe", "fast"], ["--preset", "reference", "--recipe", "fast"],
+             ["--preset", "reference-fast", "--recipe", "reference"])] == [128, 64, 64, 512]
+    assert TrainConfig.from_preset("reference-fast", recipe="reference").batch_size == 512
     started = RunDir(tmp_path / "started")  # a fast run started at batch 200: resuming keeps it
     started.path.mkdir()
     started.write_record({"config": FAST.replace(batch_size=200).to_dict(), "data": {}})
     assert batch("train", "--run-dir", started.path, "--epochs", "3") == 200
+    assert batch("run", "--run-dir", started.path, "--preset", "quick") == 200

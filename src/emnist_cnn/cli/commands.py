@@ -27,12 +27,7 @@ def config_from_args(args: argparse.Namespace, preset: str | None = None) -> Tra
     without --batch-size takes its recipe's batch size, when the recipe has one."""
     run = RunDir(args.run_dir) if args.run_dir else None
     resuming = run is not None and run.exists()
-    if resuming:
-        base = run.read_config()
-    elif preset:
-        base = TrainConfig.from_preset(preset)
-    else:
-        base = TrainConfig()
+    base = run.read_config() if resuming else TrainConfig()
     explicit = {
         "dataset": args.dataset, "models": args.models, "epochs": args.epochs,
         "checkpoint_every": args.checkpoint_every, "batch_size": args.batch_size,
@@ -45,8 +40,12 @@ def config_from_args(args: argparse.Namespace, preset: str | None = None) -> Tra
         changes["augment"] = AugmentConfig(enabled=False)
     if args.precision is not None:
         changes["model"] = dataclasses.replace(base.model, precision=args.precision)
+    if resuming:
+        return base.replace(**changes)
+    if preset:
+        return TrainConfig.from_preset(preset, **changes)  # the final recipe's batch size unless --batch-size
     config = base.replace(**changes)
-    return config if resuming or args.batch_size is not None else config.with_recipe_batch_size()
+    return config if "batch_size" in changes else config.with_recipe_batch_size()
 
 
 def _check_lr_and_data_dir(args: argparse.Namespace) -> None:

@@ -78,9 +78,10 @@ def train_one(recipe: str, seed: int, lengths: list[int], root: Path) -> dict[in
     # Per epoch: members' mean validation error (%) and the cumulative training seconds (mean over members).
     val = [float(100 * (1 - np.mean([h["val_accuracy"][e] for h in hist.values()]))) for e in range(epochs)]
     seconds = np.cumsum(np.mean([h["seconds"] for h in hist.values()], axis=0)).tolist()
+    errors = run.read_errors(d)
     out = {}
     for length in lengths:
-        by = {(r.model, r.split): r.rate for r in run.read_errors(d) if r.epoch == length}
+        by = {(r.model, r.split): r.rate for r in errors if r.epoch == length}
         out[length] = {
             "recipe": recipe, "seed": seed, "epochs": length, "batch_size": config.batch_size,
             "wall_s": wall if length == epochs else None,

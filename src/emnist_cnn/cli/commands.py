@@ -40,12 +40,7 @@ def config_from_args(args: argparse.Namespace, preset: str | None = None) -> Tra
         changes["augment"] = AugmentConfig(enabled=False)
     if args.precision is not None:
         changes["model"] = dataclasses.replace(base.model, precision=args.precision)
-    if resuming:
-        return base.replace(**changes)
-    if preset:
-        return TrainConfig.from_preset(preset, **changes)  # the final recipe's batch size unless --batch-size
-    config = base.replace(**changes)
-    return config if "batch_size" in changes else config.with_recipe_batch_size()
+    return base.replace(**changes) if resuming else TrainConfig.new_run(preset, **changes)
 
 
 def _check_lr_and_data_dir(args: argparse.Namespace) -> None:

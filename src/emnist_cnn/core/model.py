@@ -19,7 +19,7 @@ from ..config import EMNIST_DIGITS_MEAN, EMNIST_DIGITS_STD, ModelConfig
 __all__ = ["EMNIST_DIGITS_MEAN", "EMNIST_DIGITS_STD", "build_model", "compile_model", "build_optimizer",
            "copy_optimizer_state",
            "accelerator_available", "build_member_predictor", "build_averaged_ensemble", "predict_members",
-           "predict_probabilities", "recalibrate_batchnorm", "read_variable"]
+           "predict_probabilities", "recalibrate_batchnorm", "read_variable", "average_per_channel"]
 
 log = logging.getLogger(__name__)
 
@@ -214,18 +214,21 @@ class _ChannelMoments(keras.layers.Layer):
 
     def call(self, feats):
         feats = keras.ops.cast(feats, "float32")
-        m = _mean_per_channel(feats)
-        return keras.ops.stack([m, _mean_per_channel(keras.ops.square(feats - m))])
+        m = average_per_channel(feats)
+        return keras.ops.stack([m, average_per_channel(keras.ops.square(feats - m))])
 
     def compute_output_shape(self, input_shape):
         return (2, input_shape[-1])
 
 
-def _mean_per_channel(feats):
-    """Mean over all but the last axis, per image first: float32 sums of a million values drift by 1e-4."""
+def average_per_channel(feats, weights=None):
+    """Mean over all but the last axis, per image first: float32 sums of a million values drift by 1e-4.
+    `weights` (batch,) weight the images (0 leaves one out)."""
     if len(feats.shape) > 2:
         feats = keras.ops.mean(feats, axis=tuple(range(1, len(feats.shape) - 1)))
-    return keras.ops.mean(feats, axis=0)
+    if weights is None:
+        return keras.ops.mean(feats, axis=0)
+    return keras.ops.sum(feats * weights[:, None], axis=0) / keras.ops.sum(weights)
 
 
 _PROBES: "weakref.WeakKeyDictionary[keras.Model, list[keras.Model]]" = weakref.WeakKeyDictionary()

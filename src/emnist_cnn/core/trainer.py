@@ -20,7 +20,7 @@ import numpy as np
 
 from ..config import AugmentConfig
 from .augment import scale_affine_params, warp_images
-from .model import build_optimizer
+from .model import build_optimizer, average_per_channel
 
 __all__ = ["DeviceImages", "AugmentImages", "MaskedBatchNorm", "build_masked_member", "StepRates", "EpochCallbacks",
            "build_device_trainer", "train_epoch", "train_step", "train_steps", "read_member_logs", "augment_key"]
@@ -85,13 +85,9 @@ class MaskedBatchNorm(keras.layers.Layer):
             return bn(features, training=training)
         ops = keras.ops
         x = ops.cast(features, "float32")  # as Keras: float16 statistics overflow
-        real = ops.cast(ops.greater_equal(indices, 0), "float32")[:, None]  # (batch, 1)
-        spatial = tuple(range(1, len(x.shape) - 1))
-        # Per image first, then over the real images: float32 sums of a million values drift.
-        per_image = (lambda t: ops.mean(t, axis=spatial)) if spatial else (lambda t: t)
-        count = ops.sum(real)
-        mean = ops.sum(per_image(x) * real, axis=0) / count
-        variance = ops.sum(per_image(ops.square(x - mean)) * real, axis=0) / count
+        real = ops.cast(ops.greater_equal(indices, 0), "float32")
+        mean = average_per_channel(x, real)
+        variance = average_per_channel(ops.square(x - mean), real)
         bn.moving_mean.assign(bn.moving_mean * bn.momentum + mean * (1.0 - bn.momentum))
         bn.moving_variance.assign(bn.moving_variance * bn.momentum + variance * (1.0 - bn.momentum))
         y = ops.batch_normalization(x, mean, variance, axis=-1, offset=bn.beta, scale=bn.gamma, epsilon=bn.epsilon)

@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 
 from conftest import make_tiny_digits, planned_steps, read_csv, write_mnist_idx
-from emnist_cnn.config import RECIPES, TrainConfig
+from emnist_cnn.config import RECIPES, Recipe, TrainConfig
 from emnist_cnn.core import trainer as trainer_module
-from emnist_cnn.core.schedule import WARMUP_START, build_epoch_rates, learning_rate_at
+from emnist_cnn.core.schedule import WARMUP_START, build_epoch_rates, build_step_rates, learning_rate_at
 from emnist_cnn.errors import ConfigError
 from emnist_cnn.io.datasets import load_dataset
 from emnist_cnn.engine.train import train_and_evaluate
@@ -41,6 +41,19 @@ def test_schedule_warms_up_then_decays_linearly_to_zero():
     # The reference recipe: the base rate at every step, whatever the run's length.
     ref = TrainConfig(lr=1e-3)
     assert {learning_rate_at(ref, e, s, 7) for e in (1, 100) for s in (0, 6)} == {1e-3}
+
+
+@pytest.mark.parametrize("recipe", [RECIPES["fast"], Recipe(warmup_frac=0.25), Recipe(decay="linear"),
+                                    Recipe(lr_scale=2.0)], ids=["fast", "warm-up only", "decay only", "constant"])
+def test_the_step_table_is_the_schedule_to_the_bit(recipe, monkeypatch):
+    # The trainer's table (built in one pass) against the rate of each step, as resuming reads it.
+    monkeypatch.setitem(RECIPES, "candidate", recipe)
+    cfg = TrainConfig(recipe="candidate", epochs=7, batch_size=64)
+    n_train = 13 * 64 - 5  # 13 steps per epoch, the last short
+    table = build_step_rates(cfg, n_train)
+    assert table.dtype == np.float32 and len(table) == 7 * 13
+    expected = np.array([learning_rate_at(cfg, e, s, 13) for e in range(1, 8) for s in range(13)], np.float32)
+    np.testing.assert_array_equal(table, expected)
 
 
 @pytest.fixture(scope="module")

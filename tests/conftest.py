@@ -3,6 +3,7 @@
 import csv
 import gzip
 import os
+import re
 import socket
 import struct
 import threading
@@ -27,6 +28,18 @@ def shared_dir() -> Path:
             pytest.fail(message + " and EMNIST_CNN_REQUIRE_SHARED=1 is set")
         pytest.skip(message)
     return SHARED_DIR
+
+
+# TensorFlow's C++ log lines: absl's ("E0000 00:00:1796614850.961017    2305 util.cc:131] ...") with its notice
+# that it is not initialised yet, and TensorFlow's own ("2026-12-07 03:41:34.123456: W tensorflow/...").
+TENSORFLOW_LOG_LINE = re.compile(r"^([IWEF]\d{4} \d\d:\d\d:\d+\.\d+ +\d+ [\w.-]+:\d+\] "
+                                 r"|WARNING: All log messages before absl::InitializeLog\(\)"
+                                 r"|\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d+: [IWEF] )", re.M)
+
+
+def find_tensorflow_log_lines(text: str) -> list[str]:
+    """The lines of `text` that TensorFlow's C++ logging wrote."""
+    return [line for line in text.splitlines() if TENSORFLOW_LOG_LINE.match(line)]
 
 
 def read_csv(path) -> list[dict[str, str]]:
@@ -198,13 +211,14 @@ def _missing_dependency(name: str, why: str) -> str:
 
 
 def require_module(name: str, why: str):
-    """Import a test dependency; skip without it, fail when EMNIST_CNN_REQUIRE_DEPS=1 (CI)."""
+    """Import a test dependency; skip without it (a test, a fixture or a whole module when called at its top),
+    fail when EMNIST_CNN_REQUIRE_DEPS=1 (CI)."""
     import importlib
 
     try:
         return importlib.import_module(name)
     except ImportError:
-        pytest.skip(_missing_dependency(name, why))
+        pytest.skip(_missing_dependency(name, why), allow_module_level=True)
 
 
 def optional_module(name: str, why: str):
@@ -237,6 +251,15 @@ def server():
         httpd.shutdown()
         httpd.server_close()
         thread.join(5)
+
+
+@pytest.fixture
+def closed_port() -> int:
+    """A port of 127.0.0.1 that refuses connections: bound, never listening, and held by the test so that
+    nothing else can take it meanwhile."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        yield s.getsockname()[1]
 
 
 @pytest.fixture
@@ -283,3 +306,12 @@ LONGEST_FILES_FIRST = (
 def pytest_collection_modifyitems(items):
     rank = {name: i for i, name in enumerate(LONGEST_FILES_FIRST)}
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: a file's own order is kept
+    cpu_facts = [item for item in items if item.get_closest_marker("cpu_facts")]
+    if cpu_facts:
+        from emnist_cnn.core import model
+
+        if model.accelerator_available():
+            skip = pytest.mark.skip(reason="checks a CPU fact (results to the bit, or the CPU chosen), and the "
+                                           "Keras backend sees a GPU here")
+            for item in cpu_facts:
+                item.add_marker(skip)

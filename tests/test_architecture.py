@@ -2,7 +2,7 @@
 
 Layers, lowest first (a module may import its own layer or any below it):
 
-    0  emnist_cnn (the package root), config, errors
+    0  emnist_cnn (the package root), startup, config, errors
     1  core       pure computation
     2  io         files
     3  engine     what a command does
@@ -27,7 +27,8 @@ import pytest
 import emnist_cnn
 
 PACKAGE_DIR = Path(emnist_cnn.__file__).parent
-LAYERS = {"config": 0, "errors": 0, "core": 1, "io": 2, "engine": 3, "present": 4, "cli": 5, "__main__": 6}
+LAYERS = {"startup": 0, "config": 0, "errors": 0, "core": 1, "io": 2, "engine": 3, "present": 4, "cli": 5,
+          "__main__": 6}
 
 
 def module_names(package_dir: Path, package: str) -> dict[str, Path]:

@@ -53,6 +53,7 @@ def read_csv(path: Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
+@pytest.mark.cpu_facts
 @pytest.mark.parametrize("backend", ["jax", "torch"])
 def test_backend_train_resume_evaluate_export(backend, tmp_path):
     require_backend(backend)

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from conftest import read_csv
+from conftest import find_tensorflow_log_lines, read_csv
 
 from emnist_cnn.cli import build_parser
 
@@ -22,8 +22,11 @@ def cli(*args, env=None, timeout=600):
                           text=True, timeout=timeout, env=full_env)
 
 
-def error_lines(stderr: str) -> list[str]:
-    return [line for line in stderr.splitlines() if "error" in line.lower()]
+def one_error_line(stderr: str) -> str:
+    """The whole of stderr, which must be exactly one line: ours (no start-up notes, no log lines before it)."""
+    lines = stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("emnist-cnn: error: "), stderr
+    return lines[0]
 
 
 @pytest.mark.parametrize("args, flag", [
@@ -78,7 +81,7 @@ def test_missing_data_is_one_clear_line(tmp_path):
     r = cli("train", "--run-dir", tmp_path / "run", "--data-dir", empty, *TINY_ARGS)
     assert r.returncode == 1
     assert "Traceback" not in r.stderr
-    [line] = error_lines(r.stderr)
+    line = one_error_line(r.stderr)
     assert str(empty) in line and "train-images-idx3-ubyte" in line
 
 
@@ -90,31 +93,25 @@ def test_corrupt_data_file_is_one_clear_line(tmp_path, tiny_mnist_dir):
     (bad / "t10k-images-idx3-ubyte.gz").write_bytes((bad / "t10k-images-idx3-ubyte.gz").read_bytes()[:500])
     r = cli("train", "--run-dir", tmp_path / "run", "--data-dir", bad, *TINY_ARGS, "--epochs", "1")
     assert r.returncode == 1 and "Traceback" not in r.stderr
-    [line] = error_lines(r.stderr)
+    line = one_error_line(r.stderr)
     assert "t10k-images-idx3-ubyte.gz" in line
 
 
-def _closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def test_offline_download_says_so(tmp_path):
-    mirror = f"http://127.0.0.1:{_closed_port()}"
+def test_offline_download_says_so(tmp_path, closed_port):
+    mirror = f"http://127.0.0.1:{closed_port}"
     r = cli("download", "--data-dir", tmp_path / "data", "--mirror", mirror)
     assert r.returncode == 1 and "Traceback" not in r.stderr
-    [line] = error_lines(r.stderr)
+    line = one_error_line(r.stderr)
     assert "could not reach" in line and "offline" in line
 
 
-def test_train_tries_to_download_missing_emnist_and_reports_offline(tmp_path):
-    mirror = f"http://127.0.0.1:{_closed_port()}"
+def test_train_tries_to_download_missing_emnist_and_reports_offline(tmp_path, closed_port):
+    mirror = f"http://127.0.0.1:{closed_port}"
     run = tmp_path / "run"
     r = cli("train", "--run-dir", run, "--dataset", "emnist-digits", "--data-dir", tmp_path / "data",
             "--mirror", mirror, "--epochs", "1")
     assert r.returncode == 1 and "Traceback" not in r.stderr
-    [line] = error_lines(r.stderr)
+    line = one_error_line(r.stderr)
     assert f"could not reach {mirror}/" in line and "offline" in line  # it went to the mirror it was given
     assert not (run / "config.json").exists()
     # --no-download: no connection at all (the listening mirror is never called), and the command to run.
@@ -127,25 +124,26 @@ def test_train_tries_to_download_missing_emnist_and_reports_offline(tmp_path):
         with pytest.raises(BlockingIOError):
             listening.accept()
     assert r.returncode == 1 and "Traceback" not in r.stderr
-    [line] = error_lines(r.stderr)
+    line = one_error_line(r.stderr)
     assert "emnist-cnn download" in line and str(tmp_path / "data") in line
     assert not (run / "config.json").exists()
 
 
-def test_resume_with_changed_experiment_is_refused(tmp_path, tiny_mnist_dir):
+def test_resume_with_changed_experiment_is_refused(tmp_path, tiny_mnist_dir, closed_port):
     run = tmp_path / "run"
     r = cli("train", "--run-dir", run, "--data-dir", tiny_mnist_dir, *TINY_ARGS, "--epochs", "1", "--models", "1")
     assert r.returncode == 0, r.stderr
+    assert find_tensorflow_log_lines(r.stderr) == []  # training on any CPU: nothing from TensorFlow's C++ logging
     r = cli("train", "--run-dir", run, "--data-dir", tiny_mnist_dir, "--models", "3")
     assert r.returncode == 2 and "Traceback" not in r.stderr
-    [line] = error_lines(r.stderr)
+    line = one_error_line(r.stderr)
     assert "models" in line and "different experiment" in line
     # Refused before any data is loaded: no download is attempted for the other dataset (a download would
     # create the data folder, then fail on the closed mirror with exit 1).
     r = cli("train", "--run-dir", run, "--dataset", "emnist-letters", "--data-dir", tmp_path / "nowhere",
-            "--mirror", f"http://127.0.0.1:{_closed_port()}")
+            "--mirror", f"http://127.0.0.1:{closed_port}")
     assert r.returncode == 2 and "Traceback" not in r.stderr
-    [line] = error_lines(r.stderr)
+    line = one_error_line(r.stderr)
     assert "dataset" in line and "different experiment" in line
     assert not (tmp_path / "nowhere").exists()
     # Unset flags take the run's saved values, the data folder included: --epochs and --lr continue it.

@@ -54,6 +54,7 @@ def test_device_gpu_without_one_stops_at_once_in_one_line(tmp_path, capsys):
     assert not run.exists()  # refused before any data or run directory
 
 
+@pytest.mark.cpu_facts
 def test_runtime_on_this_cpu_is_said_plainly():
     runtime = describe_runtime("auto", False, "float32")
     assert runtime["device"] == "CPU" and runtime["gpus"] == []
@@ -212,6 +213,7 @@ def test_inference_pads_its_last_batch_and_returns_only_real_rows():
     np.testing.assert_allclose(predict_members([model], x, batch_size=32)[0], whole, atol=1e-6)
 
 
+@pytest.mark.cpu_facts
 @pytest.mark.skipif(keras.backend.backend() != "tensorflow", reason="the direct step loop is TensorFlow's")
 def test_several_steps_per_call_are_the_same_steps_to_the_bit():
     """Two fused members, 2 epochs of 4 steps (the last padded): 3 steps per call (calls of 3 and 1) and 8

@@ -21,6 +21,8 @@ from emnist_cnn.core.trainer import DeviceImages, build_device_trainer, read_mem
 from emnist_cnn.engine.train import train_and_evaluate
 from emnist_cnn.io.rundir import RunDir
 
+pytestmark = pytest.mark.cpu_facts  # to the bit (and the CPU chosen): CPU facts
+
 TINY = TrainConfig(dataset="mnist", dropouts=(0.3,), models=2, epochs=2, checkpoint_every=1, batch_size=64,
                    val_fraction=0.2, bn_recalibration_images=200)
 

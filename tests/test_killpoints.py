@@ -48,6 +48,8 @@ import pytest
 
 from conftest import make_tiny_digits, planned_steps, write_mnist_idx
 
+pytestmark = pytest.mark.cpu_facts  # to the bit (and the CPU chosen): CPU facts
+
 # --no-fused: members train one at a time on any machine (the default on a CPU), so every
 # emnist_cnn.core.trainer.train_step call is one member's step.
 RUN_ARGS = ["--dataset", "mnist", "--dropout", "0.2", "--models", "2", "--epochs", "2", "--checkpoint-every", "1",

@@ -66,6 +66,11 @@ def notebook_run(tmp_path_factory):
 
 def test_emnist_notebook_trains_evaluates_and_exports(notebook_run):
     nb, run = notebook_run
+    # Every cell shows our own lines only: nothing that TensorFlow's C++ logging wrote (in red, under a cell).
+    from conftest import find_tensorflow_log_lines
+
+    for cell in nb.cells:
+        assert find_tensorflow_log_lines(printed(cell)) == [], cell.source
     # The data: the quick preset's 10% validation split of the 600 training digits, and three figures.
     data_cell = cell_with(nb, "plot_samples(")
     assert "540 train / 60 validation / 200 test images, classes 0123456789" in printed(data_cell)

@@ -95,6 +95,7 @@ def test_fast_schedule_reaches_the_optimizer_at_every_step(fast_runs):
     assert find_fixed_lr_phase(run.read_histories(0.3, 2), load_recipe_rates(run)) is None
 
 
+@pytest.mark.cpu_facts
 def test_fast_recipe_fused_equals_one_at_a_time(fast_runs):
     from test_fused import assert_same_run
 

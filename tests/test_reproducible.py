@@ -75,6 +75,7 @@ def runs(tmp_path_factory):
     return root, data
 
 
+@pytest.mark.cpu_facts
 def test_same_command_same_seed_is_bit_identical(runs):
     root, _ = runs
     a, b = files(root / "a"), files(root / "b")

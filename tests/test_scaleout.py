@@ -17,6 +17,8 @@ import pytest
 
 from conftest import arrays, make_tiny_digits, read_tensorboard, require_module, without_seconds, write_mnist_idx
 
+pytestmark = pytest.mark.cpu_facts  # to the bit (and the CPU chosen): CPU facts
+
 # Without --quiet: the output is a pipe, so training prints one line per epoch instead of progress bars.
 ARGS = ["--dataset", "mnist", "--dropout", "0.2", "0.3", "--models", "2", "--checkpoint-every", "1",
         "--batch-size", "64", "--val-fraction", "0.2", "--bn-recalibration", "100", "--threads", "1"]

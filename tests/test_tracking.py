@@ -13,7 +13,6 @@ import math
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -26,8 +25,6 @@ import pytest
 from conftest import (make_tiny_digits, read_csv, read_errors_csv, read_tensorboard, require_module,
                       write_mnist_idx)
 
-require_module("mlflow", "the tracking tests start a real MLflow server")
-require_module("tensorboard", "TensorBoard event files are read back with its own reader")
 
 WRAPPER = Path(__file__).with_name("killwrap.py")
 EPOCH_TAGS = {"epoch/loss": "loss", "epoch/accuracy": "accuracy", "epoch/val_loss": "val_loss",
@@ -85,37 +82,44 @@ def test_tensorboard_holds_every_epoch_and_checkpoint_once_with_the_recorded_val
 # ----------------------------------------------------------------------------- a real MLflow server
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class MlflowServer:
-    """`mlflow server` on 127.0.0.1 with a sqlite backend; stop() kills it, start() brings it back (same data)."""
+    """`mlflow server` on 127.0.0.1 with a sqlite backend; stop() kills it, start() brings it back (same data).
+
+    The first start takes a port of the server's own choosing (--port 0; its log says which); a restart asks
+    for the same port again, as a real server coming back at its address would."""
 
     def __init__(self, root: Path):
-        self.root, self.port = root, free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        require_module("mlflow", "the tracking tests start a real MLflow server")
+        self.root, self.port, self.url = root, 0, None
         self.proc = None
 
     def start(self) -> None:
         mlflow = Path(sys.executable).with_name("mlflow")
+        log_path = self.root / "server.log"
+        offset = log_path.stat().st_size if log_path.exists() else 0
         self.proc = subprocess.Popen(
             [str(mlflow), "server", "--backend-store-uri", f"sqlite:///{self.root / 'mlflow.db'}",
              "--artifacts-destination", str(self.root / "artifacts"), "--host", "127.0.0.1",
              "--port", str(self.port), "--workers", "1"],
-            stdout=open(self.root / "server.log", "ab"), stderr=subprocess.STDOUT, start_new_session=True,
+            stdout=open(log_path, "ab"), stderr=subprocess.STDOUT, start_new_session=True,
             env={**os.environ, **ENV})
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
-            assert self.proc.poll() is None, (self.root / "server.log").read_text()[-2000:]
-            try:
-                with urllib.request.urlopen(f"{self.url}/health", timeout=2) as r:
-                    if r.status == 200:
-                        return
-            except OSError:
-                time.sleep(0.5)
+            log = log_path.read_bytes()[offset:].decode(errors="replace")
+            assert self.proc.poll() is None, log[-2000:]
+            if self.url is None:
+                found = re.search(r"Uvicorn running on http://127\.0\.0\.1:(\d+)", log)
+                if found:
+                    self.port = int(found.group(1))
+                    self.url = f"http://127.0.0.1:{self.port}"
+            if self.url is not None:
+                try:
+                    with urllib.request.urlopen(f"{self.url}/health", timeout=2) as r:
+                        if r.status == 200:
+                            return
+                except OSError:
+                    pass
+            time.sleep(0.5)
         raise AssertionError("mlflow server did not start in 120 s")
 
     def stop(self) -> None:
@@ -253,7 +257,7 @@ def test_kills_and_a_server_outage_neither_lose_nor_double_an_epoch(mlflow_serve
 
 def test_track_and_export_send_a_run_trained_without_mlflow_and_bad_uris_are_refused(mlflow_server, tiny_run,
                                                                                       tmp_path, capsys, caplog,
-                                                                                      monkeypatch):
+                                                                                      monkeypatch, closed_port):
     import shutil
 
     from conftest import run_cli
@@ -267,12 +271,23 @@ def test_track_and_export_send_a_run_trained_without_mlflow_and_bad_uris_are_ref
     assert run_cli(args) == 0
     assert "mlflow: run " in capsys.readouterr().out
     run = the_run(mlflow_server, "after-the-fact")
+    assert run["info"]["status"] == "FINISHED"  # every member has its 2 epochs, and no process trains it
     assert_every_point_once(mlflow_server.all_metrics(run), expected_values(run_dir), rel=1e-9)
     files = mlflow_server.api("artifacts/list", run_id=run["info"]["run_id"])["files"]
     assert "config.json" in [f["path"] for f in files]
     assert run_cli(args) == 0  # again: nothing new, nothing doubled
     assert_every_point_once(mlflow_server.all_metrics(the_run(mlflow_server, "after-the-fact")),
                             expected_values(run_dir), rel=1e-9)
+
+    # A run stopped before its epochs (a resume to 3 epochs, killed): KILLED, not RUNNING for ever.
+    stopped = tmp_path / "stopped"
+    shutil.copytree(tiny_run[0], stopped)
+    record = json.loads((stopped / "config.json").read_text())
+    record["config"]["epochs"] = 3
+    (stopped / "config.json").write_text(json.dumps(record))
+    assert run_cli(["track", "--run-dir", stopped, "--mlflow", mlflow_server.url, "--mlflow-experiment",
+                    "stopped"]) == 0
+    assert the_run(mlflow_server, "stopped")["info"]["status"] == "KILLED"
 
     # export --mlflow: the export folder as files, and model.keras as an MLflow model anyone can load.
     import keras
@@ -294,7 +309,7 @@ def test_track_and_export_send_a_run_trained_without_mlflow_and_bad_uris_are_ref
     files = mlflow_server.api("artifacts/list", run_id=run["info"]["run_id"], path="export")["files"]
     assert {f["path"] for f in files} == {"export/metadata.json", "export/model.keras"}
 
-    unreachable = f"http://127.0.0.1:{free_port()}"
+    unreachable = f"http://127.0.0.1:{closed_port}"
     for uri, code, expect in (("ftp://127.0.0.1/x", 2, "--mlflow needs a tracking URI"),
                               ("mlruns", 2, "--mlflow needs a tracking URI"),
                               (unreachable, 1, f"--mlflow {unreachable}: ")):

@@ -13,17 +13,31 @@ trainer; copy optimizer moments in and out with `copy_optimizer_state`.
 
 from __future__ import annotations
 
+import re
 import weakref
+from contextlib import nullcontext
 
 import keras
 import numpy as np
 
 from ..config import AugmentConfig
+from ..startup import filter_stderr_lines
 from .augment import scale_affine_params, warp_images
 from .model import build_optimizer, average_per_channel
 
 __all__ = ["DeviceImages", "AugmentImages", "MaskedBatchNorm", "build_masked_member", "StepRates", "EpochCallbacks",
-           "build_device_trainer", "train_epoch", "train_step", "train_steps", "read_member_logs", "augment_key"]
+           "build_device_trainer", "HARMLESS_GRAPH_LINES", "train_epoch", "train_step", "train_steps",
+           "read_member_logs", "augment_key"]
+
+
+# Where oneDNN is on (by default on CPUs with AVX-512), TensorFlow logs two errors that cost nothing measured
+# (README, "A quiet console"): the float16 image store falls back to Eigen (logged once per process, when it is
+# made), and the graph optimizer's remapper gives up fusing a convolution whose output LeakyReLU's gradient
+# also reads (logged on a trainer's first step).
+HARMLESS_GRAPH_LINES = re.compile(
+    rb"E\d{4} \d\d:\d\d:\d+\.\d+ +\d+ (util\.cc:\d+\] oneDNN supports DT_HALF only on platforms with AVX-512\. .*"
+    rb"|meta_optimizer\.cc:\d+\] remapper failed: INVALID_ARGUMENT: Mutation::Apply error: fanout '[^']*LeakyReluGrad' "
+    rb"exist for missing node '[^']*BiasAdd'\.)")
 
 
 class DeviceImages(keras.layers.Layer):
@@ -33,8 +47,9 @@ class DeviceImages(keras.layers.Layer):
         super().__init__(dtype="float32", **kwargs)
         # float16 holds 0-255 exactly and every backend gathers it on a GPU (TensorFlow has no uint8 GPU
         # gather); twice uint8's bytes, half float32's. Not autocast: a mixed policy would cast all of it.
-        self.images = self.add_weight(shape=images.shape, dtype="float16", trainable=False, autocast=False,
-                                      initializer=lambda shape, dtype: images.astype(np.float16), name="images")
+        with filter_stderr_lines(HARMLESS_GRAPH_LINES):  # oneDNN's note on float16, once per process
+            self.images = self.add_weight(shape=images.shape, dtype="float16", trainable=False, autocast=False,
+                                          initializer=lambda shape, dtype: images.astype(np.float16), name="images")
 
     def call(self, indices):
         # Padding rows (index -1) gather image 0; their outputs count nowhere (see `build_device_trainer`).
@@ -204,6 +219,10 @@ def build_device_trainer(models: list[keras.Model], images: DeviceImages, augmen
     return trainer
 
 
+# TensorFlow trainers whose step has run, so its graph is optimized (the only time those errors are logged).
+_OPTIMIZED: "weakref.WeakSet[keras.Model]" = weakref.WeakSet()
+
+
 def train_epoch(trainer: keras.Model, orders: list[np.ndarray], targets: list[np.ndarray], batch_size: int,
                 show_bar: bool = False, steps_per_call: int = 1) -> dict[str, float]:
     """One epoch of `trainer`'s steps: member i sees its images in `orders[i]` with `targets[i]`, in batches
@@ -229,6 +248,8 @@ def train_epoch(trainer: keras.Model, orders: list[np.ndarray], targets: list[np
         return callbacks.epoch_logs
     trainer.make_train_function()
     trainer.reset_metrics()
+    optimized = trainer in _OPTIMIZED
+    _OPTIMIZED.add(trainer)
     if steps_per_call > 1:
         # (steps, batch, ...): a step's slice keeps its static shape inside the graph's loop.
         data = (tuple(keras.ops.convert_to_tensor(x.reshape((steps, batch_size))) for x in xs),
@@ -236,7 +257,8 @@ def train_epoch(trainer: keras.Model, orders: list[np.ndarray], targets: list[np
                 (keras.ops.convert_to_tensor(weights.reshape((steps, batch_size))),) * len(xs))
         for first in range(0, steps, steps_per_call):
             count = min(steps_per_call, steps - first)
-            train_steps(trainer, data, first, count)
+            with nullcontext() if optimized or first else filter_stderr_lines(HARMLESS_GRAPH_LINES):
+                train_steps(trainer, data, first, count)
             callbacks.on_train_batch_end(first + count - 1)
     else:
         xs = [keras.ops.convert_to_tensor(x) for x in xs]
@@ -244,7 +266,8 @@ def train_epoch(trainer: keras.Model, orders: list[np.ndarray], targets: list[np
         weights = keras.ops.convert_to_tensor(weights)
         for s in range(steps):
             batch = slice(s * batch_size, (s + 1) * batch_size)
-            train_step(trainer, [x[batch] for x in xs], [y[batch] for y in ys], [weights[batch]] * len(xs))
+            with nullcontext() if optimized or s else filter_stderr_lines(HARMLESS_GRAPH_LINES):
+                train_step(trainer, [x[batch] for x in xs], [y[batch] for y in ys], [weights[batch]] * len(xs))
             callbacks.on_train_batch_end(s)
     callbacks.on_epoch_end(0, trainer.get_metrics_result())
     return callbacks.epoch_logs

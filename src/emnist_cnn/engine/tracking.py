@@ -38,7 +38,8 @@ from ..io.rundir import RunDir, dropout_dirname
 from .prepare import PreparedData, load_run_data
 
 __all__ = ["Point", "member_writer", "ensemble_writer", "collect_epoch_points", "collect_checkpoint_points",
-           "build_checkpoint_images", "import_mlflow", "Tracker", "log_run_artifacts", "log_export", "track_run"]
+           "build_checkpoint_images", "find_local_artifact_root", "import_mlflow", "Tracker", "log_run_artifacts",
+           "log_export", "track_run"]
 
 log = logging.getLogger(__name__)
 
@@ -224,6 +225,14 @@ def import_mlflow():
     return mlflow
 
 
+def find_local_artifact_root(uri: str) -> str | None:
+    """Where a new experiment in a local sqlite store keeps its files: `mlartifacts/` beside the database file
+    (MLflow's own default is ./mlruns, in whatever folder the command runs in). None for any other store."""
+    if not uri.lower().startswith("sqlite:///"):
+        return None
+    return (Path(uri[len("sqlite:///"):]).resolve().parent / "mlartifacts").as_uri()
+
+
 class _MlflowSink:
     """One MLflow run per run directory, found again through RUN/tracking/mlflow.json.
 
@@ -279,7 +288,8 @@ class _MlflowSink:
                 self._save()
             name = self.tracking.mlflow_experiment
             exp = self.client.get_experiment_by_name(name)
-            exp_id = exp.experiment_id if exp is not None else self.client.create_experiment(name)
+            exp_id = exp.experiment_id if exp is not None else self.client.create_experiment(
+                name, artifact_location=find_local_artifact_root(self.uri))
             # Created but not recorded (killed in between): found again by its key, not created twice.
             found = self.client.search_runs([exp_id], f"tags.`emnist_cnn.run_key` = '{self.state['run_key']}'",
                                             max_results=1)
@@ -352,6 +362,11 @@ class _MlflowSink:
 
     def close(self, status: str | None) -> None:
         if status is not None and self.training and self.run_id is not None and self.opened:
+            self.client.set_terminated(self.run_id, status)
+
+    def mark(self, status: str) -> None:
+        """Set the MLflow run's status from outside a training process (`track`)."""
+        if self.client.get_run(self.run_id).info.status != status:
             self.client.set_terminated(self.run_id, status)
 
 
@@ -483,6 +498,20 @@ class Tracker:
             except Exception as exc:  # noqa: BLE001
                 self._report_failure(sink, exc)
 
+    def mark_mlflow_run(self, status: str) -> None:
+        """Set the MLflow run's status (FINISHED, KILLED) when no process trains the run; a failure is one
+        warning."""
+        for sink in self.sinks:
+            if sink.name != "mlflow":
+                continue
+            try:
+                with self.run.tracking_lock(sink.name, timeout=self.tracking.request_timeout):
+                    sink.load()
+                    sink.open()
+                    sink.mark(status)
+            except Exception as exc:  # noqa: BLE001
+                self._report_failure(sink, exc)
+
     def close(self, status: str | None = "FINISHED") -> None:
         """A last attempt at whatever is unsent, then close the writers and mark the MLflow run `status`
         (None: leave it as it is)."""
@@ -511,12 +540,18 @@ def log_run_artifacts(run_dir, tracking: TrackingConfig) -> None:
 
 def track_run(run_dir, tracking: TrackingConfig, *, data_dir=None) -> list[str]:
     """Send everything a run records that its sinks lack: TensorBoard (unless a process is training the
-    run, which writes them itself) and MLflow when configured. Returns one line per sink."""
+    run, which writes them itself) and MLflow when configured. Returns one line per sink.
+
+    With no process training the run, its MLflow run is marked FINISHED when every member has reached the
+    run's epochs, else KILLED (stopped early): never RUNNING without a process behind it."""
     run = RunDir(run_dir)
     config = run.read_config()
     lines = []
+    status = None  # a training process sets the MLflow run's status itself
     try:
         with run.lock():
+            done = all(run.state_epoch(d, i) >= config.epochs for d in config.dropouts for i in range(config.models))
+            status = "FINISHED" if done else "KILLED"
             try:
                 _, data = load_run_data(run.path, data_dir)
             except DataError as exc:
@@ -533,6 +568,8 @@ def track_run(run_dir, tracking: TrackingConfig, *, data_dir=None) -> list[str]:
         tracker.sync(force=True)
         if "mlflow" not in tracker.failed:
             tracker.log_artifacts(_artifact_paths(run))
+        if "mlflow" not in tracker.failed and status is not None:
+            tracker.mark_mlflow_run(status)
         if "mlflow" in tracker.failed:
             raise RunDirError(f"--mlflow {tracking.mlflow_uri}: {tracker.failed['mlflow']}")
         lines.append(f"mlflow: run {tracker.mlflow_run_id} in experiment {tracking.mlflow_experiment!r} at "

@@ -176,7 +176,6 @@ def download_emnist(
     url = f"{resolve_mirror(mirror)}/{archive}"
     archive_path = data_dir / archive
     _make_dir(data_dir)
-    log.info("downloading %s to %s", url, archive_path)
     try:
         download_file(url, archive_path, md5=archive_md5, timeout=timeout, progress=progress)
     except _HostUnreachable as exc:
@@ -202,7 +201,7 @@ def load_or_download(name: str, data_dir=None, *, mirror=None, download: bool = 
     """
     data_dir = Path(data_dir) if data_dir else default_data_dir()
     if find_dataset_files(name, data_dir) is None and download and name.startswith("emnist-"):
-        log.info("%s not found in %s: downloading it", name, data_dir)
+        log.debug("%s not found in %s: downloading it", name, data_dir)  # `_fetch` says so once connected
         download_emnist(name[len("emnist-"):], data_dir, mirror=mirror)
     return load_dataset(name, data_dir), data_dir
 
@@ -222,7 +221,6 @@ def _fetch(url: str, part: Path, *, timeout: float, progress: bool, chunk_size: 
     headers = {"User-Agent": f"emnist-cnn/{__version__}", "Accept-Encoding": "identity"}
     if offset:
         headers["Range"] = f"bytes={offset}-"
-        log.info("resuming %s from byte %d", url, offset)
     try:
         resp = urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=timeout)
     except urllib.error.HTTPError as exc:
@@ -251,12 +249,15 @@ def _fetch(url: str, part: Path, *, timeout: float, progress: bool, chunk_size: 
     with resp:
         # file:// responses have no HTTP status; they always send the whole file.
         status = getattr(resp, "status", None) or 200
+        # Said once the server answers: a host that cannot be reached gets the error line alone.
         if status == 206:
             start, total = _parse_content_range(resp.headers.get("Content-Range"))
             if start != offset:
                 raise _Restart(f"{url} answered a resume from byte {offset} with bytes from {start}")
+            log.info("resuming %s from byte %d into %s", url, offset, part)
             mode = "ab"
         else:
+            log.info("downloading %s to %s", url, part.with_name(part.name.removesuffix(".part")))
             if offset:
                 log.info("%s ignored the resume request; downloading from the start", url)
                 offset = 0

@@ -18,7 +18,7 @@ import argparse
 import json
 import logging
 import os
-import socket
+import re
 import statistics
 import subprocess
 import sys
@@ -48,22 +48,23 @@ class Captured(logging.Handler):
 
 
 def start_mlflow(root: Path) -> tuple[subprocess.Popen, str]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    url = f"http://127.0.0.1:{port}"
+    """`mlflow server` on a port of its own choosing (--port 0), found in its log."""
+    log_path = root / "server.log"
     proc = subprocess.Popen([str(Path(sys.executable).with_name("mlflow")), "server", "--backend-store-uri",
                              f"sqlite:///{root / 'mlflow.db'}", "--artifacts-destination", str(root / "artifacts"),
-                             "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+                             "--host", "127.0.0.1", "--port", "0", "--workers", "1"],
+                            stdout=open(log_path, "wb"), stderr=subprocess.STDOUT, start_new_session=True,
                             env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true"})
     deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
+    while time.monotonic() < deadline and proc.poll() is None:
+        found = re.search(r"Uvicorn running on (http://127\.0\.0\.1:\d+)", log_path.read_text(errors="replace"))
         try:
-            with urllib.request.urlopen(f"{url}/health", timeout=2):
-                return proc, url
+            if found:
+                with urllib.request.urlopen(f"{found.group(1)}/health", timeout=2):
+                    return proc, found.group(1)
         except OSError:
-            time.sleep(0.5)
+            pass
+        time.sleep(0.5)
     proc.kill()
     raise SystemExit("mlflow server did not start in 120 s")
 

@@ -27,6 +27,13 @@ def test_importing_keras_on_tensorflow_prints_nothing(onednn):
     assert r.stderr == ""
 
 
+def test_asking_tensorflow_for_every_line_shows_its_start_up_notes():
+    r = python("import emnist_cnn, keras", KERAS_BACKEND="tensorflow", TF_ENABLE_ONEDNN_OPTS="1",
+               TF_CPP_MIN_LOG_LEVEL="0")
+    assert r.returncode == 0, r.stderr
+    assert "oneDNN custom operations are on" in r.stderr
+
+
 FILTER_CHECK = r"""
 import os, sys
 from emnist_cnn.startup import filter_stderr_lines
@@ -43,7 +50,7 @@ os.write(2, b"I0000 00:00:1.0 1 port.cc:153] outside the block: not filtered\n")
 
 
 def test_the_filter_drops_absl_start_up_notes_and_keeps_every_other_line():
-    r = python(FILTER_CHECK)
+    r = python(FILTER_CHECK, TF_CPP_MIN_LOG_LEVEL=None)
     assert r.returncode == 0, r.stderr
     assert r.stderr.splitlines() == [
         "W0000 00:00:1796614778.2 2214 gpu_device.cc:2342] Cannot dlopen some GPU libraries. Skipping registering "

@@ -202,11 +202,8 @@ def test_missing_member_is_reported(server, emnist, tmp_path):
         fetch(server, tmp_path, emnist, archive_md5=None)
 
 
-def test_unreachable_host_gives_the_offline_message(emnist, tmp_path):
-    with socket.socket() as s:  # a port nobody listens on
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    url = f"http://127.0.0.1:{port}"
+def test_unreachable_host_gives_the_offline_message(emnist, tmp_path, closed_port):
+    url = f"http://127.0.0.1:{closed_port}"
     with pytest.raises(DownloadError) as info:
         dl.download_emnist("digits", tmp_path, mirror=url, progress=False, timeout=2)
     msg = str(info.value)

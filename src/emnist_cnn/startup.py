@@ -37,7 +37,11 @@ def set_backend_defaults() -> None:
 @contextmanager
 def filter_stderr_lines(noise: re.Pattern = STARTUP_NOISE):
     """Within the block, lines written to file descriptor 2 (by C++ or Python) that match `noise` in full are
-    dropped; every other line reaches the real stderr as it is written, so a crash still shows what it said."""
+    dropped; every other line reaches the real stderr as it is written, so a crash still shows what it said.
+    TF_CPP_MIN_LOG_LEVEL=0 (TensorFlow's every line, asked for) turns the filter off."""
+    if os.environ.get("TF_CPP_MIN_LOG_LEVEL") == "0":
+        yield
+        return
     try:
         sys.stderr.flush()
         saved = os.dup(2)

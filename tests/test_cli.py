@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from conftest import find_tensorflow_log_lines, read_csv
+from conftest import find_tensorflow_log_lines, read_console_lines, read_csv
 
 from emnist_cnn.cli import build_parser
 
@@ -22,9 +22,10 @@ def cli(*args, env=None, timeout=600):
                           text=True, timeout=timeout, env=full_env)
 
 
-def one_error_line(stderr: str) -> str:
-    """The whole of stderr, which must be exactly one line: ours (no start-up notes, no log lines before it)."""
-    lines = stderr.splitlines()
+def read_one_error_line(stderr: str) -> str:
+    """The whole of stderr, which must be exactly one line: ours (no start-up notes, no log lines before it).
+    Only TensorFlow's warnings about a GPU it cannot use may stand beside it (a GPU build on a CPU machine)."""
+    lines = read_console_lines(stderr)
     assert len(lines) == 1 and lines[0].startswith("emnist-cnn: error: "), stderr
     return lines[0]
 
@@ -81,7 +82,7 @@ def test_missing_data_is_one_clear_line(tmp_path):
     r = cli("train", "--run-dir", tmp_path / "run", "--data-dir", empty, *TINY_ARGS)
     assert r.returncode == 1
     assert "Traceback" not in r.stderr
-    line = one_error_line(r.stderr)
+    line = read_one_error_line(r.stderr)
     assert str(empty) in line and "train-images-idx3-ubyte" in line
 
 
@@ -93,7 +94,7 @@ def test_corrupt_data_file_is_one_clear_line(tmp_path, tiny_mnist_dir):
     (bad / "t10k-images-idx3-ubyte.gz").write_bytes((bad / "t10k-images-idx3-ubyte.gz").read_bytes()[:500])
     r = cli("train", "--run-dir", tmp_path / "run", "--data-dir", bad, *TINY_ARGS, "--epochs", "1")
     assert r.returncode == 1 and "Traceback" not in r.stderr
-    line = one_error_line(r.stderr)
+    line = read_one_error_line(r.stderr)
     assert "t10k-images-idx3-ubyte.gz" in line
 
 
@@ -101,7 +102,7 @@ def test_offline_download_says_so(tmp_path, closed_port):
     mirror = f"http://127.0.0.1:{closed_port}"
     r = cli("download", "--data-dir", tmp_path / "data", "--mirror", mirror)
     assert r.returncode == 1 and "Traceback" not in r.stderr
-    line = one_error_line(r.stderr)
+    line = read_one_error_line(r.stderr)
     assert "could not reach" in line and "offline" in line
 
 
@@ -111,7 +112,7 @@ def test_train_tries_to_download_missing_emnist_and_reports_offline(tmp_path, cl
     r = cli("train", "--run-dir", run, "--dataset", "emnist-digits", "--data-dir", tmp_path / "data",
             "--mirror", mirror, "--epochs", "1")
     assert r.returncode == 1 and "Traceback" not in r.stderr
-    line = one_error_line(r.stderr)
+    line = read_one_error_line(r.stderr)
     assert f"could not reach {mirror}/" in line and "offline" in line  # it went to the mirror it was given
     assert not (run / "config.json").exists()
     # --no-download: no connection at all (the listening mirror is never called), and the command to run.
@@ -124,7 +125,7 @@ def test_train_tries_to_download_missing_emnist_and_reports_offline(tmp_path, cl
         with pytest.raises(BlockingIOError):
             listening.accept()
     assert r.returncode == 1 and "Traceback" not in r.stderr
-    line = one_error_line(r.stderr)
+    line = read_one_error_line(r.stderr)
     assert "emnist-cnn download" in line and str(tmp_path / "data") in line
     assert not (run / "config.json").exists()
 
@@ -136,14 +137,14 @@ def test_resume_with_changed_experiment_is_refused(tmp_path, tiny_mnist_dir, clo
     assert find_tensorflow_log_lines(r.stderr) == []  # training on any CPU: nothing from TensorFlow's C++ logging
     r = cli("train", "--run-dir", run, "--data-dir", tiny_mnist_dir, "--models", "3")
     assert r.returncode == 2 and "Traceback" not in r.stderr
-    line = one_error_line(r.stderr)
+    line = read_one_error_line(r.stderr)
     assert "models" in line and "different experiment" in line
     # Refused before any data is loaded: no download is attempted for the other dataset (a download would
     # create the data folder, then fail on the closed mirror with exit 1).
     r = cli("train", "--run-dir", run, "--dataset", "emnist-letters", "--data-dir", tmp_path / "nowhere",
             "--mirror", f"http://127.0.0.1:{closed_port}")
     assert r.returncode == 2 and "Traceback" not in r.stderr
-    line = one_error_line(r.stderr)
+    line = read_one_error_line(r.stderr)
     assert "dataset" in line and "different experiment" in line
     assert not (tmp_path / "nowhere").exists()
     # Unset flags take the run's saved values, the data folder included: --epochs and --lr continue it.

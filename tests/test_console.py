@@ -1,15 +1,18 @@
 """What a user sees on the console: TensorFlow's start-up lines filtered out on every CPU, nothing else lost."""
 
 import os
+import signal
 import subprocess
 import sys
 
 import pytest
 
+from conftest import read_console_lines
+
 from emnist_cnn.startup import STARTUP_NOISE
 
 
-def python(code: str, **env) -> subprocess.CompletedProcess:
+def run_python(code: str, **env) -> subprocess.CompletedProcess:
     """`python -c CODE` with `env` changed (None: unset), stdout and stderr as text."""
     full = {k: v for k, v in os.environ.items() if k not in env or env[k] is not None}
     full.update({k: v for k, v in env.items() if v is not None})
@@ -22,13 +25,13 @@ def python(code: str, **env) -> subprocess.CompletedProcess:
 def test_importing_keras_on_tensorflow_prints_nothing(onednn):
     code = "import emnist_cnn, keras; print(keras.ops.convert_to_numpy(keras.ops.add(1, 2)))"
     env = {"KERAS_BACKEND": "tensorflow", "TF_ENABLE_ONEDNN_OPTS": onednn, "TF_CPP_MIN_LOG_LEVEL": None}
-    r = python(code, **env)
+    r = run_python(code, **env)
     assert r.returncode == 0 and r.stdout == "3\n", r.stderr
-    assert r.stderr == ""
+    assert read_console_lines(r.stderr) == []  # nothing but, on a GPU build, why its GPU is not used
 
 
 def test_asking_tensorflow_for_every_line_shows_its_start_up_notes():
-    r = python("import emnist_cnn, keras", KERAS_BACKEND="tensorflow", TF_ENABLE_ONEDNN_OPTS="1",
+    r = run_python("import emnist_cnn, keras", KERAS_BACKEND="tensorflow", TF_ENABLE_ONEDNN_OPTS="1",
                TF_CPP_MIN_LOG_LEVEL="0")
     assert r.returncode == 0, r.stderr
     assert "oneDNN custom operations are on" in r.stderr
@@ -50,7 +53,7 @@ os.write(2, b"I0000 00:00:1.0 1 port.cc:153] outside the block: not filtered\n")
 
 
 def test_the_filter_drops_absl_start_up_notes_and_keeps_every_other_line():
-    r = python(FILTER_CHECK, TF_CPP_MIN_LOG_LEVEL=None)
+    r = run_python(FILTER_CHECK, TF_CPP_MIN_LOG_LEVEL=None)
     assert r.returncode == 0, r.stderr
     assert r.stderr.splitlines() == [
         "W0000 00:00:1796614778.2 2214 gpu_device.cc:2342] Cannot dlopen some GPU libraries. Skipping registering "
@@ -74,3 +77,23 @@ def test_the_filter_drops_absl_start_up_notes_and_keeps_every_other_line():
 ])
 def test_only_absl_info_lines_and_its_notice_are_noise(line, noise):
     assert bool(STARTUP_NOISE.fullmatch(line)) is noise
+
+
+CRASH = r"""
+import ctypes
+from emnist_cnn.startup import filter_stderr_lines
+libc = ctypes.PyDLL(None)  # its calls keep the GIL, as an extension module's start-up code does
+with filter_stderr_lines():
+    line = b"F0000 00:00:1796614778.2 2214 cpu_feature_guard.cc:1] the last words before abort\n"
+    libc.write(2, line, len(line))
+    libc.abort()
+"""
+
+
+def test_a_process_that_dies_inside_the_filter_still_shows_its_last_words():
+    """TensorFlow's fatal start-up lines (a CPU without the instructions it was built for) come just before an
+    abort, while the import holds the GIL: the filter runs in a process of its own and still passes them."""
+    r = run_python(CRASH, TF_CPP_MIN_LOG_LEVEL=None)
+    assert r.returncode == -signal.SIGABRT
+    assert "the last words before abort" in r.stderr
+

@@ -288,6 +288,12 @@ def test_track_and_export_send_a_run_trained_without_mlflow_and_bad_uris_are_ref
     assert run_cli(["track", "--run-dir", stopped, "--mlflow", mlflow_server.url, "--mlflow-experiment",
                     "stopped"]) == 0
     assert the_run(mlflow_server, "stopped")["info"]["status"] == "KILLED"
+    # A status a process set stays: a run that FAILED is not made FINISHED by a later `track`.
+    from mlflow.tracking import MlflowClient
+
+    MlflowClient(tracking_uri=mlflow_server.url).set_terminated(run["info"]["run_id"], "FAILED")
+    assert run_cli(args) == 0
+    assert the_run(mlflow_server, "after-the-fact")["info"]["status"] == "FAILED"
 
     # export --mlflow: the export folder as files, and model.keras as an MLflow model anyone can load.
     import keras

@@ -30,12 +30,13 @@ __all__ = ["DeviceImages", "AugmentImages", "MaskedBatchNorm", "build_masked_mem
            "read_member_logs", "augment_key"]
 
 
-# Where oneDNN is on (by default on CPUs with AVX-512), TensorFlow logs two errors that cost nothing measured
-# (README, "A quiet console"): the float16 image store falls back to Eigen (logged once per process, when it is
-# made), and the graph optimizer's remapper gives up fusing a convolution whose output LeakyReLU's gradient
-# also reads (logged on a trainer's first step).
-HARMLESS_GRAPH_LINES = re.compile(
-    rb"E\d{4} \d\d:\d\d:\d+\.\d+ +\d+ (util\.cc:\d+\] oneDNN supports DT_HALF only on platforms with AVX-512\. .*"
+# Where oneDNN is on (by default on CPUs with AVX-512 VNNI, BF16 or AMX), TensorFlow logs two errors that cost
+# nothing measured (README, "What the console shows"): the float16 image store falls back to Eigen (logged when
+# it is made), and the graph optimizer's remapper gives up fusing a convolution whose output LeakyReLU's
+# gradient also reads (logged on a trainer's first step).
+HARMLESS_GRAPH_LINES = re.compile(  # absl's format (TensorFlow 2.17 on), or TensorFlow's own before it
+    rb"(?:E\d{4} \d\d:\d\d:\d+\.\d+ +\d+ |\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d+: E (?:\S+/)?)"
+    rb"(util\.cc:\d+\] oneDNN supports DT_HALF only on platforms with AVX-512\. .*"
     rb"|meta_optimizer\.cc:\d+\] remapper failed: INVALID_ARGUMENT: Mutation::Apply error: fanout '[^']*LeakyReluGrad' "
     rb"exist for missing node '[^']*BiasAdd'\.)")
 
@@ -249,7 +250,6 @@ def train_epoch(trainer: keras.Model, orders: list[np.ndarray], targets: list[np
     trainer.make_train_function()
     trainer.reset_metrics()
     optimized = trainer in _OPTIMIZED
-    _OPTIMIZED.add(trainer)
     if steps_per_call > 1:
         # (steps, batch, ...): a step's slice keeps its static shape inside the graph's loop.
         data = (tuple(keras.ops.convert_to_tensor(x.reshape((steps, batch_size))) for x in xs),
@@ -269,6 +269,7 @@ def train_epoch(trainer: keras.Model, orders: list[np.ndarray], targets: list[np
             with nullcontext() if optimized or s else filter_stderr_lines(HARMLESS_GRAPH_LINES):
                 train_step(trainer, [x[batch] for x in xs], [y[batch] for y in ys], [weights[batch]] * len(xs))
             callbacks.on_train_batch_end(s)
+    _OPTIMIZED.add(trainer)
     callbacks.on_epoch_end(0, trainer.get_metrics_result())
     return callbacks.epoch_logs
 

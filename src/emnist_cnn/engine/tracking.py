@@ -365,8 +365,9 @@ class _MlflowSink:
             self.client.set_terminated(self.run_id, status)
 
     def mark(self, status: str) -> None:
-        """Set the MLflow run's status from outside a training process (`track`)."""
-        if self.client.get_run(self.run_id).info.status != status:
+        """End an MLflow run left RUNNING (or SCHEDULED) with `status`, from outside a training process
+        (`track`); a run that ended FINISHED, KILLED or FAILED keeps what its process said."""
+        if self.client.get_run(self.run_id).info.status in ("RUNNING", "SCHEDULED"):
             self.client.set_terminated(self.run_id, status)
 
 
@@ -499,8 +500,8 @@ class Tracker:
                 self._report_failure(sink, exc)
 
     def mark_mlflow_run(self, status: str) -> None:
-        """Set the MLflow run's status (FINISHED, KILLED) when no process trains the run; a failure is one
-        warning."""
+        """End the MLflow run with `status` (FINISHED, KILLED) if it is still marked running; call it holding
+        the run's lock, so that no process trains it. A failure is one warning."""
         for sink in self.sinks:
             if sink.name != "mlflow":
                 continue
@@ -542,16 +543,13 @@ def track_run(run_dir, tracking: TrackingConfig, *, data_dir=None) -> list[str]:
     """Send everything a run records that its sinks lack: TensorBoard (unless a process is training the
     run, which writes them itself) and MLflow when configured. Returns one line per sink.
 
-    With no process training the run, its MLflow run is marked FINISHED when every member has reached the
-    run's epochs, else KILLED (stopped early): never RUNNING without a process behind it."""
+    An MLflow run still marked running with no process training the run is marked FINISHED when every member
+    has reached the run's epochs, else KILLED (stopped early): never RUNNING without a process behind it."""
     run = RunDir(run_dir)
     config = run.read_config()
     lines = []
-    status = None  # a training process sets the MLflow run's status itself
     try:
         with run.lock():
-            done = all(run.state_epoch(d, i) >= config.epochs for d in config.dropouts for i in range(config.models))
-            status = "FINISHED" if done else "KILLED"
             try:
                 _, data = load_run_data(run.path, data_dir)
             except DataError as exc:
@@ -568,8 +566,14 @@ def track_run(run_dir, tracking: TrackingConfig, *, data_dir=None) -> list[str]:
         tracker.sync(force=True)
         if "mlflow" not in tracker.failed:
             tracker.log_artifacts(_artifact_paths(run))
-        if "mlflow" not in tracker.failed and status is not None:
-            tracker.mark_mlflow_run(status)
+        if "mlflow" not in tracker.failed:
+            try:
+                with run.lock():
+                    done = all(run.state_epoch(d, i) >= config.epochs
+                               for d in config.dropouts for i in range(config.models))
+                    tracker.mark_mlflow_run("FINISHED" if done else "KILLED")
+            except LockBusyError:
+                pass  # a process trains the run: it sets the status itself
         if "mlflow" in tracker.failed:
             raise RunDirError(f"--mlflow {tracking.mlflow_uri}: {tracker.failed['mlflow']}")
         lines.append(f"mlflow: run {tracker.mlflow_run_id} in experiment {tracking.mlflow_experiment!r} at "

@@ -214,8 +214,12 @@ REFERENCE_MNIST_ERRORS = {
 REQUIRE_DEPS_ENV = "EMNIST_CNN_REQUIRE_DEPS"
 
 
+# The extra (pyproject.toml) that installs each optional test dependency; `make test` installs them all.
+EXTRA_OF = {"ray": "ray", "mlflow": "mlflow", "jax": "backends", "torch": "backends"}
+
+
 def _missing_dependency(name: str, why: str) -> str:
-    message = f"{name} is not installed ({why}; pip install -e '.[dev]')"
+    message = f"{name} is not installed ({why}; pip install -e '.[{EXTRA_OF.get(name.split('.')[0], 'dev')}]')"
     if os.environ.get(REQUIRE_DEPS_ENV) == "1":
         pytest.fail(f"{message} and {REQUIRE_DEPS_ENV}=1 is set: in CI a missing test dependency fails")
     return message

@@ -488,20 +488,15 @@ class Tracker:
 
     def log_artifacts(self, paths: list[Path], artifact_path: str | None = None) -> None:
         """Upload files (or folders) to the MLflow run, if there is one; a failure is one warning."""
-        for sink in self.sinks:
-            if sink.name != "mlflow":
-                continue
-            try:
-                with self.run.tracking_lock(sink.name, timeout=self.tracking.request_timeout):
-                    sink.load()
-                    sink.open()
-                    sink.log_artifacts([Path(p) for p in paths], artifact_path)
-            except Exception as exc:  # noqa: BLE001
-                self._report_failure(sink, exc)
+        self._call_mlflow(lambda sink: sink.log_artifacts([Path(p) for p in paths], artifact_path))
 
     def mark_mlflow_run(self, status: str) -> None:
         """End the MLflow run with `status` (FINISHED, KILLED) if it is still marked running; call it holding
         the run's lock, so that no process trains it. A failure is one warning."""
+        self._call_mlflow(lambda sink: sink.mark(status))
+
+    def _call_mlflow(self, action) -> None:
+        """`action(sink)` on the opened MLflow sink, if there is one, holding its tracking lock."""
         for sink in self.sinks:
             if sink.name != "mlflow":
                 continue
@@ -509,7 +504,7 @@ class Tracker:
                 with self.run.tracking_lock(sink.name, timeout=self.tracking.request_timeout):
                     sink.load()
                     sink.open()
-                    sink.mark(status)
+                    action(sink)
             except Exception as exc:  # noqa: BLE001
                 self._report_failure(sink, exc)
 

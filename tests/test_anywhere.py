@@ -26,6 +26,7 @@ model.accelerator_available = lambda: True
 
 
 def test_cpu_facts_skip_with_their_reason_where_a_gpu_is_seen(tmp_path):
+    """Catches: cpu_facts never skipped where a GPU is seen (seen failing)."""
     r = run_pytest_in_child(tmp_path, FAKE_GPU, "tests/test_device.py", "tests/test_recipes.py",
                         "-k", "runtime_on_this_cpu or fused_equals_one_at_a_time or step_table")
     out = r.stdout
@@ -42,6 +43,7 @@ sys.modules["mlflow"] = None  # `import mlflow` raises ImportError, as where the
 
 
 def test_a_missing_extra_skips_its_tests_with_the_reason_and_fails_them_in_ci(tmp_path):
+    """Catches: a missing extra that errors instead of skipping, or skips silently in CI."""
     args = ("tests/test_tracking.py", "-k", "kills_and_a_server_outage")
     r = run_pytest_in_child(tmp_path, NO_MLFLOW, *args, EMNIST_CNN_REQUIRE_DEPS="0")
     assert r.returncode == 0 and "1 skipped" in r.stdout, r.stdout[-3000:]

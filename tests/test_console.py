@@ -23,6 +23,7 @@ def run_python(code: str, **env) -> subprocess.CompletedProcess:
 # with it the start-up lines, on any CPU.
 @pytest.mark.parametrize("onednn", [None, "0", "1"], ids=["onednn-unset", "onednn-0", "onednn-1"])
 def test_importing_keras_on_tensorflow_prints_nothing(onednn):
+    """Catches: no filter around `import tensorflow` (seen failing with it off: the oneDNN lines, unset and 1)."""
     code = "import emnist_cnn, keras; print(keras.ops.convert_to_numpy(keras.ops.add(1, 2)))"
     env = {"KERAS_BACKEND": "tensorflow", "TF_ENABLE_ONEDNN_OPTS": onednn, "TF_CPP_MIN_LOG_LEVEL": None}
     r = run_python(code, **env)
@@ -31,6 +32,7 @@ def test_importing_keras_on_tensorflow_prints_nothing(onednn):
 
 
 def test_asking_tensorflow_for_every_line_shows_its_start_up_notes():
+    """Catches: the filter ignoring TF_CPP_MIN_LOG_LEVEL=0 (seen failing)."""
     r = run_python("import emnist_cnn, keras", KERAS_BACKEND="tensorflow", TF_ENABLE_ONEDNN_OPTS="1",
                TF_CPP_MIN_LOG_LEVEL="0")
     assert r.returncode == 0, r.stderr
@@ -53,6 +55,7 @@ os.write(2, b"I0000 00:00:1.0 1 port.cc:153] outside the block: not filtered\n")
 
 
 def test_the_filter_drops_absl_start_up_notes_and_keeps_every_other_line():
+    """Catches: a noise pattern that also drops warnings (W lines; seen failing)."""
     r = run_python(FILTER_CHECK, TF_CPP_MIN_LOG_LEVEL=None)
     assert r.returncode == 0, r.stderr
     assert r.stderr.splitlines() == [
@@ -76,6 +79,7 @@ def test_the_filter_drops_absl_start_up_notes_and_keeps_every_other_line():
     (b"emnist-cnn: error: no such file", False),
 ])
 def test_only_absl_info_lines_and_its_notice_are_noise(line, noise):
+    """Catches: a pattern too wide (W, E, F lines) or too narrow (absl's pre-init I0000 form, missed at first)."""
     assert bool(STARTUP_NOISE.fullmatch(line)) is noise
 
 
@@ -91,7 +95,8 @@ with filter_stderr_lines():
 
 
 def test_a_process_that_dies_inside_the_filter_still_shows_its_last_words():
-    """TensorFlow's fatal start-up lines (a CPU without the instructions it was built for) come just before an
+    """Catches: a filter read by a thread of the dying process (seen failing on that first version).
+    TensorFlow's fatal start-up lines (a CPU without the instructions it was built for) come just before an
     abort, while the import holds the GIL: the filter runs in a process of its own and still passes them."""
     r = run_python(CRASH, TF_CPP_MIN_LOG_LEVEL=None)
     assert r.returncode == -signal.SIGABRT

@@ -94,8 +94,11 @@ def _add_training_group(p: argparse.ArgumentParser) -> None:
                         "no GPU is usable; cpu: hide the GPUs (choose GPUs with CUDA_VISIBLE_DEVICES) "
                         "(default: auto)")
     d.add_argument("--jit-compile", choices=JIT_COMPILE, default="auto",
-                   help="compile the training step with XLA: auto is on with a GPU and off on a CPU, where "
-                        "XLA measured slower; JAX always uses XLA (default: auto)")
+                   help="compile with XLA, training and inference alike: auto is on with a GPU that is not "
+                        "hidden and off on a CPU, where XLA measured slower; JAX always uses XLA (default: auto)")
+    d.add_argument("--steps-per-call", type=int, default=None, metavar="N",
+                   help="training steps per compiled call, in a loop on the device (default: 16 with a GPU, "
+                        "1 on a CPU)")
 
 
 def _add_scaleout_group(p: argparse.ArgumentParser) -> None:

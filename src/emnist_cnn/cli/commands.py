@@ -79,7 +79,8 @@ def _train(args: argparse.Namespace, preset: str | None = None):
 
         return train_and_evaluate_on_ray(config, args.run_dir, scaleout, data_dir=args.data_dir, mirror=args.mirror,
                                          fixed_lr=args.lr, download=not args.no_download, fused=bool(args.fused),
-                                         tracking=tracking, device=args.device, jit_compile=args.jit_compile)
+                                         tracking=tracking, device=args.device, jit_compile=args.jit_compile,
+                                         steps_per_call=args.steps_per_call)
     from ..core.device import configure_device
     from ..core.threads import configure_threads
 
@@ -89,7 +90,8 @@ def _train(args: argparse.Namespace, preset: str | None = None):
 
     return train_and_evaluate(config, args.run_dir, data_dir=args.data_dir, mirror=args.mirror, fixed_lr=args.lr,
                               download=not args.no_download, verbose=0 if args.quiet else 1, fused=args.fused,
-                              tracking=tracking, jit_compile=args.jit_compile)
+                              tracking=tracking, jit_compile=args.jit_compile,
+                              steps_per_call=args.steps_per_call)
 
 
 def cmd_train(args: argparse.Namespace) -> int:

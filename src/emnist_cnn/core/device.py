@@ -11,13 +11,18 @@ import sys
 
 from ..errors import ConfigError
 
-__all__ = ["DEVICES", "JIT_COMPILE", "STEPS_PER_CALL_GPU", "configure_device", "describe_runtime", "format_runtime"]
+__all__ = ["DEVICES", "JIT_COMPILE", "STEPS_PER_CALL_GPU", "DEVICE_FED_BACKENDS", "LOOP_FORM", "configure_device",
+           "describe_runtime", "format_runtime"]
 
 log = logging.getLogger(__name__)
 
 DEVICES = ("auto", "gpu", "cpu")
 JIT_COMPILE = ("auto", "on", "off")
 STEPS_PER_CALL_GPU = 16  # training steps per compiled call on a GPU (a choice: no GPU here to measure it on)
+DEVICE_FED_BACKENDS = ("tensorflow",)  # backends whose training step loop is the package's own (others: fit)
+# How several steps make one call (core.trainer.train_steps): the loop in a graph around one compiled step.
+# On XLA:CPU the loop compiled into the program measured 19x slower per step (README, "Steps per call").
+LOOP_FORM = "outer"
 
 
 def configure_device(device: str) -> None:
@@ -76,9 +81,10 @@ def _why_no_gpu(backend: str) -> str:
     return "check the driver with nvidia-smi"
 
 
-def describe_runtime(jit_compile: str, fused: bool, precision: str) -> dict:
+def describe_runtime(jit_compile: str, fused: bool, precision: str, steps_per_call: int | None = None) -> dict:
     """The devices this process trains on and how, resolving `--jit-compile auto`: XLA on with a GPU, off on a
-    CPU (where XLA measured slower); JAX always compiles with XLA. Warns about bfloat16 on pre-Ampere GPUs."""
+    CPU (where XLA measured slower); JAX always compiles with XLA. `steps_per_call`: training steps per
+    compiled call (None: `STEPS_PER_CALL_GPU` on a GPU, 1 on a CPU). Warns about bfloat16 on pre-Ampere GPUs."""
     import keras
 
     from .model import accelerator_available
@@ -101,11 +107,19 @@ def describe_runtime(jit_compile: str, fused: bool, precision: str) -> dict:
         if old:
             log.warning("--precision mixed_bfloat16 on %s (compute capability below 8.0, no native bfloat16): "
                         "slower than float32 there", ", ".join(old))
-    # Several steps per call on a GPU, where a step can take less time than Python needs to launch it; on
-    # the CPU the step loop measured within 1.1x of a bare compiled step. Only TensorFlow has the direct loop.
-    steps_per_call = STEPS_PER_CALL_GPU if accelerator and backend == "tensorflow" else 1
+    fed = backend in DEVICE_FED_BACKENDS
+    if steps_per_call is None:
+        # Several steps per call on a GPU, where a step can take less time than Python needs to launch it;
+        # on the CPU the step loop measured within 1.1x of a bare compiled step.
+        steps_per_call = STEPS_PER_CALL_GPU if accelerator and fed else 1
+    elif isinstance(steps_per_call, bool) or not isinstance(steps_per_call, int) or steps_per_call < 1:
+        raise ConfigError(f"--steps-per-call must be a whole number of at least 1, got {steps_per_call!r}")
+    elif steps_per_call > 1 and not fed:
+        raise ConfigError(f"--steps-per-call {steps_per_call}: the {backend} backend trains through Keras' fit, "
+                          "one step per call")
     return {"backend": backend, "device": "GPU" if accelerator else "CPU", "gpus": devices, "fused": fused,
-            "xla": xla, "precision": precision, "steps_per_call": steps_per_call}
+            "xla": xla, "precision": precision, "steps_per_call": steps_per_call,
+            "loop": LOOP_FORM if steps_per_call > 1 else "step"}
 
 
 def _op_determinism_enabled() -> bool:

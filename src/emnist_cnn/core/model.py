@@ -19,7 +19,8 @@ from ..config import EMNIST_DIGITS_MEAN, EMNIST_DIGITS_STD, ModelConfig
 __all__ = ["EMNIST_DIGITS_MEAN", "EMNIST_DIGITS_STD", "build_model", "compile_model", "build_optimizer",
            "copy_optimizer_state",
            "accelerator_available", "build_member_predictor", "build_averaged_ensemble", "predict_members",
-           "predict_probabilities", "recalibrate_batchnorm", "read_variable", "average_per_channel"]
+           "predict_probabilities", "recalibrate_batchnorm", "read_variable", "average_per_channel", "use_jit_compile",
+           "jit_compile_enabled", "predict_batch"]
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +86,43 @@ def build_model(
     return keras.Model(inputs, outputs, name=name)
 
 
+# The process's one XLA switch (see `use_jit_compile`); None until a run decides it.
+_JIT_COMPILE: dict[str, bool | None] = {"on": None}
+
+
+def use_jit_compile(on: bool | None) -> None:
+    """Set whether every model this package compiles or predicts with uses XLA (None: `jit_compile_enabled`'s
+    default). Set once a run has decided (`core.device.describe_runtime`); models already run keep theirs."""
+    _JIT_COMPILE["on"] = on
+
+
+def jit_compile_enabled() -> bool:
+    """The XLA switch: as `use_jit_compile` set it, else on where the backend sees a GPU that is not hidden.
+
+    Keras' own "auto" looks at the physical GPUs, so with `--device cpu` or
+    `--jit-compile off` on a GPU machine it would still compile inference with
+    XLA. JAX runs nothing uncompiled (Keras' jit_compile=False there is eager).
+    """
+    if keras.backend.backend() == "jax":
+        return True
+    on = _JIT_COMPILE["on"]
+    if on is None:
+        return keras.backend.backend() == "tensorflow" and accelerator_available()
+    return on
+
+
+def _ready(model: keras.Model) -> keras.Model:
+    """`model` with its inference function, when not made yet, to be compiled as the XLA switch says."""
+    if getattr(model, "predict_function", None) is None:
+        model.jit_compile = jit_compile_enabled()
+    return model
+
+
+def predict_batch(model: keras.Model, x):
+    """`model.predict_on_batch(x)`, compiled as the process's XLA switch says (see `jit_compile_enabled`)."""
+    return _ready(model).predict_on_batch(x)
+
+
 def compile_model(model: keras.Model, lr: float, label_smoothing: float = 0.0,
                   loss_scaling: bool = False) -> keras.Model:
     """Adam with categorical cross-entropy, as the reference: on integer labels, or with
@@ -94,6 +132,7 @@ def compile_model(model: keras.Model, lr: float, label_smoothing: float = 0.0,
         optimizer=build_optimizer(lr, loss_scaling),
         loss=_loss(label_smoothing),
         metrics=["accuracy"],
+        jit_compile=jit_compile_enabled(),
     )
     return model
 
@@ -172,7 +211,7 @@ def predict_members(models, images: np.ndarray, batch_size: int = 2000) -> np.nd
     n_members = len(stacked.outputs)
     out = []
     for batch, n in _batches(images, batch_size):
-        probs = stacked.predict_on_batch(batch)
+        probs = predict_batch(stacked, batch)
         probs = probs if isinstance(probs, (list, tuple)) else [probs]
         out.append(np.stack([np.asarray(p)[:n] for p in probs]))
     if not out:
@@ -201,7 +240,7 @@ def recalibrate_batchnorm(model: keras.Model, images, batch_size: int = 1000) ->
         for start in range(0, len(images), batch_size):
             batch = x[start : start + batch_size]
             sizes.append(batch.shape[0])
-            moments.append(np.asarray(probe.predict_on_batch(batch), np.float64))
+            moments.append(np.asarray(predict_batch(probe, batch), np.float64))
         w = np.array(sizes, np.float64)[:, None] / len(images)
         m, v = np.stack([mv[0] for mv in moments]), np.stack([mv[1] for mv in moments])  # (batches, channels)
         mean = (w * m).sum(axis=0)
@@ -256,7 +295,7 @@ def predict_probabilities(model: keras.Model, images: np.ndarray, batch_size: in
     """Inference-mode softmax for uint8 (N, 28, 28) images, in batches to bound memory."""
     out = []
     for batch, n in _batches(images, batch_size):
-        out.append(np.asarray(model.predict_on_batch(batch))[:n])
+        out.append(np.asarray(predict_batch(model, batch))[:n])
     if not out:
         return np.zeros((0, model.output_shape[-1]), np.float32)
     return np.concatenate(out).astype(np.float32)

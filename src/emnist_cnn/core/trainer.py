@@ -13,9 +13,11 @@ trainer; copy optimizer moments in and out with `copy_optimizer_state`.
 
 from __future__ import annotations
 
+import logging
 import re
+import time
 import weakref
-from contextlib import nullcontext
+from contextlib import contextmanager
 
 import keras
 import numpy as np
@@ -27,7 +29,9 @@ from .model import build_optimizer, average_per_channel
 
 __all__ = ["DeviceImages", "AugmentImages", "MaskedBatchNorm", "build_masked_member", "StepRates", "EpochCallbacks",
            "build_device_trainer", "HARMLESS_GRAPH_LINES", "train_epoch", "train_step", "train_steps",
-           "read_member_logs", "augment_key"]
+           "read_member_logs", "augment_key", "LOOP_FORMS"]
+
+log = logging.getLogger(__name__)
 
 
 # Where oneDNN is on (by default on CPUs with AVX-512 VNNI, BF16 or AMX), TensorFlow logs two errors that cost
@@ -220,12 +224,33 @@ def build_device_trainer(models: list[keras.Model], images: DeviceImages, augmen
     return trainer
 
 
-# TensorFlow trainers whose step has run, so its graph is optimized (the only time those errors are logged).
-_OPTIMIZED: "weakref.WeakSet[keras.Model]" = weakref.WeakSet()
+# The programs each TensorFlow trainer has run: a program's first call traces and compiles it, and is the only
+# time the graph optimizer logs those errors.
+_COMPILED: "weakref.WeakKeyDictionary[keras.Model, set]" = weakref.WeakKeyDictionary()
+
+
+@contextmanager
+def _first_call_logged(trainer: keras.Model, program: tuple, what: str):
+    """Around a call of one of `trainer`'s programs: the first call (which compiles it) is said, with its time."""
+    done = _COMPILED.setdefault(trainer, set())
+    if program in done:
+        yield
+        return
+    members = len(trainer.outputs)
+    how = "XLA" if trainer.jit_compile else "graph"
+    if done:  # a later program (an epoch's last, shorter call): under "outer", no new XLA program
+        log.info("compiling the training step for %s (%s)...", what, how)
+    else:
+        log.info("compiling the training step (%d member%s, %s, %s)...", members, "s" * (members > 1), what, how)
+    t0 = time.perf_counter()
+    with filter_stderr_lines(HARMLESS_GRAPH_LINES):
+        yield
+    done.add(program)
+    log.info("compiled the training step in %.1f s", time.perf_counter() - t0)
 
 
 def train_epoch(trainer: keras.Model, orders: list[np.ndarray], targets: list[np.ndarray], batch_size: int,
-                show_bar: bool = False, steps_per_call: int = 1) -> dict[str, float]:
+                show_bar: bool = False, steps_per_call: int = 1, loop: str = "outer") -> dict[str, float]:
     """One epoch of `trainer`'s steps: member i sees its images in `orders[i]` with `targets[i]`, in batches
     of `batch_size`, the last padded to full size (index -1, sample weight 0). Returns the epoch's logs,
     read from the device once.
@@ -233,8 +258,10 @@ def train_epoch(trainer: keras.Model, orders: list[np.ndarray], targets: list[np
     TensorFlow: the step is called directly, with each member's order and targets
     uploaded once per epoch and sliced on the device (Keras' `fit` reads a value
     back after every step); `steps_per_call` > 1 runs that many steps per call, in
-    a loop in the graph (the same steps: to the bit without XLA, within rounding
-    under it). JAX and torch: Keras' `fit`.
+    the form `loop` names (see `train_steps`; the same steps: to the bit without
+    XLA, within rounding under it). Each distinct call is compiled once per trainer
+    and process: a full call and, where the epoch's steps do not divide, the tail.
+    JAX and torch: Keras' `fit`.
     """
     n = len(orders[0])
     steps = -(-n // batch_size)
@@ -249,7 +276,6 @@ def train_epoch(trainer: keras.Model, orders: list[np.ndarray], targets: list[np
         return callbacks.epoch_logs
     trainer.make_train_function()
     trainer.reset_metrics()
-    optimized = trainer in _OPTIMIZED
     if steps_per_call > 1:
         # (steps, batch, ...): a step's slice keeps its static shape inside the graph's loop.
         data = (tuple(keras.ops.convert_to_tensor(x.reshape((steps, batch_size))) for x in xs),
@@ -257,8 +283,8 @@ def train_epoch(trainer: keras.Model, orders: list[np.ndarray], targets: list[np
                 (keras.ops.convert_to_tensor(weights.reshape((steps, batch_size))),) * len(xs))
         for first in range(0, steps, steps_per_call):
             count = min(steps_per_call, steps - first)
-            with nullcontext() if optimized or first else filter_stderr_lines(HARMLESS_GRAPH_LINES):
-                train_steps(trainer, data, first, count)
+            with _first_call_logged(trainer, (count, loop), f"{count} step{'s' * (count > 1)} per call"):
+                train_steps(trainer, data, first, count, loop)
             callbacks.on_train_batch_end(first + count - 1)
     else:
         xs = [keras.ops.convert_to_tensor(x) for x in xs]
@@ -266,10 +292,9 @@ def train_epoch(trainer: keras.Model, orders: list[np.ndarray], targets: list[np
         weights = keras.ops.convert_to_tensor(weights)
         for s in range(steps):
             batch = slice(s * batch_size, (s + 1) * batch_size)
-            with nullcontext() if optimized or s else filter_stderr_lines(HARMLESS_GRAPH_LINES):
+            with _first_call_logged(trainer, (1, "step"), "one step per call"):
                 train_step(trainer, [x[batch] for x in xs], [y[batch] for y in ys], [weights[batch]] * len(xs))
             callbacks.on_train_batch_end(s)
-    _OPTIMIZED.add(trainer)
     callbacks.on_epoch_end(0, trainer.get_metrics_result())
     return callbacks.epoch_logs
 
@@ -280,32 +305,56 @@ def train_step(trainer: keras.Model, xs: list, ys: list, weights: list) -> None:
     trainer.train_function(iter([(tuple(xs), tuple(ys), tuple(weights))]))
 
 
-def train_steps(trainer: keras.Model, data: tuple, first: int, count: int) -> None:
+def train_steps(trainer: keras.Model, data: tuple, first: int, count: int, loop: str = "outer") -> None:
     """Steps `first` .. `first + count - 1` of a TensorFlow trainer in one call; `data` holds (indices,
-    targets, sample weights) per member as (steps, batch, ...) device tensors. Nothing is read back."""
-    if trainer not in _MULTI_STEP:
-        _MULTI_STEP[trainer] = _build_multi_step(trainer)
-    _MULTI_STEP[trainer](data, np.int32(first), np.int32(count))
+    targets, sample weights) per member as (steps, batch, ...) device tensors. Nothing is read back.
+
+    `first` is a runtime value, so every call of the same length, in any epoch, resumed or not, runs the same
+    program. `loop` (see `LOOP_FORMS`): "outer", a loop in a graph that XLA leaves alone around one compiled
+    step, shared by calls of every length (under XLA, one compilation per trainer); "loop", the loop in the
+    compiled program; "unrolled", `count` copies of the step in it (one compilation per call length).
+    """
+    programs = _MULTI_STEP.setdefault(trainer, {})
+    if (count, loop) not in programs:
+        programs[count, loop] = _build_multi_step(trainer, count, loop, programs)
+    programs[count, loop](data, np.int32(first))
 
 
-_MULTI_STEP: "weakref.WeakKeyDictionary[keras.Model, object]" = weakref.WeakKeyDictionary()
+_MULTI_STEP: "weakref.WeakKeyDictionary[keras.Model, dict]" = weakref.WeakKeyDictionary()
+# Measured on XLA:CPU, 2 members, batch 32, 4 steps per call (README, "Steps per call"): 67 ms a step called
+# alone, 75 "outer", 66 "unrolled", 1,279 "loop"; "outer" also compiles one step, not `count` of them.
+LOOP_FORMS = ("outer", "unrolled", "loop")
 
 
-def _build_multi_step(trainer: keras.Model):
+def _build_multi_step(trainer: keras.Model, count: int, loop: str, programs: dict):
     import tensorflow as tf
 
+    if loop not in LOOP_FORMS:
+        raise ValueError(f"loop must be one of {', '.join(LOOP_FORMS)}, got {loop!r}")
     owner = weakref.ref(trainer)  # the cache holds this function: a strong reference would keep the trainer
+    xla = bool(trainer.jit_compile)
 
     def step(data, s):
         owner().train_step(keras.tree.map_structure(lambda t: tf.gather(t, s), data))
 
-    @tf.function(jit_compile=bool(trainer.jit_compile), reduce_retracing=True)
-    def run(data, first, count):
+    if loop == "outer":
+        if "step" not in programs:
+            programs["step"] = tf.function(step, jit_compile=xla, reduce_retracing=True)
+        step = programs["step"]
+
+    @tf.function(jit_compile=xla and loop != "outer", reduce_retracing=True)
+    def run(data, first):
         # The first step outside the loop: a first trace creates the metrics' variables there, and
         # TensorFlow allows no variable creation inside a loop.
         step(data, first)
-        for s in tf.range(first + 1, first + count):
-            step(data, s)
+        if loop == "unrolled":
+            for s in range(1, count):
+                step(data, first + s)
+        else:
+            # A trip count fixed when traced: XLA takes a loop's bound as a compile-time constant, so a bound
+            # computed from `first` compiled a new program for every new `first`.
+            for s in tf.range(1, count):
+                step(data, first + s)
 
     return run
 

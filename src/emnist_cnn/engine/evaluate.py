@@ -82,7 +82,7 @@ def evaluate_ensemble(
 def predict_with_tta(model, images: np.ndarray, tta: int, augment_cfg, seed: int = 0) -> np.ndarray:
     """Softmax averaged over the image and `tta` augmented copies (0 = plain prediction)."""
     from ..core.augment import augment_batch
-    from ..core.model import predict_probabilities
+    from ..core.model import predict_batch, predict_probabilities
 
     probs = predict_probabilities(model, images)
     if tta <= 0 or len(images) == 0:
@@ -93,7 +93,7 @@ def predict_with_tta(model, images: np.ndarray, tta: int, augment_cfg, seed: int
         views = []
         for start in range(0, len(images), 2000):
             x = np.asarray(augment_batch(images[start : start + 2000], rng, augment_cfg))
-            views.append(np.asarray(model.predict_on_batch(x)))
+            views.append(np.asarray(predict_batch(model, x)))
         total += np.concatenate(views)
     return (total / (tta + 1)).astype(np.float32)
 

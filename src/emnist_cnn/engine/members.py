@@ -63,6 +63,7 @@ class TrainContext:
     device_images: object = None  # the training images on the device (a DeviceImages), uploaded once
     jit_compile: bool = False  # XLA for the compiled steps
     steps_per_call: int = 1  # training steps per compiled call (see core.trainer.train_epoch)
+    loop: str = "outer"  # how a call runs several steps (see core.trainer.train_steps)
     on_epoch: Callable[["Member"], None] | None = None  # called once each finished epoch is recorded
     fixed_lr: float | None = None  # a rate for every step this call trains, instead of the recipe's
 
@@ -258,7 +259,7 @@ def _run_epoch(group: list[Member], trainer, ctx: TrainContext) -> list[tuple[fl
     # Bars only on a terminal: in a log file their frames add about 16 KB per member-epoch, and the
     # epoch's own log line says the same.
     logs = train_epoch(trainer, orders, ys, bs, show_bar=bool(ctx.verbose) and sys.stdout.isatty(),
-                       steps_per_call=ctx.steps_per_call)
+                       steps_per_call=ctx.steps_per_call, loop=ctx.loop)
     for m in group:
         copy_optimizer_state(opt, m.model.optimizer, m.model.trainable_variables)
         m.model.optimizer.learning_rate.assign(last_lr)

@@ -197,7 +197,9 @@ class Predictor:
 
 
 def _keras_fn(model) -> Callable:
-    return lambda x: model.predict_on_batch(x)
+    from ..core.model import predict_batch
+
+    return lambda x: predict_batch(model, x)
 
 
 def _classes_for(n: int, given=None) -> list[str]:

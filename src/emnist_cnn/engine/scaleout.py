@@ -102,9 +102,9 @@ def _node_label() -> str:
 
 def train_segment(run_dir: str, config: TrainConfig, data: PreparedData, dropout: float, indices: tuple[int, ...],
                   fixed_lr: float | None, target: int, fused: bool, threads: int, lock_timeout: float,
-                  device: str = "auto", jit_compile: str = "auto") -> dict:
+                  device: str = "auto", jit_compile: str = "auto", steps_per_call: int | None = None) -> dict:
     """A Ray task: train these members of one dropout rate from their states to epoch `target`, on this
-    worker's device as `--device` and `--jit-compile` decide here.
+    worker's device as `--device`, `--jit-compile` and `--steps-per-call` decide here.
 
     Holds the members' lock while it trains, so that a stale attempt (on a node cut off from the
     cluster) and its retry never write at once. Returns what the driver prints.
@@ -115,7 +115,10 @@ def train_segment(run_dir: str, config: TrainConfig, data: PreparedData, dropout
     node = _node_label()
     try:
         configure_device(device)  # `gpu` on a worker without one: a final failure, in one line
-        runtime = describe_runtime(jit_compile, fused, config.model.precision)
+        runtime = describe_runtime(jit_compile, fused, config.model.precision, steps_per_call)
+        from ..core.model import use_jit_compile  # deferred: imports the backend, after configure_device
+
+        use_jit_compile(runtime["xla"])
         with run.member_lock(dropout, indices, lock_timeout):
             start = {i: read_state_epoch(run.state_path(dropout, i)) for i in indices}
             attempts = []
@@ -129,7 +132,7 @@ def train_segment(run_dir: str, config: TrainConfig, data: PreparedData, dropout
             members = [open_member(run, config, data, dropout, i, fixed_lr) for i in indices]
             ctx = TrainContext(run, config, data, sample_calibration_images(config, data), verbose=0, fused=fused,
                                fixed_lr=fixed_lr, jit_compile=runtime["xla"],
-                               steps_per_call=runtime["steps_per_call"])
+                               steps_per_call=runtime["steps_per_call"], loop=runtime["loop"])
             train_members_to(members, target, ctx)
     except Exception as exc:  # noqa: BLE001  (sorted into retried and final failures)
         _raise_transient_or_original(exc)
@@ -143,11 +146,14 @@ def train_segment(run_dir: str, config: TrainConfig, data: PreparedData, dropout
 
 
 def evaluate_segment(run_dir: str, config: TrainConfig, data: PreparedData, dropout: float, epoch: int,
-                     threads: int, device: str = "auto") -> list[ErrorRecord]:
+                     threads: int, device: str = "auto", jit_compile: str = "auto") -> list[ErrorRecord]:
     """A Ray task: every member's and the ensemble's errors at one checkpoint, from the checkpoint files."""
     configure_threads(threads)
     try:
         configure_device(device)
+        from ..core.model import use_jit_compile  # deferred: imports the backend, after configure_device
+
+        use_jit_compile(describe_runtime(jit_compile, False, config.model.precision)["xla"])
         return evaluate_checkpoint(RunDir(run_dir), config, data, dropout, epoch)
     except Exception as exc:  # noqa: BLE001
         _raise_transient_or_original(exc)
@@ -171,9 +177,10 @@ class _Driver:
     """Keeps one task per member (or fused group) in flight and one evaluation per dropout rate."""
 
     def __init__(self, ray, run: RunDir, config: TrainConfig, data: PreparedData, scaleout: ScaleOutConfig,
-                 fixed_lr: float | None, fused: bool, tracker: Tracker, device: str, jit_compile: str):
+                 fixed_lr: float | None, fused: bool, tracker: Tracker, device: str, jit_compile: str,
+                 steps_per_call: int | None):
         self.ray, self.run, self.config, self.scaleout, self.fixed_lr = ray, run, config, scaleout, fixed_lr
-        self.device, self.jit_compile = device, jit_compile
+        self.device, self.jit_compile, self.steps_per_call = device, jit_compile, steps_per_call
         self.tracker = tracker
         self.ckpts = config.checkpoint_epochs()
         groups = [tuple(range(config.models))] if fused else [(i,) for i in range(config.models)]
@@ -207,7 +214,8 @@ class _Driver:
             if unit not in busy and (target := self.next_target(unit)) is not None:
                 ref = self.train_task.remote(str(self.run.path), self.config, self.data_ref, unit[0], unit[1],
                                              self.fixed_lr, target, self.fused, self.scaleout.task_threads,
-                                             self.scaleout.lock_timeout, self.device, self.jit_compile)
+                                             self.scaleout.lock_timeout, self.device, self.jit_compile,
+                                             self.steps_per_call)
                 self.in_flight[ref] = ("train", unit, target)
         evaluating = {job[1] for job in self.in_flight.values() if job[0] == "eval"}
         for d in self.config.dropouts:
@@ -216,7 +224,7 @@ class _Driver:
             for c in self.ckpts:
                 if c not in self.evaluated[d] and self.run.has_all_weights(d, c, self.config.models):
                     ref = self.eval_task.remote(str(self.run.path), self.config, self.data_ref, d, c,
-                                                self.scaleout.task_threads, self.device)
+                                                self.scaleout.task_threads, self.device, self.jit_compile)
                     self.in_flight[ref] = ("eval", d, c)
                     break
 
@@ -271,7 +279,8 @@ class _Driver:
 def train_ensembles_on_ray(config: TrainConfig, run_dir, data: PreparedData, scaleout: ScaleOutConfig, *,
                            fixed_lr: float | None = None, fused: bool = False,
                            tracking: TrackingConfig | None = None, device: str = "auto",
-                           jit_compile: str = "auto") -> dict[float, list[ErrorRecord]]:
+                           jit_compile: str = "auto",
+                           steps_per_call: int | None = None) -> dict[float, list[ErrorRecord]]:
     """Train (or resume) every ensemble of the run as Ray tasks; the same files as `train_ensembles`.
 
     `device` and `jit_compile` are applied by each task on its worker (see
@@ -291,6 +300,7 @@ def train_ensembles_on_ray(config: TrainConfig, run_dir, data: PreparedData, sca
                                "fixed_lr": fixed_lr, "fused": fused, "ray": scaleout.ray_address,
                                "threads": scaleout.task_threads, "gpus_per_member": scaleout.gpus_per_member,
                                "runtime": {"device": device, "jit_compile": jit_compile,
+                                           "steps_per_call": steps_per_call,
                                            "decided": "per task on its worker (history/segments_model_<i>.jsonl)"},
                                "versions": collect_versions()})
         tracker = open_tracker(run, config, tracking, data)
@@ -300,7 +310,8 @@ def train_ensembles_on_ray(config: TrainConfig, run_dir, data: PreparedData, sca
                 resources = ray.cluster_resources()
                 log.info("ray: %d node(s), %g CPUs, %g GPUs; %d thread(s) per task", len(ray.nodes()),
                          resources.get("CPU", 0), resources.get("GPU", 0), scaleout.task_threads)
-                _Driver(ray, run, config, data, scaleout, fixed_lr, fused, tracker, device, jit_compile).drive()
+                _Driver(ray, run, config, data, scaleout, fixed_lr, fused, tracker, device, jit_compile,
+                        steps_per_call).drive()
             finally:
                 ray.shutdown()
         return {d: find_last_errors(run, config, d) for d in config.dropouts}
@@ -309,7 +320,8 @@ def train_ensembles_on_ray(config: TrainConfig, run_dir, data: PreparedData, sca
 def train_and_evaluate_on_ray(config: TrainConfig, run_dir, scaleout: ScaleOutConfig, *, data_dir=None,
                               mirror=None, fixed_lr=None, dataset=None, download: bool = True,
                               fused: bool = False, tracking: TrackingConfig | None = None, device: str = "auto",
-                              jit_compile: str = "auto") -> dict[float, list[ErrorRecord]]:
+                              jit_compile: str = "auto",
+                              steps_per_call: int | None = None) -> dict[float, list[ErrorRecord]]:
     """`train_and_evaluate` with the members trained as Ray tasks (see the module's docstring)."""
     check_ray_device(device, jit_compile, scaleout)
     check_run_dir_shared(run_dir)
@@ -317,4 +329,5 @@ def train_and_evaluate_on_ray(config: TrainConfig, run_dir, scaleout: ScaleOutCo
     data = load_training_data(config, run_dir, data_dir=data_dir, mirror=mirror, dataset=dataset,
                               download=download, fixed_lr=fixed_lr)
     return train_ensembles_on_ray(config, run_dir, data, scaleout, fixed_lr=fixed_lr, fused=fused,
-                                  tracking=tracking, device=device, jit_compile=jit_compile)
+                                  tracking=tracking, device=device, jit_compile=jit_compile,
+                                  steps_per_call=steps_per_call)

@@ -165,7 +165,7 @@ def record_checkpoint(run: RunDir, dropout: float, epoch: int, records: list[Err
 
 def train_ensembles(config: TrainConfig, run_dir, data: PreparedData, *, fixed_lr: float | None = None,
                     verbose: int = 1, fused: bool | None = None, tracking: TrackingConfig | None = None,
-                    jit_compile: str = "auto") -> dict[float, list[ErrorRecord]]:
+                    jit_compile: str = "auto", steps_per_call: int | None = None) -> dict[float, list[ErrorRecord]]:
     """Train (or resume) every ensemble of the run; returns each dropout rate's last-checkpoint errors.
 
     `fixed_lr` sets the learning rate for the epochs this call trains (the
@@ -173,11 +173,15 @@ def train_ensembles(config: TrainConfig, run_dir, data: PreparedData, *, fixed_l
     configured rate is used. `fused` trains each ensemble's members in one
     compiled step (same results as one by one); None: on a GPU only.
     `tracking`: where progress is sent (default: TensorBoard event files only).
-    `jit_compile`: XLA for the training step, "auto" (on with a GPU), "on" or "off".
+    `jit_compile`: XLA for every compiled function, "auto" (on with a GPU), "on" or "off".
+    `steps_per_call`: training steps per compiled call (None: 16 on a GPU, 1 on a CPU).
     """
+    from ..core.model import use_jit_compile  # deferred: imports the backend
+
     run = RunDir(run_dir)
     fused = resolve_fused(fused, config)
-    runtime = describe_runtime(jit_compile, fused, config.model.precision)
+    runtime = describe_runtime(jit_compile, fused, config.model.precision, steps_per_call)
+    use_jit_compile(runtime["xla"])
     log.info("%s", format_runtime(runtime))
     with run.lock():
         run.remove_stale_temporaries()
@@ -188,7 +192,8 @@ def train_ensembles(config: TrainConfig, run_dir, data: PreparedData, *, fixed_l
         tracker = open_tracker(run, config, tracking, data)
         ctx = TrainContext(run, config, data, sample_calibration_images(config, data), verbose, fused,
                            on_epoch=lambda m: tracker.sync(members=[(m.dropout, m.index)]), fixed_lr=fixed_lr,
-                           jit_compile=runtime["xla"], steps_per_call=runtime["steps_per_call"])
+                           jit_compile=runtime["xla"], steps_per_call=runtime["steps_per_call"],
+                           loop=runtime["loop"])
         with tracker_closed_on_exit(tracker):
             return {dropout: _train_ensemble(ctx, dropout, tracker) for dropout in config.dropouts}
 
@@ -269,8 +274,8 @@ def load_training_data(config: TrainConfig, run_dir, *, data_dir=None, mirror=No
 
 def train_and_evaluate(config: TrainConfig, run_dir, *, data_dir=None, mirror=None, fixed_lr=None,
                        dataset=None, download: bool = True, verbose: int = 1, fused: bool | None = None,
-                       tracking: TrackingConfig | None = None,
-                       jit_compile: str = "auto") -> dict[float, list[ErrorRecord]]:
+                       tracking: TrackingConfig | None = None, jit_compile: str = "auto",
+                       steps_per_call: int | None = None) -> dict[float, list[ErrorRecord]]:
     """Load (or download) the data, then train and evaluate every ensemble in `run_dir`.
 
     Returns each dropout rate's errors at the last checkpoint.
@@ -278,4 +283,4 @@ def train_and_evaluate(config: TrainConfig, run_dir, *, data_dir=None, mirror=No
     data = load_training_data(config, run_dir, data_dir=data_dir, mirror=mirror, dataset=dataset,
                               download=download, fixed_lr=fixed_lr)
     return train_ensembles(config, Path(run_dir), data, fixed_lr=fixed_lr, verbose=verbose, fused=fused,
-                           tracking=tracking, jit_compile=jit_compile)
+                           tracking=tracking, jit_compile=jit_compile, steps_per_call=steps_per_call)

@@ -1,5 +1,6 @@
 # Two commands on a fresh machine: `make run` and `make test` (`make bench` measures performance).
-# EXTRA=gpu installs TensorFlow with CUDA instead of the CPU-only wheel.
+# EXTRA=gpu installs TensorFlow with CUDA instead of the CPU-only wheel. A venv holds one EXTRA: make refuses to
+# install into one set up with the other (`make clean` first, or name another one: VENV=.venv-gpu EXTRA=gpu).
 PYTHON ?= python3
 VENV ?= .venv
 EXTRA ?= cpu
@@ -9,12 +10,20 @@ STAMP := $(VENV)/.installed-$(EXTRA)
 # make test also installs the JAX and torch backends (CPU builds, about 1.2 GB) for tests/test_backends.py,
 # Ray for tests/test_scaleout.py, and MLflow (its server too) for tests/test_tracking.py.
 TEST_STAMP := $(VENV)/.installed-$(EXTRA)-backends
+# tensorflow[and-cuda] installed beside tensorflow-cpu (or the reverse) is a broken mix. Checked when a recipe that
+# installs is about to run, with $(error): one line on stderr (a failing shell command adds make's own "Error 1").
+OTHER_STAMP = $(firstword $(wildcard $(patsubst %,$(VENV)/.installed-%,$(filter-out $(EXTRA),cpu gpu))))
+CLEAN_VENV = make clean$(if $(filter-out .venv,$(VENV)), VENV=$(VENV))
+MIXED_EXTRAS = $(VENV) was set up with EXTRA=$(OTHER_STAMP:$(VENV)/.installed-%=%); run '$(CLEAN_VENV)' first \
+(or give EXTRA=$(EXTRA) a venv of its own: make ... VENV=$(VENV)-$(EXTRA) EXTRA=$(EXTRA))
+REFUSE_MIXED_EXTRAS = $(if $(OTHER_STAMP),$(error $(MIXED_EXTRAS)))
 
 .PHONY: run test bench setup clean
 
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml
+	@$(REFUSE_MIXED_EXTRAS)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e ".[$(EXTRA),dev]"
@@ -22,6 +31,7 @@ $(STAMP): pyproject.toml
 
 # One pip run for everything the tests need (a second resolve of the same packages costs CI a minute).
 $(TEST_STAMP): pyproject.toml
+	@$(REFUSE_MIXED_EXTRAS)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e ".[$(EXTRA),dev,backends,ray,mlflow]"

@@ -97,9 +97,10 @@ def test_backend_train_resume_evaluate_export(backend, tmp_path):
     # The same two epochs without a break give the same bits (weights, Adam, BatchNorm, dropout and
     # data RNG). On JAX they are trained fused, which equals one member at a time there; on torch
     # fused training is not bit-identical (README), so one at a time.
+    # On JAX also 3 steps per call (each epoch's 4 steps as calls of 3 and 1): the same steps.
     whole = tmp_path / "whole"
     run("train", "--run-dir", whole, "--data-dir", data, "--epochs", "2",
-        "--fused" if backend == "jax" else "--no-fused", *TRAIN_ARGS)
+        *(["--fused", "--steps-per-call", "3"] if backend == "jax" else ["--no-fused"]), *TRAIN_ARGS)
     for i in range(2):
         name = f"dropout_0.2/state/model_{i}.npz"
         resumed, straight = np.load(run_dir / name), np.load(whole / name)
@@ -178,3 +179,48 @@ def test_backend_train_resume_evaluate_export(backend, tmp_path):
         x = np.load(tmp_path / "x.npy")
         onnx_probs = session.run(None, {session.get_inputs()[0].name: x})[0]
         np.testing.assert_allclose(onnx_probs, probs, atol=1e-5)
+
+
+# Run as `python -c`: TensorFlow cannot be imported in this process, as where only JAX is installed.
+WITHOUT_TENSORFLOW = textwrap.dedent("""
+    import importlib.abc, sys
+
+    class NoTensorFlow(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path=None, target=None):
+            if name == "tensorflow" or name.startswith("tensorflow."):
+                raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+
+    sys.meta_path.insert(0, NoTensorFlow())
+    from emnist_cnn.cli import main
+    code = main(sys.argv[1:])
+    assert "tensorflow" not in sys.modules
+    sys.exit(code)
+""")
+
+
+def test_jax_trains_on_the_device_fed_path_and_evaluates_without_tensorflow(tmp_path):
+    """Where JAX is installed and TensorFlow is not (the GPU machines this project is checked on): a run
+    trains fused on the package's own step loop, evaluates, and an export that needs TensorFlow says so in
+    one line. Catches any import of TensorFlow on the JAX path (the image transform, device set-up, the
+    versions record, TensorBoard's writer)."""
+    require_backend("jax")
+    env = dict(os.environ, KERAS_BACKEND="jax")
+    data = write_mnist_idx(tmp_path / "data", *make_tiny_digits())
+    run_dir = tmp_path / "run"
+
+    def run(*args):
+        return subprocess.run([sys.executable, "-c", WITHOUT_TENSORFLOW, *map(str, args)], capture_output=True,
+                              text=True, timeout=600, env=env)
+
+    done = run("train", "--run-dir", run_dir, "--data-dir", data, "--epochs", "1", "--fused", "--steps-per-call", "2",
+               *TRAIN_ARGS)
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert "fused; XLA on; 2 steps per call; float32; jax backend" in done.stdout + done.stderr
+    rows = read_csv(run_dir / "dropout_0.2" / "history" / "model_1.csv")
+    assert [r["epoch"] for r in rows] == ["1"] and float(rows[0]["val_accuracy"]) > 0.5, rows
+    done = run("evaluate", "--run-dir", run_dir, "--json")
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert json.loads(done.stdout)["ensemble"]["error_pct"] < 50
+    done = run("export", "--run-dir", run_dir, "--formats", "saved_model")
+    assert done.returncode != 0 and "Traceback" not in done.stderr and "backend 'tpu'" not in done.stderr
+    assert done.stderr.splitlines()[-1].endswith("needs the tensorflow backend, not jax"), done.stderr

@@ -247,3 +247,14 @@ def test_several_steps_per_call_are_the_same_steps_to_the_bit():
             np.testing.assert_array_equal(a, b)
     gc.collect()
     assert [ref() for ref in freed] == [None] * 3  # the compiled loop does not keep its trainer (and images)
+
+
+def test_jax_ray_tasks_sharing_a_gpu_take_their_share_without_reserving_it_first():
+    """JAX reserves 75% of a GPU on start: four tasks of --gpus-per-member 0.25 would run out of memory. Their
+    environment turns that off and caps each at its share; TensorFlow's memory grows as needed already."""
+    from emnist_cnn.engine.scaleout import build_gpu_memory_env
+
+    assert build_gpu_memory_env(0.25, "jax") == {"XLA_PYTHON_CLIENT_PREALLOCATE": "false",
+                                                 "XLA_PYTHON_CLIENT_MEM_FRACTION": "0.250",
+                                                 "XLA_CLIENT_MEM_FRACTION": "0.250"}
+    assert build_gpu_memory_env(0.0, "jax") == build_gpu_memory_env(0.5, "tensorflow") == {}

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import logging
 
 import pytest
 
@@ -10,7 +12,7 @@ from conftest import read_csv
 from emnist_cnn.config import TrainConfig
 from emnist_cnn.core.metrics import ErrorRate
 from emnist_cnn.errors import ConfigError, RunDirError
-from emnist_cnn.io.rundir import ErrorRecord, RunDir
+from emnist_cnn.io.rundir import ErrorRecord, RunDir, collect_versions
 
 
 def test_layout_is_the_documented_one(tmp_path):
@@ -187,3 +189,52 @@ def test_a_member_lock_waits_for_its_holder_then_refuses_after_the_timeout(tmp_p
     threading.Timer(0.5, holder.__exit__, (None, None, None)).start()
     with run.member_lock(0.2, (1,), timeout=60) as lock:
         assert lock.path.read_text().strip() == str(os.getpid())
+
+
+def test_versions_record_the_accelerator_stack(monkeypatch):
+    """XLA flags, TF32, the CUDA build and the GPU models: what makes a GPU rerun differ in the last bits."""
+    import keras
+
+    from emnist_cnn.core.device import describe_runtime
+
+    monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_enable_fast_math=false")
+    monkeypatch.delenv("NVIDIA_TF32_OVERRIDE", raising=False)
+    versions = collect_versions(threads=False)
+    assert versions["env"]["XLA_FLAGS"] == "--xla_cpu_enable_fast_math=false"
+    assert "NVIDIA_TF32_OVERRIDE" not in versions["env"]  # unset: not recorded
+    # The GPUs by model name ([] on a CPU), the ones the start-up line names.
+    assert versions["gpus"] == [d["name"] for d in describe_runtime("auto", False, "float32")["gpus"]]
+    if keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
+
+        assert ("cuda_version" in versions) == tf.test.is_built_with_cuda()
+        before = tf.config.experimental.tensor_float_32_execution_enabled()
+        assert versions["tf32"] is before
+        try:
+            tf.config.experimental.enable_tensor_float_32_execution(not before)  # read when recorded
+            assert collect_versions()["tf32"] is (not before)
+        finally:
+            tf.config.experimental.enable_tensor_float_32_execution(before)
+
+
+def test_a_resume_under_other_xla_flags_warns_that_it_is_not_bit_identical(tiny_mnist_dir, tmp_path, monkeypatch,
+                                                                          caplog):
+    from emnist_cnn.engine.train import train_and_evaluate
+    from emnist_cnn.io.datasets import load_dataset
+
+    tiny = load_dataset("mnist", tiny_mnist_dir)
+    config = TrainConfig(dataset="mnist", dropouts=(0.2,), models=1, epochs=1, batch_size=64, val_fraction=0.2,
+                         bn_recalibration_images=100)
+    run = tmp_path / "run"
+    monkeypatch.delenv("XLA_FLAGS", raising=False)
+    train_and_evaluate(config, run, dataset=tiny, verbose=0)
+    with caplog.at_level(logging.WARNING, logger="emnist_cnn"):
+        train_and_evaluate(config, run, dataset=tiny, verbose=0)
+    assert "to the bit" not in caplog.text  # the same process and settings: no warning
+    # Only recorded here (XLA reads XLA_FLAGS once, at start-up), as a resume in a new process would see it.
+    monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_enable_fast_math=false")
+    with caplog.at_level(logging.WARNING, logger="emnist_cnn"):
+        train_and_evaluate(dataclasses.replace(config, epochs=2), run, dataset=tiny, verbose=0)
+    warned = [r.getMessage() for r in caplog.records if "to the bit" in r.getMessage()]
+    assert len(warned) == 1 and "resumed with different env than the run started with" in warned[0]
+    assert RunDir(run).read_invocations()[-1]["versions"]["env"]["XLA_FLAGS"] == "--xla_cpu_enable_fast_math=false"

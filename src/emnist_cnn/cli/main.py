@@ -76,8 +76,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s",
+    # This package's progress at INFO; other libraries' only from WARNING on (JAX says at INFO that it found
+    # no TPU on every start): --verbose shows everyone's DEBUG.
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(message)s",
                         stream=sys.stderr)
+    if not args.verbose:
+        logging.getLogger("emnist_cnn").setLevel(logging.INFO)
     try:
         return args.handler(args)
     except EmnistCnnError as exc:

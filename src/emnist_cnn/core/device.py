@@ -19,9 +19,10 @@ log = logging.getLogger(__name__)
 DEVICES = ("auto", "gpu", "cpu")
 JIT_COMPILE = ("auto", "on", "off")
 STEPS_PER_CALL_GPU = 16  # training steps per compiled call on a GPU (a choice: no GPU here to measure it on)
-DEVICE_FED_BACKENDS = ("tensorflow",)  # backends whose training step loop is the package's own (others: fit)
-# How several steps make one call (core.trainer.train_steps): the loop in a graph around one compiled step.
-# On XLA:CPU the loop compiled into the program measured 19x slower per step (README, "Steps per call").
+DEVICE_FED_BACKENDS = ("tensorflow", "jax")  # backends whose training step loop is the package's own (torch: fit)
+# How several steps make one call (core.trainer.train_steps): a loop around one compiled step, in a graph
+# (TensorFlow) or in Python (JAX). On XLA:CPU a loop compiled into the program measured 19x (TensorFlow)
+# and 22x (JAX) slower per step (README, "Steps per call").
 LOOP_FORM = "outer"
 
 

@@ -29,7 +29,7 @@ from .model import build_optimizer, average_per_channel
 
 __all__ = ["DeviceImages", "AugmentImages", "MaskedBatchNorm", "build_masked_member", "StepRates", "EpochCallbacks",
            "build_device_trainer", "HARMLESS_GRAPH_LINES", "train_epoch", "train_step", "train_steps",
-           "read_member_logs", "augment_key", "LOOP_FORMS"]
+           "train_steps_jax", "read_member_logs", "augment_key", "LOOP_FORMS"]
 
 log = logging.getLogger(__name__)
 
@@ -261,7 +261,8 @@ def train_epoch(trainer: keras.Model, orders: list[np.ndarray], targets: list[np
     the form `loop` names (see `train_steps`; the same steps: to the bit without
     XLA, within rounding under it). Each distinct call is compiled once per trainer
     and process: a full call and, where the epoch's steps do not divide, the tail.
-    JAX and torch: Keras' `fit`.
+    JAX: the same, with the trainer's state passed through Keras' stateless
+    `train_step` (see `train_steps_jax`). torch: Keras' `fit`.
     """
     n = len(orders[0])
     steps = -(-n // batch_size)
@@ -270,6 +271,12 @@ def train_epoch(trainer: keras.Model, orders: list[np.ndarray], targets: list[np
     ys = [np.concatenate([t, np.zeros((pad,) + t.shape[1:], t.dtype)]) for t in targets]
     weights = np.concatenate([np.ones(n, np.float32), np.zeros(pad, np.float32)])
     callbacks = EpochCallbacks(trainer, steps, show_bar)
+    if keras.backend.backend() == "jax":
+        # One step per call is the "outer" form's compiled step, called once.
+        _train_epoch_jax(trainer, xs, ys, weights, batch_size, steps_per_call,
+                         loop if steps_per_call > 1 else "outer", callbacks)
+        callbacks.on_epoch_end(0, trainer.get_metrics_result())
+        return callbacks.epoch_logs
     if keras.backend.backend() != "tensorflow":
         trainer.fit(xs, ys, sample_weight=[weights] * len(xs), batch_size=batch_size, epochs=1, shuffle=False,
                     verbose=0, callbacks=callbacks)
@@ -357,6 +364,84 @@ def _build_multi_step(trainer: keras.Model, count: int, loop: str, programs: dic
                 step(data, first + s)
 
     return run
+
+
+def _train_epoch_jax(trainer: keras.Model, xs: list, ys: list, weights: np.ndarray, batch_size: int,
+                     steps_per_call: int, loop: str, callbacks: EpochCallbacks) -> None:
+    """One epoch of a JAX trainer: its variables' values in, `steps_per_call` steps per call, values back."""
+    import jax
+
+    steps = len(weights) // batch_size
+    trainer.reset_metrics()
+    data = jax.device_put((tuple(x.reshape((steps, batch_size)) for x in xs),
+                           tuple(y.reshape((steps, batch_size) + y.shape[1:]) for y in ys),
+                           (weights.reshape((steps, batch_size)),) * len(xs)))
+    groups = _jax_state_variables(trainer)
+    state = tuple([v.value for v in g] for g in groups)
+    for first in range(0, steps, steps_per_call):
+        count = min(steps_per_call, steps - first)
+        what = f"{count} step{'s' * (count > 1)} per call"
+        with _first_call_logged(trainer, (count, loop), what):
+            state = train_steps_jax(trainer, state, data, first, count, loop)
+        callbacks.on_train_batch_end(first + count - 1)
+    for g, values in zip(groups, state):
+        for v, value in zip(g, values):
+            v.assign(value)
+
+
+def _jax_state_variables(trainer: keras.Model) -> tuple:
+    """The variables of Keras' stateless JAX step, in its state's order."""
+    return (trainer.trainable_variables, trainer.non_trainable_variables, trainer.optimizer.variables,
+            trainer.metrics_variables)
+
+
+def train_steps_jax(trainer: keras.Model, state: tuple, data: tuple, first: int, count: int,
+                    loop: str = "outer") -> tuple:
+    """Steps `first` .. `first + count - 1` of a JAX trainer from `state` (values of its trainable,
+    non-trainable, optimizer and metrics variables, in that order); returns the new state, on the device.
+
+    `data` as `train_steps`; `first` is a runtime value, so calls of one length share one compiled program.
+    `loop`: "outer", a Python loop around one compiled step (shared by calls of every length); "loop", a
+    `fori_loop` compiled whole; "unrolled", `count` copies of the step in one program. The state passed
+    in is donated (its buffers are reused): use only the one returned.
+    """
+    programs = _MULTI_STEP.setdefault(trainer, {})
+    if (count, loop) not in programs:
+        programs[count, loop] = _build_jax_steps(trainer, count, loop, programs)
+    return programs[count, loop](state, data, np.int32(first))
+
+
+def _build_jax_steps(trainer: keras.Model, count: int, loop: str, programs: dict):
+    import jax
+
+    if loop not in LOOP_FORMS:
+        raise ValueError(f"loop must be one of {', '.join(LOOP_FORMS)}, got {loop!r}")
+    owner = weakref.ref(trainer)
+
+    def step(state, data, s):
+        _, state = owner().train_step(state, keras.tree.map_structure(lambda t: t[s], data))
+        return tuple(list(g) for g in state)  # the same containers as the state passed in (a loop's carry)
+
+    if loop == "outer":
+        if "step" not in programs:
+            programs["step"] = jax.jit(step, donate_argnums=0)
+        one = programs["step"]
+
+        def outer(state, data, first):
+            for s in range(count):
+                state = one(state, data, first + np.int32(s))
+            return state
+
+        return outer
+
+    def run(state, data, first):
+        if loop == "unrolled":
+            for s in range(count):
+                state = step(state, data, first + s)
+            return state
+        return jax.lax.fori_loop(0, count, lambda s, carried: step(carried, data, first + s), state)
+
+    return jax.jit(run, donate_argnums=0)
 
 
 def read_member_logs(logs: dict[str, float], n_members: int) -> list[tuple[float, float]]:

@@ -35,8 +35,8 @@ from .tracking import Tracker
 from .train import (evaluate_checkpoint, find_last_errors, load_training_data, open_run, open_tracker,
                     record_checkpoint, tracker_closed_on_exit)
 
-__all__ = ["TransientStorageError", "check_run_dir_shared", "check_ray_device", "import_ray", "train_segment",
-           "evaluate_segment", "train_ensembles_on_ray", "train_and_evaluate_on_ray"]
+__all__ = ["TransientStorageError", "build_gpu_memory_env", "check_run_dir_shared", "check_ray_device", "import_ray",
+           "train_segment", "evaluate_segment", "train_ensembles_on_ray", "train_and_evaluate_on_ray"]
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +46,18 @@ TRANSIENT_ERRNOS = frozenset({errno.EIO, errno.ESTALE, errno.ETIMEDOUT, errno.EA
 # Environment a task needs to give the bits the driver's machine would: backend, oneDNN, determinism.
 _PASSED_ENV = ("KERAS_BACKEND", "TF_ENABLE_ONEDNN_OPTS", "TF_DETERMINISTIC_OPS", "TF_CPP_MIN_LOG_LEVEL",
                "PYTHONPATH")
+
+
+def build_gpu_memory_env(gpus_per_member: float, backend: str) -> dict[str, str]:
+    """A Ray worker's environment for its share of a GPU. JAX reserves 75% of a GPU when it starts, so two
+    tasks sharing one would run out: under JAX, no preallocation, and the task's share as its limit.
+    (TensorFlow's memory grows as needed, see `core.device.configure_device`.)"""
+    if backend != "jax" or gpus_per_member <= 0:
+        return {}
+    share = f"{min(gpus_per_member, 1.0):.3f}"
+    # XLA_CLIENT_MEM_FRACTION is the newer name; releases before it read only the older one.
+    return {"XLA_PYTHON_CLIENT_PREALLOCATE": "false", "XLA_PYTHON_CLIENT_MEM_FRACTION": share,
+            "XLA_CLIENT_MEM_FRACTION": share}
 
 
 class TransientStorageError(RunDirError):
@@ -162,6 +174,7 @@ def evaluate_segment(run_dir: str, config: TrainConfig, data: PreparedData, drop
 def _init_ray(ray, scaleout: ScaleOutConfig) -> None:
     env = {k: os.environ[k] for k in _PASSED_ENV if k in os.environ}
     env.update(build_thread_env(scaleout.task_threads))
+    env.update(build_gpu_memory_env(scaleout.gpus_per_member, env.get("KERAS_BACKEND", "tensorflow")))
     kwargs = dict(runtime_env={"env_vars": env}, log_to_driver=False, logging_level=logging.WARNING)
     address = scaleout.ray_address
     try:

@@ -431,17 +431,27 @@ def format_utc_now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
+# Environment variables that decide summation order, kernels or compilation: needed to rerun a run to the bit.
+# Thread counts and oneDNN pick the CPU kernels; XLA_FLAGS and TF_XLA_FLAGS what XLA compiles; NVIDIA_TF32_OVERRIDE
+# and JAX_DEFAULT_MATMUL_PRECISION whether float32 products round to TF32; the memory XLA may take on a GPU
+# bounds the scratch space, so which convolution algorithms its autotuner can choose.
+_RECORDED_ENV = ("TF_ENABLE_ONEDNN_OPTS", "TF_DETERMINISTIC_OPS", "TF_NUM_INTRAOP_THREADS", "TF_NUM_INTEROP_THREADS",
+                 "OMP_NUM_THREADS", "CUDA_VISIBLE_DEVICES", "XLA_FLAGS", "TF_XLA_FLAGS", "NVIDIA_TF32_OVERRIDE",
+                 "XLA_PYTHON_CLIENT_PREALLOCATE", "XLA_PYTHON_CLIENT_MEM_FRACTION", "JAX_DEFAULT_MATMUL_PRECISION")
+# JAX's CUDA support is a separate wheel; its metadata gives the version without importing it.
+_JAX_CUDA_PLUGINS = ("jax-cuda13-plugin", "jax-cuda13-pjrt", "jax-cuda12-plugin", "jax-cuda12-pjrt")
+
+
 def collect_versions(*, threads: bool = True) -> dict:
-    """Library versions and what decides a run's summation order (cores, threads, oneDNN)."""
+    """Library versions and what decides a run's numerics: cores, threads, oneDNN, XLA and TF32 settings,
+    CUDA and cuDNN versions, GPU models. `threads=False` leaves out the backend's thread pool sizes."""
     import keras  # deferred: the backend is slow to import and readers of a run never need it
 
     versions = {"emnist_cnn": __version__, "keras": keras.__version__, "backend": keras.backend.backend(),
                 "numpy": np.__version__, "python": platform.python_version(), "platform": platform.platform()}
     # Kernel summation order follows the thread count and oneDNN: needed to rerun a run to the bit.
     versions["cpu_count"] = os.cpu_count()
-    versions["env"] = {k: os.environ[k] for k in ("TF_ENABLE_ONEDNN_OPTS", "TF_DETERMINISTIC_OPS",
-                                                  "TF_NUM_INTRAOP_THREADS", "TF_NUM_INTEROP_THREADS",
-                                                  "OMP_NUM_THREADS", "CUDA_VISIBLE_DEVICES") if k in os.environ}
+    versions["env"] = {k: os.environ[k] for k in _RECORDED_ENV if k in os.environ}
     # Only the backend's own library: importing TensorFlow under JAX or torch costs seconds and says nothing.
     backend = versions["backend"]
     try:
@@ -452,11 +462,22 @@ def collect_versions(*, threads: bool = True) -> dict:
             if threads:
                 versions["tf_threads"] = {"intra_op": tf.config.threading.get_intra_op_parallelism_threads(),
                                           "inter_op": tf.config.threading.get_inter_op_parallelism_threads()}
+            _probe(versions, "TF32", lambda: {"tf32": bool(tf.config.experimental.tensor_float_32_execution_enabled())})
+            # A CPU build names no CUDA or cuDNN: only what the build says is recorded.
+            _probe(versions, "CUDA build", lambda: {k: v for k, v in tf.sysconfig.get_build_info().items()
+                                                    if k in ("cuda_version", "cudnn_version")})
+            _probe(versions, "GPUs", lambda: {"gpus": [tf.config.experimental.get_device_details(d)["device_name"]
+                                                       for d in tf.config.get_visible_devices("GPU")]})
         elif backend == "jax":
             import jax
             import jaxlib
 
             versions["jax"], versions["jaxlib"] = jax.__version__, jaxlib.__version__
+            # None: JAX's default (TF32 on GPUs that have it).
+            _probe(versions, "matmul precision",
+                   lambda: {"matmul_precision": jax.config.jax_default_matmul_precision})
+            _probe(versions, "CUDA plugin", _jax_cuda_plugins)
+            _probe(versions, "GPUs", lambda: {"gpus": [d.device_kind for d in jax.devices() if d.platform != "cpu"]})
         elif backend == "torch":
             import torch
 
@@ -464,6 +485,36 @@ def collect_versions(*, threads: bool = True) -> dict:
             if threads:
                 versions["torch_threads"] = {"intra_op": torch.get_num_threads(),
                                              "inter_op": torch.get_num_interop_threads()}
+            # cuDNN's switch too: a CNN's convolutions run there, not through the matmul setting.
+            _probe(versions, "TF32", lambda: {"matmul_precision": torch.get_float32_matmul_precision(),
+                                              "tf32": {"matmul": bool(torch.backends.cuda.matmul.allow_tf32),
+                                                       "cudnn": bool(torch.backends.cudnn.allow_tf32)}})
+            # None on a CPU build: left out.
+            _probe(versions, "CUDA build", lambda: {k: v for k, v in (("cuda_version", torch.version.cuda),
+                                                                      ("cudnn_version", torch.backends.cudnn.version()))
+                                                    if v is not None})
+            _probe(versions, "GPUs", lambda: {"gpus": [torch.cuda.get_device_name(i)
+                                                       for i in range(torch.cuda.device_count())]})
     except ImportError:
         pass
     return versions
+
+
+def _probe(versions: dict, what: str, read) -> None:
+    """Add read()'s keys to `versions`; a failed read leaves them out (a record must never stop a run)."""
+    try:
+        versions.update(read())
+    except Exception:
+        log.debug("could not record the %s", what, exc_info=True)
+
+
+def _jax_cuda_plugins() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {}
+    for name in _JAX_CUDA_PLUGINS:
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            continue
+    return {"jax_cuda_plugin": found} if found else {}

@@ -20,7 +20,7 @@ __all__ = ["EMNIST_DIGITS_MEAN", "EMNIST_DIGITS_STD", "build_model", "compile_mo
            "copy_optimizer_state",
            "accelerator_available", "build_member_predictor", "build_averaged_ensemble", "predict_members",
            "predict_probabilities", "recalibrate_batchnorm", "read_variable", "average_per_channel", "use_jit_compile",
-           "jit_compile_enabled", "predict_batch"]
+           "jit_compile_enabled", "predict_batch", "upload_images"]
 
 log = logging.getLogger(__name__)
 
@@ -195,57 +195,141 @@ def accelerator_available() -> bool:
 
 
 def build_member_predictor(models: list[keras.Model]) -> keras.Model:
-    """One input, one output per member: every member predicts a batch in a single call."""
+    """One input, every member's softmax stacked as one output (members, batch, classes): every member
+    predicts a batch in a single call, read back in one piece."""
     inputs = keras.Input(models[0].inputs[0].shape[1:], name="pixels")
     outputs = [keras.Model(m.inputs[0], m.outputs[0], name=f"member_{i}")(inputs) for i, m in enumerate(models)]
-    return keras.Model(inputs, outputs, name="stacked_ensemble")
+    return keras.Model(inputs, keras.ops.stack(outputs), name="stacked_ensemble")
 
 
-def predict_members(models, images: np.ndarray, batch_size: int = 2000) -> np.ndarray:
+def predict_members(models, images, batch_size: int = 2000, count: int | None = None) -> np.ndarray:
     """Inference-mode softmax of every member, (members, N, classes), in one pass over `images`.
 
-    `models` is a list of models or a model from `build_member_predictor`; each
-    batch is converted once and fed to all members in one call.
+    `models` is a list of models, one model, or a model from `build_member_predictor`;
+    each batch is fed to all members in one call. `images` is uint8 (N, 28, 28),
+    or `upload_images`' device copy with `count`, the number of real images in it.
     """
     stacked = models if isinstance(models, keras.Model) else build_member_predictor(list(models))
-    n_members = len(stacked.outputs)
+    shape = stacked.outputs[0].shape
     out = []
-    for batch, n in _batches(images, batch_size):
-        probs = predict_batch(stacked, batch)
-        probs = probs if isinstance(probs, (list, tuple)) else [probs]
-        out.append(np.stack([np.asarray(p)[:n] for p in probs]))
+    for batch, n in _batches(images, batch_size, count):
+        probs = np.asarray(predict_batch(stacked, batch))
+        out.append((probs if len(shape) == 3 else probs[None])[:, :n])
     if not out:
-        return np.zeros((n_members, 0, stacked.outputs[0].shape[-1]), np.float32)
+        return np.zeros((shape[0] if len(shape) == 3 else 1, 0, shape[-1]), np.float32)
     return np.concatenate(out, axis=1).astype(np.float32)
 
 
-def recalibrate_batchnorm(model: keras.Model, images, batch_size: int = 1000) -> None:
+def upload_images(images: np.ndarray, batch_size: int = 2000):
+    """uint8 (N, 28, 28) images as float [0, 1] (N, 28, 28, 1) on the device, blank images added to a whole
+    number of `batch_size` batches when there are several (as `predict_members` pads): inference from it
+    converts and uploads nothing."""
+    x = _to_float(images)
+    if batch_size < len(x) and len(x) % batch_size:
+        x = np.concatenate([x, np.zeros((batch_size - len(x) % batch_size,) + x.shape[1:], x.dtype)])
+    return keras.ops.convert_to_tensor(x)
+
+
+# One pass holds every calibration image's activations at once (about 0.3 MB an image in float32); above this
+# many, prefix passes in batches of 1,000 bound the memory at 3.2x the arithmetic and one read per batch.
+ONE_PASS_MAX_IMAGES = 20_000
+
+
+def recalibrate_batchnorm(model: keras.Model, images, batch_size: int | None = None) -> None:
     """Set every BatchNormalization layer's moving statistics to their exact values on `images`.
 
     With few optimizer steps the moving averages (momentum 0.99) lag far behind
     the weights and inference-mode predictions are poor; the population
-    statistics of the current weights fix that. Layers are done in order, each
-    with the earlier ones already recalibrated, because inference mode feeds
-    each layer its predecessors' normalized outputs. `images` is uint8
-    (N, 28, 28) or float [0, 1] (N, 28, 28, 1). Features stay on the device: per
-    batch only a mean and a variance per channel come back, combined exactly in
-    float64 (Chan et al.).
+    statistics of the current weights fix that. Each layer's statistics are
+    taken with the earlier ones already recalibrated, because inference mode
+    feeds each layer its predecessors' normalized outputs. `images` is uint8
+    (N, 28, 28), float [0, 1] (N, 28, 28, 1), or such a float tensor already on
+    the device.
+
+    Up to ONE_PASS_MAX_IMAGES images (and no smaller `batch_size`), one
+    compiled call does it all: a forward pass over the whole set in which each
+    layer normalizes by its input's statistics over the set, exactly what it
+    will do in inference once they are its moving statistics; only the
+    statistics come back. Otherwise one prefix pass per layer in batches of
+    `batch_size` (1,000 by default), moments combined in float64 (Chan et al.).
     """
     bns = [layer for layer in model.layers if isinstance(layer, keras.layers.BatchNormalization)]
-    if not bns or len(images) == 0:
+    n = len(images)
+    if not bns or n == 0:
         return
     x = keras.ops.convert_to_tensor(_to_float(images) if isinstance(images, np.ndarray) else images)
+    population = _population_model(model, bns)
+    if population is not None and n <= min(batch_size or n, ONE_PASS_MAX_IMAGES):
+        stats = np.asarray(predict_batch(population, x), np.float32)  # (2, all layers' channels)
+        start = 0
+        for layer in bns:
+            channels = layer.moving_mean.shape[0]
+            layer.moving_mean.assign(stats[0, start : start + channels])
+            layer.moving_variance.assign(stats[1, start : start + channels])
+            start += channels
+        return
+    batch_size = batch_size or 1000
     for layer, probe in zip(bns, _probe_models(model, bns)):
         sizes, moments = [], []
-        for start in range(0, len(images), batch_size):
+        for start in range(0, n, batch_size):
             batch = x[start : start + batch_size]
             sizes.append(batch.shape[0])
             moments.append(np.asarray(predict_batch(probe, batch), np.float64))
-        w = np.array(sizes, np.float64)[:, None] / len(images)
+        w = np.array(sizes, np.float64)[:, None] / n
         m, v = np.stack([mv[0] for mv in moments]), np.stack([mv[1] for mv in moments])  # (batches, channels)
         mean = (w * m).sum(axis=0)
         layer.moving_mean.assign(mean.astype(np.float32))
         layer.moving_variance.assign((w * (v + (m - mean) ** 2)).sum(axis=0).astype(np.float32))
+
+
+class _PopulationNormalization(keras.layers.Layer):
+    """A BatchNormalization layer in inference mode with its input's statistics over the whole batch as its
+    moving statistics: returns the normalized features and those statistics, (2, channels) float32."""
+
+    def __init__(self, layer: keras.layers.BatchNormalization, **kwargs):
+        super().__init__(dtype=layer.dtype_policy, name=f"{layer.name}_population", **kwargs)
+        self.bn = layer
+
+    def call(self, feats):
+        # As BatchNormalization itself: statistics and normalization in float32 under a mixed policy.
+        x = keras.ops.cast(feats, "float32")
+        m = average_per_channel(x)
+        v = average_per_channel(keras.ops.square(x - m))
+        bn = self.bn
+        y = keras.ops.batch_normalization(x, m, v, axis=-1, epsilon=bn.epsilon,
+                                          offset=None if bn.beta is None else keras.ops.cast(bn.beta, "float32"),
+                                          scale=None if bn.gamma is None else keras.ops.cast(bn.gamma, "float32"))
+        return keras.ops.cast(y, feats.dtype), keras.ops.stack([m, v])
+
+    def compute_output_spec(self, feats):
+        channels = feats.shape[-1]
+        return (keras.KerasTensor(feats.shape, feats.dtype), keras.KerasTensor((2, channels), "float32"))
+
+
+_POPULATION: "weakref.WeakKeyDictionary[keras.Model, keras.Model | None]" = weakref.WeakKeyDictionary()
+
+
+def _population_model(model: keras.Model, bns: list) -> keras.Model | None:
+    """`model`'s layers up to its last BatchNormalization, each of those normalizing by the batch's statistics
+    (`_PopulationNormalization`), with every layer's statistics as output; built once per model. None for a
+    model that is not a chain of layers, which recalibrates by prefix passes."""
+    if model not in _POPULATION:
+        layers = model.layers
+        chain = all(b.input is a.output for a, b in zip(layers, layers[1:]))
+        if not chain or not isinstance(layers[0], keras.layers.InputLayer):
+            _POPULATION[model] = None
+        else:
+            inputs = keras.Input(model.inputs[0].shape[1:], name="calibration_images")
+            x, stats = inputs, []
+            for layer in layers[1 : layers.index(bns[-1]) + 1]:
+                if isinstance(layer, keras.layers.BatchNormalization):
+                    x, s = _PopulationNormalization(layer)(x)
+                    stats.append(s)
+                else:
+                    x = layer(x, training=False)
+            _POPULATION[model] = keras.Model(inputs, keras.ops.concatenate(stats, axis=-1),
+                                             name=f"{model.name}_population_statistics")
+    return _POPULATION[model]
 
 
 class _ChannelMoments(keras.layers.Layer):
@@ -335,9 +419,15 @@ def read_variable(variable) -> float:
     return float(keras.ops.convert_to_numpy(variable))
 
 
-def _batches(images: np.ndarray, batch_size: int):
+def _batches(images, batch_size: int, count: int | None = None):
     """(float batch, its number of real images) over `images`; when there are several batches the last is
-    padded to full size, so inference has one shape (one trace, one XLA compilation)."""
+    padded to full size, so inference has one shape (one trace, one XLA compilation). A device tensor from
+    `upload_images` (`count` real images) is sliced where it is."""
+    if not isinstance(images, np.ndarray):
+        count = len(images) if count is None else count
+        for start in range(0, count, batch_size):
+            yield images[start : start + batch_size], min(batch_size, count - start)
+        return
     for start in range(0, len(images), batch_size):
         batch = _to_float(images[start : start + batch_size])
         n = len(batch)

@@ -61,6 +61,8 @@ class TrainContext:
     trainers: dict = field(default_factory=dict)  # compiled steps, built once per group of member models
     predictors: dict = field(default_factory=dict)  # checkpoint evaluation's predictors, per group of models
     device_images: object = None  # the training images on the device (a DeviceImages), uploaded once
+    device_calibration: object = None  # `calibration` on the device, uploaded once
+    device_validation: object = None  # the validation images on the device, uploaded once
     jit_compile: bool = False  # XLA for the compiled steps
     steps_per_call: int = 1  # training steps per compiled call (see core.trainer.train_epoch)
     loop: str = "outer"  # how a call runs several steps (see core.trainer.train_steps)
@@ -213,13 +215,11 @@ def _train_group_epoch(group: list[Member], ctx: TrainContext) -> None:
         for m in group:
             t0 = time.perf_counter()
             logs = _run_epoch([m], _trainer([m], ctx), ctx)
-            _finish_epoch(m, m.epoch + 1, logs[0], time.perf_counter() - t0, ctx)
+            _finish_epochs([m], logs, time.perf_counter() - t0, ctx)
         return
     t0 = time.perf_counter()
     logs = _run_epoch(group, trainer, ctx)
-    train_seconds = (time.perf_counter() - t0) / len(group)
-    for k, m in enumerate(group):
-        _finish_epoch(m, m.epoch + 1, logs[k], train_seconds, ctx)
+    _finish_epochs(group, logs, (time.perf_counter() - t0) / len(group), ctx)
 
 
 def _run_epoch(group: list[Member], trainer, ctx: TrainContext) -> list[tuple[float, float]]:
@@ -266,25 +266,59 @@ def _run_epoch(group: list[Member], trainer, ctx: TrainContext) -> list[tuple[fl
     return read_member_logs(logs, len(group))
 
 
-def _finish_epoch(member: Member, epoch: int, loss_acc: tuple[float, float], train_seconds: float,
-                  ctx: TrainContext) -> None:
-    """BatchNormalization recalibration, validation, then checkpoint, history row and state, in that order."""
-    from ..core.model import predict_probabilities, read_variable, recalibrate_batchnorm
+def _finish_epochs(group: list[Member], logs: list[tuple[float, float]], train_seconds: float,
+                   ctx: TrainContext) -> None:
+    """BatchNormalization recalibration and validation of every member of `group` (just trained together),
+    then each one's epoch recorded. Images stay on the device: one call recalibrates a member, one call
+    per validation batch predicts for all members."""
+    from ..core.model import recalibrate_batchnorm, upload_images
 
     t0 = time.perf_counter()
+    config, data = ctx.config, ctx.data
+    if config.bn_recalibration_images > 0:
+        if ctx.device_calibration is None:
+            ctx.device_calibration = upload_images(ctx.calibration, batch_size=len(ctx.calibration))
+        for m in group:
+            recalibrate_batchnorm(m.model, ctx.device_calibration)
+    probs = [None] * len(group)
+    if len(data.y_val):
+        probs = list(_validate(group, ctx))
+    # Training time (a fused epoch's shared equally among its members) plus recalibration and validation.
+    seconds = train_seconds + (time.perf_counter() - t0) / len(group)
+    for k, m in enumerate(group):
+        _record_epoch(m, m.epoch + 1, logs[k], seconds, probs[k], ctx)
+
+
+def _validate(group: list[Member], ctx: TrainContext) -> np.ndarray:
+    """Inference-mode softmax on the validation images, (members, N, classes), through the predictor that
+    checkpoint evaluation keeps for the same member models."""
+    from ..core.model import build_member_predictor, predict_members, upload_images
+
+    if ctx.device_validation is None:
+        ctx.device_validation = upload_images(ctx.data.x_val)
+    if len(group) == 1:
+        predictor = group[0].model
+    else:
+        key = tuple(id(m.model) for m in group)
+        if key not in ctx.predictors:
+            ctx.predictors[key] = build_member_predictor([m.model for m in group])
+        predictor = ctx.predictors[key]
+    return predict_members(predictor, ctx.device_validation, count=len(ctx.data.y_val))
+
+
+def _record_epoch(member: Member, epoch: int, loss_acc: tuple[float, float], seconds: float,
+                  val_probs: np.ndarray | None, ctx: TrainContext) -> None:
+    """The epoch's validation figures, then checkpoint, history row and state, in that order."""
+    from ..core.model import read_variable
+
     config, data, model = ctx.config, ctx.data, member.model
     loss, accuracy = float(loss_acc[0]), float(loss_acc[1])
-    if config.bn_recalibration_images > 0:
-        recalibrate_batchnorm(model, ctx.calibration)
     val_loss = val_acc = float("nan")
-    if len(data.y_val):
-        p = predict_probabilities(model, data.x_val)
-        member.val_probs = (epoch, p)
-        val_loss = evaluate_loss(p, data.y_val)
-        val_acc = 1.0 - evaluate_error(p, data.y_val).pct / 100.0
+    if val_probs is not None:
+        member.val_probs = (epoch, val_probs)
+        val_loss = evaluate_loss(val_probs, data.y_val)
+        val_acc = 1.0 - evaluate_error(val_probs, data.y_val).pct / 100.0
     lr = read_variable(model.optimizer.learning_rate)
-    # Training time (a fused epoch's shared equally among its members) plus recalibration and validation.
-    seconds = train_seconds + time.perf_counter() - t0
     row = make_history_row(epoch, loss, accuracy, val_loss, val_acc, lr, seconds)
     # Order matters for crash safety: checkpoint weights, then history, then state.
     # A state at epoch E therefore always has its history row and checkpoint file.

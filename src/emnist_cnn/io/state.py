@@ -30,13 +30,14 @@ def save_member_state(path: Path, model, epoch: int, extra: dict | None = None) 
     file never costs more than one epoch.
     """
     arrays: dict[str, np.ndarray] = {}
-    for k, w in enumerate(model.get_weights()):
+    weights = model.get_weights()
+    for k, w in enumerate(weights):
         arrays[f"weight_{k}"] = w
     for k, v in enumerate(model.optimizer.variables):
         arrays[f"optimizer_{k}"] = np.asarray(v.numpy() if hasattr(v, "numpy") else v)
     for k, v in enumerate(_seed_states(model)):
         arrays[f"rng_{k}"] = np.asarray(v.numpy())
-    meta = {"epoch": int(epoch), "n_weights": len(model.get_weights()),
+    meta = {"epoch": int(epoch), "n_weights": len(weights),
             "n_optimizer": len(model.optimizer.variables), **(extra or {})}
     arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
     buf = io.BytesIO()

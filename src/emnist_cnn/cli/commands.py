@@ -78,7 +78,7 @@ def _train(args: argparse.Namespace, preset: str | None = None):
         from ..engine.scaleout import train_and_evaluate_on_ray
 
         return train_and_evaluate_on_ray(config, args.run_dir, scaleout, data_dir=args.data_dir, mirror=args.mirror,
-                                         fixed_lr=args.lr, download=not args.no_download, fused=bool(args.fused),
+                                         fixed_lr=args.lr, download=not args.no_download, fused=args.fused,
                                          tracking=tracking, device=args.device, jit_compile=args.jit_compile,
                                          steps_per_call=args.steps_per_call)
     from ..core.device import configure_device

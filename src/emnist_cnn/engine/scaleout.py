@@ -36,7 +36,8 @@ from .train import (evaluate_checkpoint, find_last_errors, load_training_data, o
                     record_checkpoint, tracker_closed_on_exit)
 
 __all__ = ["TransientStorageError", "build_gpu_memory_env", "check_run_dir_shared", "check_ray_device", "import_ray",
-           "train_segment", "evaluate_segment", "train_ensembles_on_ray", "train_and_evaluate_on_ray"]
+           "train_segment", "evaluate_segment", "resolve_ray_fused", "train_ensembles_on_ray",
+           "train_and_evaluate_on_ray"]
 
 log = logging.getLogger(__name__)
 
@@ -207,8 +208,10 @@ class _Driver:
         gpus = scaleout.gpus_per_member
         retry = dict(max_retries=scaleout.max_retries, retry_exceptions=[TransientStorageError])
         group_gpus = min(1.0, gpus * len(groups[0])) if gpus else 0
-        self.train_task = ray.remote(train_segment).options(num_cpus=threads, num_gpus=group_gpus, **retry)
-        self.eval_task = ray.remote(evaluate_segment).options(num_cpus=threads, num_gpus=min(1.0, gpus), **retry)
+        # GPUs named in ray.remote itself, not in .options(): then Ray starts a new worker process for each GPU
+        # task (max_calls=1), as a framework that has opened one GPU keeps it for the life of the process.
+        self.train_task = ray.remote(num_cpus=threads, num_gpus=group_gpus, **retry)(train_segment)
+        self.eval_task = ray.remote(num_cpus=threads, num_gpus=min(1.0, gpus), **retry)(evaluate_segment)
         self.in_flight: dict = {}  # ObjectRef -> ("train", unit, target) or ("eval", dropout, epoch)
 
     def next_target(self, unit) -> int | None:
@@ -289,8 +292,16 @@ class _Driver:
                  *("-" if ens.get(s) is None else f"{ens[s].pct:.3f}%" for s in ("val", "test")))
 
 
+def resolve_ray_fused(fused: bool | None, config: TrainConfig, scaleout: ScaleOutConfig) -> bool:
+    """Whether Ray's tasks train a rate's members fused: as asked, else when the tasks get GPUs
+    (`--gpus-per-member`), whatever the driver's own machine has; never with mixed_float16 (`resolve_fused`)."""
+    if fused is None and not config.model.loss_scaling:
+        fused = scaleout.gpus_per_member > 0
+    return resolve_fused(fused, config)
+
+
 def train_ensembles_on_ray(config: TrainConfig, run_dir, data: PreparedData, scaleout: ScaleOutConfig, *,
-                           fixed_lr: float | None = None, fused: bool = False,
+                           fixed_lr: float | None = None, fused: bool | None = None,
                            tracking: TrackingConfig | None = None, device: str = "auto",
                            jit_compile: str = "auto",
                            steps_per_call: int | None = None) -> dict[float, list[ErrorRecord]]:
@@ -298,11 +309,11 @@ def train_ensembles_on_ray(config: TrainConfig, run_dir, data: PreparedData, sca
 
     `device` and `jit_compile` are applied by each task on its worker (see
     `core.device`); each member's segments record the device and XLA it got.
-    Returns each dropout rate's errors at the last checkpoint.
+    `fused`: see `resolve_ray_fused`. Returns each dropout rate's errors at the last checkpoint.
     """
     check_ray_device(device, jit_compile, scaleout)
     ray = import_ray()
-    fused = resolve_fused(fused, config)
+    fused = resolve_ray_fused(fused, config, scaleout)
     run = RunDir(check_run_dir_shared(run_dir))
     # The driver trains nothing, but takes the tasks' thread count: config.json records it with the versions.
     configure_threads(scaleout.task_threads)
@@ -332,7 +343,8 @@ def train_ensembles_on_ray(config: TrainConfig, run_dir, data: PreparedData, sca
 
 def train_and_evaluate_on_ray(config: TrainConfig, run_dir, scaleout: ScaleOutConfig, *, data_dir=None,
                               mirror=None, fixed_lr=None, dataset=None, download: bool = True,
-                              fused: bool = False, tracking: TrackingConfig | None = None, device: str = "auto",
+                              fused: bool | None = None, tracking: TrackingConfig | None = None,
+                              device: str = "auto",
                               jit_compile: str = "auto",
                               steps_per_call: int | None = None) -> dict[float, list[ErrorRecord]]:
     """`train_and_evaluate` with the members trained as Ray tasks (see the module's docstring)."""

@@ -24,8 +24,8 @@ import keras
 from emnist_cnn.config import AugmentConfig, TrainConfig
 from emnist_cnn.core import device, model as model_module
 from emnist_cnn.core.device import STEPS_PER_CALL_GPU, describe_runtime, format_runtime
-from emnist_cnn.core.model import (build_model, compile_model, copy_optimizer_state, predict_members,
-                                   predict_probabilities)
+from emnist_cnn.core.model import (build_member_predictor, build_model, compile_model, copy_optimizer_state,
+                                   predict_members, predict_probabilities, recalibrate_batchnorm, upload_images)
 from emnist_cnn.core.trainer import DeviceImages, build_device_trainer, read_member_logs, train_epoch
 from emnist_cnn.engine.train import train_and_evaluate
 from emnist_cnn.io.datasets import load_dataset
@@ -213,6 +213,39 @@ def test_inference_pads_its_last_batch_and_returns_only_real_rows():
     np.testing.assert_allclose(predict_members([model], x, batch_size=32)[0], whole, atol=1e-6)
 
 
+@pytest.mark.skipif(keras.backend.backend() != "tensorflow", reason="counts TensorFlow tensors read back")
+def test_a_member_epochs_fixed_work_reads_back_once_per_member_and_validation_batch():
+    """Recalibration from images on the device: one read of every layer's statistics (prefix passes make one
+    per layer and batch), the same statistics. Validation of 3 members on 4,100 images on the device: one
+    read per batch of 2,000 for all members (one per member and batch before), padding dropped."""
+    rng = np.random.default_rng(3)
+    calib = rng.integers(0, 256, (1500, 28, 28), dtype=np.uint8)
+    a, b = _members_like(2)
+    for v in a.trainable_variables:  # weights away from the initial ones, so every layer's statistics matter
+        v.assign(keras.ops.convert_to_numpy(v) + rng.normal(0, 0.05, v.shape).astype(np.float32))
+    b.set_weights(a.get_weights())
+    on_device = upload_images(calib, batch_size=len(calib))
+    recalibrate_batchnorm(a, on_device)  # traces
+    assert _count_device_reads(lambda: recalibrate_batchnorm(a, on_device)) == 1
+    recalibrate_batchnorm(b, calib, batch_size=500)
+    bns = [[lay for lay in m.layers if isinstance(lay, keras.layers.BatchNormalization)] for m in (a, b)]
+    for la, lb in zip(*bns):
+        for va, vb in ((la.moving_mean, lb.moving_mean), (la.moving_variance, lb.moving_variance)):
+            va, vb = keras.ops.convert_to_numpy(va), keras.ops.convert_to_numpy(vb)
+            np.testing.assert_allclose(va, vb, rtol=1e-5, atol=1e-5 * np.abs(vb).max(), err_msg=la.name)
+    val = rng.integers(0, 256, (4100, 28, 28), dtype=np.uint8)
+    members = _members_like(3, seed=6)
+    stacked = build_member_predictor(members)
+    val_on_device = upload_images(val)
+    assert val_on_device.shape[0] == 6000  # padded once, to whole batches
+    predict_members(stacked, val_on_device, count=len(val))  # traces
+    probs = {}
+    reads = _count_device_reads(lambda: probs.update(p=predict_members(stacked, val_on_device, count=len(val))))
+    assert reads == 3 and probs["p"].shape == (3, 4100, 10)
+    for i, m in enumerate(members):
+        np.testing.assert_allclose(probs["p"][i], predict_probabilities(m, val), atol=1e-6)
+
+
 @pytest.mark.cpu_facts
 @pytest.mark.skipif(keras.backend.backend() != "tensorflow", reason="the direct step loop is TensorFlow's")
 def test_several_steps_per_call_are_the_same_steps_to_the_bit():
@@ -258,3 +291,21 @@ def test_jax_ray_tasks_sharing_a_gpu_take_their_share_without_reserving_it_first
                                                  "XLA_PYTHON_CLIENT_MEM_FRACTION": "0.250",
                                                  "XLA_CLIENT_MEM_FRACTION": "0.250"}
     assert build_gpu_memory_env(0.0, "jax") == build_gpu_memory_env(0.5, "tensorflow") == {}
+
+
+def test_ray_fuses_members_when_its_tasks_get_gpus_whatever_the_driver_has():
+    """The driver of a GPU cluster is often a machine without one: fusing by default follows the tasks' GPUs
+    (--gpus-per-member), not the driver's. Catches Ray left unfused by default (`bool(None)`), and
+    mixed_float16 fused (its members would share one loss scale)."""
+    import dataclasses
+
+    from emnist_cnn.config import ScaleOutConfig
+    from emnist_cnn.engine.scaleout import resolve_ray_fused
+
+    config = TrainConfig()
+    gpus, cpus = ScaleOutConfig(ray_address="auto", gpus_per_member=0.25), ScaleOutConfig(ray_address="auto")
+    assert resolve_ray_fused(None, config, gpus) is True
+    assert resolve_ray_fused(None, config, cpus) is False
+    assert resolve_ray_fused(False, config, gpus) is False and resolve_ray_fused(True, config, cpus) is True
+    half = dataclasses.replace(config, model=dataclasses.replace(config.model, precision="mixed_float16"))
+    assert resolve_ray_fused(None, half, gpus) is False

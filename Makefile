@@ -18,7 +18,7 @@ MIXED_EXTRAS = $(VENV) was set up with EXTRA=$(OTHER_STAMP:$(VENV)/.installed-%=
 (or give EXTRA=$(EXTRA) a venv of its own: make ... VENV=$(VENV)-$(EXTRA) EXTRA=$(EXTRA))
 REFUSE_MIXED_EXTRAS = $(if $(OTHER_STAMP),$(error $(MIXED_EXTRAS)))
 
-.PHONY: run test bench setup clean
+.PHONY: run test bench setup clean gpu-check-wheels
 
 setup: $(STAMP)
 
@@ -52,6 +52,13 @@ test: $(TEST_STAMP)
 BENCH ?= bench
 bench: $(STAMP)
 	$(BIN)/python benchmarks/$(BENCH).py $(ARGS)
+
+# The wheels benchmarks/gpu_check.sh carries to a GPU machine that has JAX but no Keras (README, "GPU check"):
+# Keras as installed here and the two of its dependencies such a machine lacks, for Python 3.12.
+gpu-check-wheels: $(STAMP)
+	$(BIN)/python -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+	  --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl \
+	  $$($(BIN)/python -c 'from importlib.metadata import version as v; print(*(f"{p}=={v(p)}" for p in ("keras", "namex", "optree")))')
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info

@@ -292,20 +292,3 @@ def test_jax_ray_tasks_sharing_a_gpu_take_their_share_without_reserving_it_first
                                                  "XLA_CLIENT_MEM_FRACTION": "0.250"}
     assert build_gpu_memory_env(0.0, "jax") == build_gpu_memory_env(0.5, "tensorflow") == {}
 
-
-def test_ray_fuses_members_when_its_tasks_get_gpus_whatever_the_driver_has():
-    """The driver of a GPU cluster is often a machine without one: fusing by default follows the tasks' GPUs
-    (--gpus-per-member), not the driver's. Catches Ray left unfused by default (`bool(None)`), and
-    mixed_float16 fused (its members would share one loss scale)."""
-    import dataclasses
-
-    from emnist_cnn.config import ScaleOutConfig
-    from emnist_cnn.engine.scaleout import resolve_ray_fused
-
-    config = TrainConfig()
-    gpus, cpus = ScaleOutConfig(ray_address="auto", gpus_per_member=0.25), ScaleOutConfig(ray_address="auto")
-    assert resolve_ray_fused(None, config, gpus) is True
-    assert resolve_ray_fused(None, config, cpus) is False
-    assert resolve_ray_fused(False, config, gpus) is False and resolve_ray_fused(True, config, cpus) is True
-    half = dataclasses.replace(config, model=dataclasses.replace(config.model, precision="mixed_float16"))
-    assert resolve_ray_fused(None, half, gpus) is False

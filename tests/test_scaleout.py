@@ -110,13 +110,15 @@ def read_segments(run: Path) -> dict[tuple[str, int], list[dict]]:
 
 
 def test_fused_groups_on_gpus_equal_the_local_run(cluster, data, local_run, tmp_path):
-    """--fused with --gpus-per-member 0.5: one task per dropout rate and checkpoint trains its two members
-    together on a node's (logical) GPU, spread over both nodes; fused training gives the one-at-a-time bits.
-    (One-member tasks are the killed-worker test's: they give the same bits.)"""
+    """--gpus-per-member 0.5, fused by default since the tasks get GPUs: one task per dropout rate and
+    checkpoint trains its two members together on a node's (logical) GPU, spread over both nodes; fused
+    training gives the one-at-a-time bits. Each GPU task runs in a worker process of its own (a reused one
+    would keep the GPU its first task opened). (One-member tasks are the killed-worker test's: they give
+    the same bits.)"""
     cluster, _ = cluster
     run = tmp_path / "ray-run"
     r = cli("train", "--run-dir", run, "--data-dir", data, *ARGS, "--epochs", "2", "--ray", cluster.address,
-            "--fused", "--gpus-per-member", "0.5")
+            "--gpus-per-member", "0.5")
     assert r.returncode == 0, r.stderr[-3000:]
     assert_same_results(run, local_run)
     segments = read_segments(run)
@@ -125,6 +127,7 @@ def test_fused_groups_on_gpus_equal_the_local_run(cluster, data, local_run, tmp_
     # Both members of a rate in one process per segment.
     for d in ("0.2", "0.3"):
         assert [s["pid"] for s in segments[(d, 0)]] == [s["pid"] for s in segments[(d, 1)]]
+    assert len({s["pid"] for m in MEMBERS for s in segments[m]}) == 4  # 2 rates x 2 segments, 4 processes
     # One progress line per member and segment, nothing from the workers themselves.
     lines = [line for line in r.stderr.splitlines() if ": epochs " in line]
     assert len(lines) == 8 and all(" on " in line and "attempt" not in line for line in lines), lines
@@ -154,9 +157,11 @@ def test_device_gpu_reaches_the_workers_and_fails_there_in_one_line(cluster, dat
 
 def test_a_killed_worker_and_a_dead_node_are_retried_and_the_result_stays_identical(cluster, data, local_run,
                                                                                    tmp_path):
-    """SIGKILL the worker training a segment on the head node and remove the other node (raylet and all)
-    while its first segment runs: both segments run again, the run finishes, and every file is the local
-    run's. (Runs last on the cluster: it leaves the head node alone.)"""
+    """Remove the other node (raylet and all) while its first segment runs, and SIGKILL the worker training a
+    second segment (epochs past the first checkpoint) on the head node: both segments run again, the run
+    finishes, and every file is the local run's. The killed segment's retry resumes from its member's
+    epoch-1 state, not from scratch (which would give the same files on a CPU; issue 28, #1). (Runs last on
+    the cluster: it leaves the head node alone.)"""
     cluster, worker_node = cluster
     run = tmp_path / "ray-run"
     driver = subprocess.Popen([sys.executable, "-m", "emnist_cnn", "train", "--run-dir", str(run), "--data-dir",
@@ -167,15 +172,18 @@ def test_a_killed_worker_and_a_dead_node_are_retried_and_the_result_stays_identi
         # has to import Keras, build the model and train, so both kills land mid-segment.
         on_worker = f"/{worker_node.node_id[:8]}"
         deadline = time.monotonic() + 300
-        first = {}
-        while len(first) < 2 and time.monotonic() < deadline and driver.poll() is None:
+        removed = killed = None
+        while killed is None and time.monotonic() < deadline and driver.poll() is None:
             for s in (s for m in MEMBERS for s in read_segments(run)[m]):
-                first.setdefault(s["node"].endswith(on_worker), s)
+                if removed is None and s["node"].endswith(on_worker):
+                    removed = s
+                    cluster.remove_node(worker_node, allow_graceful=False)
+                elif killed is None and removed is not None and s["target"] == 2 and not s["node"].endswith(
+                        on_worker):
+                    killed = s
+                    os.kill(killed["pid"], signal.SIGKILL)
             time.sleep(0.05)
-        assert len(first) == 2, f"segments did not start on both nodes: {first}"
-        killed, removed = first[False], first[True]
-        os.kill(killed["pid"], signal.SIGKILL)
-        cluster.remove_node(worker_node, allow_graceful=False)
+        assert removed is not None and killed is not None, f"no segments to interrupt: {read_segments(run)}"
         # A second driver on the same run is refused while the first one holds it.
         second = cli("train", "--run-dir", run, "--data-dir", data, *ARGS, "--epochs", "2", "--ray", cluster.address)
         assert second.returncode == 1 and "Traceback" not in second.stderr, second.stderr
@@ -192,8 +200,10 @@ def test_a_killed_worker_and_a_dead_node_are_retried_and_the_result_stays_identi
         member = next(m for m in MEMBERS if victim in segments[m])
         again = [s for s in segments[member] if s["target"] == victim["target"] and s != victim]
         assert len(again) == 1 and again[0]["pid"] != victim["pid"] and not again[0]["node"].endswith(on_worker)
+        assert again[0]["from"] == victim["from"] == victim["target"] - 1, (victim, again)
     assert sorted(len(segments[m]) for m in MEMBERS) == [2, 2, 3, 3], segments
-    assert sum("(attempt 2)" in line for line in err.splitlines()) == 2, err[-3000:]
+    retried = [line for line in err.splitlines() if "(attempt 2)" in line]
+    assert len(retried) == 2 and any(": epochs 2-2, " in line for line in retried), err[-3000:]
 
 
 @pytest.mark.parametrize("case", ["relative run dir", "ray missing", "gpus without ray", "gpu without gpus"])
@@ -218,3 +228,53 @@ def test_bad_ray_settings_are_one_line(case, data, tmp_path, monkeypatch):
     assert r.returncode == 2, r.stderr[-2000:]
     assert want in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert not (tmp_path / "run").exists() and not (tmp_path / "runs").exists()
+
+
+def test_ray_fuses_members_when_its_tasks_get_gpus_whatever_the_driver_has():
+    """The driver of a GPU cluster is often a machine without one: fusing by default follows the tasks' GPUs
+    (--gpus-per-member), not the driver's. Catches Ray left unfused by default (`bool(None)`), and
+    mixed_float16 fused (its members would share one loss scale)."""
+    import dataclasses
+
+    from emnist_cnn.config import ScaleOutConfig, TrainConfig
+    from emnist_cnn.engine.scaleout import resolve_ray_fused
+
+    config = TrainConfig()
+    gpus, cpus = ScaleOutConfig(ray_address="auto", gpus_per_member=0.25), ScaleOutConfig(ray_address="auto")
+    assert resolve_ray_fused(None, config, gpus) is True
+    assert resolve_ray_fused(None, config, cpus) is False
+    assert resolve_ray_fused(False, config, gpus) is False and resolve_ray_fused(True, config, cpus) is True
+    half = dataclasses.replace(config, model=dataclasses.replace(config.model, precision="mixed_float16"))
+    assert resolve_ray_fused(None, half, gpus) is False
+
+
+def test_an_ensemble_is_evaluated_once_every_member_has_its_checkpoint(tmp_path):
+    """The driver's readiness rule: per dropout rate, the first checkpoint not yet evaluated whose every
+    member has its weights file; one evaluation per rate at a time. Catches an evaluation started as soon
+    as one member has its file (on a cluster with room, it would load a missing file and stop the run)."""
+    from emnist_cnn.config import TrainConfig
+    from emnist_cnn.engine.scaleout import find_ready_evaluations
+    from emnist_cnn.io.rundir import RunDir
+
+    config = TrainConfig(dropouts=(0.2, 0.3), models=3, epochs=32, checkpoint_every=16)
+    run = RunDir(tmp_path / "run")
+
+    def write(d, epoch, members):
+        for i in members:
+            path = run.weights_path(d, epoch, i)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(b"weights")
+
+    none: dict = {0.2: set(), 0.3: set()}
+    assert find_ready_evaluations(run, config, none, set()) == []
+    write(0.2, 16, [0])
+    write(0.3, 16, [0, 2])
+    assert find_ready_evaluations(run, config, none, set()) == []  # members 1 and 2, 1 still training
+    write(0.2, 16, [1, 2])
+    assert find_ready_evaluations(run, config, none, set()) == [(0.2, 16)]
+    assert find_ready_evaluations(run, config, none, {0.2}) == []  # one evaluation per rate at a time
+    write(0.2, 32, [0, 1, 2])
+    assert find_ready_evaluations(run, config, none, set()) == [(0.2, 16)]  # the earlier checkpoint first
+    assert find_ready_evaluations(run, config, {0.2: {16}, 0.3: set()}, set()) == [(0.2, 32)]
+    write(0.3, 16, [1])
+    assert find_ready_evaluations(run, config, {0.2: {16, 32}, 0.3: set()}, set()) == [(0.3, 16)]

@@ -36,7 +36,7 @@ from .train import (evaluate_checkpoint, find_last_errors, load_training_data, o
                     record_checkpoint, tracker_closed_on_exit)
 
 __all__ = ["TransientStorageError", "build_gpu_memory_env", "check_run_dir_shared", "check_ray_device", "import_ray",
-           "train_segment", "evaluate_segment", "resolve_ray_fused", "train_ensembles_on_ray",
+           "train_segment", "evaluate_segment", "find_ready_evaluations", "resolve_ray_fused", "train_ensembles_on_ray",
            "train_and_evaluate_on_ray"]
 
 log = logging.getLogger(__name__)
@@ -187,6 +187,22 @@ def _init_ray(ray, scaleout: ScaleOutConfig) -> None:
         raise RunDirError(f"--ray {address}: cannot connect to the Ray cluster ({format_one_line(exc)})") from exc
 
 
+def find_ready_evaluations(run: RunDir, config: TrainConfig, evaluated: dict[float, set[int]],
+                           evaluating: set[float]) -> list[tuple[float, int]]:
+    """The ensemble evaluations the driver may start, as (dropout, epoch): for each rate with none in flight,
+    its first checkpoint not yet evaluated whose every member has its weights file (written atomically, so
+    a member still training to it has none)."""
+    ready = []
+    for d in config.dropouts:
+        if d in evaluating:
+            continue
+        for c in config.checkpoint_epochs():
+            if c not in evaluated.get(d, set()) and run.has_all_weights(d, c, config.models):
+                ready.append((d, c))
+                break
+    return ready
+
+
 class _Driver:
     """Keeps one task per member (or fused group) in flight and one evaluation per dropout rate."""
 
@@ -234,15 +250,10 @@ class _Driver:
                                              self.steps_per_call)
                 self.in_flight[ref] = ("train", unit, target)
         evaluating = {job[1] for job in self.in_flight.values() if job[0] == "eval"}
-        for d in self.config.dropouts:
-            if d in evaluating:
-                continue
-            for c in self.ckpts:
-                if c not in self.evaluated[d] and self.run.has_all_weights(d, c, self.config.models):
-                    ref = self.eval_task.remote(str(self.run.path), self.config, self.data_ref, d, c,
-                                                self.scaleout.task_threads, self.device, self.jit_compile)
-                    self.in_flight[ref] = ("eval", d, c)
-                    break
+        for d, c in find_ready_evaluations(self.run, self.config, self.evaluated, evaluating):
+            ref = self.eval_task.remote(str(self.run.path), self.config, self.data_ref, d, c,
+                                        self.scaleout.task_threads, self.device, self.jit_compile)
+            self.in_flight[ref] = ("eval", d, c)
 
     def drive(self) -> None:
         self.submit_ready()

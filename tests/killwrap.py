@@ -5,9 +5,10 @@ EMNIST_CNN_KILL_SPEC is a JSON object:
 
 - "targets": dotted names of the functions to patch (each call is counted, with the file names among its
   first two arguments);
-- "target", "n", "when" ("before" or "after" the real call), "how" ("SIGKILL" or "SIGINT"): the kill point,
-  if any. SIGKILL: nothing runs afterwards. SIGINT (Ctrl-C): Python raises KeyboardInterrupt where the signal
-  lands, and every `finally` and `except BaseException` on the way up runs;
+- "target", "n", "when" ("before" or "after" the real call), "how" ("SIGKILL", "SIGINT" or "raise"): the
+  kill point, if any. SIGKILL: nothing runs afterwards. SIGINT (Ctrl-C): Python raises KeyboardInterrupt where
+  the signal lands, and every `finally` and `except BaseException` on the way up runs. "raise": a RuntimeError
+  there, as a bug would (the process fails instead of being stopped);
 - "fired_file": where the kill point writes what it hit, with the call counts so far, just before the kill;
 - "count_file" (optional): where the call counts and file names are written when the process exits normally.
 """
@@ -52,6 +53,8 @@ def fire(target, n, when, args):
                    "counts": counts}, f)
     if spec["how"] == "SIGKILL":
         os.kill(os.getpid(), signal.SIGKILL)
+    if spec["how"] == "raise":
+        raise RuntimeError(f"injected failure at call {n} of {target}")
     os.kill(os.getpid(), signal.SIGINT)  # Python raises KeyboardInterrupt at its next check, i.e. here
     for _ in range(500):
         time.sleep(0.01)

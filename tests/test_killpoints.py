@@ -46,7 +46,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import make_tiny_digits, planned_steps, write_mnist_idx
+from conftest import make_tiny_digits, planned_steps, read_tensorboard, write_mnist_idx
 
 pytestmark = pytest.mark.cpu_facts  # to the bit (and the CPU chosen): CPU facts
 
@@ -236,11 +236,18 @@ def assert_matches_baseline(run: Path, baseline: Path) -> None:
     assert len(keys) == len(set(keys)) == 2 * 3 * 2, keys
     assert all(all(v not in (None, "") for v in r.values()) for r in rows)
     assert (d / "history" / "errors.csv").read_bytes() == (base / "history" / "errors.csv").read_bytes()
-    # The reference's per-checkpoint text tables.
+    # The reference's per-checkpoint text tables and the ensemble's mistakes per checkpoint (errors.csv marks
+    # a checkpoint evaluated, so a table written after it would be lost for good to a kill between them).
     for epoch in (1, 2):
-        name = f"test_errors_epoch_{epoch:03d}.txt"
-        assert (d / "history" / name).is_file(), f"{name} is missing"
-        assert (d / "history" / name).read_bytes() == (base / "history" / name).read_bytes(), name
+        for name in (f"test_errors_epoch_{epoch:03d}.txt", f"misclassified_epoch_{epoch:03d}.csv"):
+            assert (d / "history" / name).is_file(), f"{name} is missing"
+            assert (d / "history" / name).read_bytes() == (base / "history" / name).read_bytes(), name
+    # TensorBoard: every epoch and checkpoint once, with the uninterrupted run's values (wall time aside).
+    tb, tb_expected = (read_tensorboard(r)[0] for r in (run, baseline))
+    assert sorted(tb) == sorted(tb_expected)
+    for key, points in tb_expected.items():
+        if not key.endswith("epoch/seconds"):
+            assert tb[key] == points, key
     # Every checkpoint loads, and holds the uninterrupted run's arrays.
     names = sorted(p.name for p in (d / "weights").iterdir())
     assert names == sorted(p.name for p in (base / "weights").iterdir())

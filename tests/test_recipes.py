@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import shutil
+from pathlib import Path
 
 import keras
 import numpy as np
@@ -127,8 +128,10 @@ def test_fast_schedule_length_is_part_of_the_experiment(fast_runs, tmp_path):
 
 def with_test_mistakes(run, dst, dropout: str, wrong: list[int]):
     """A copy of `run` whose records say its ensemble got exactly the test images `wrong` wrong at its last
-    checkpoint (the tiny synthetic digits are too easy for the two recipes to disagree on their own)."""
-    shutil.copytree(run, dst)
+    checkpoint (the tiny synthetic digits are too easy for the two recipes to disagree on their own); `run`
+    itself when `dst` is `run`."""
+    if Path(run) != Path(dst):
+        shutil.copytree(run, dst)
     hist = dst / f"dropout_{dropout}" / "history"
     rows = read_csv(hist / "errors.csv")
     last = max(int(r["epoch"]) for r in rows)
@@ -166,6 +169,34 @@ def test_compare_pairs_two_recipes_on_the_same_test_images(fast_runs, tiny_run, 
     # The real runs as trained: the same verdict from their own records.
     assert run_cli(["compare", "--run-dir", tiny_run[0], fast_runs[0] / "seq"]) == 0
     assert "McNemar exact p = " in capsys.readouterr().out
+
+
+def test_compare_chooses_each_runs_dropout_rate_on_validation_not_test(tiny_run, tmp_path, capsys):
+    """A run of two rates whose records disagree: 0.3 is best on validation, 0.2 on test. `compare` pairs the
+    0.3 ensemble, as `evaluate` and `export` would. Catches the choice made on test rows (issue 28, #4)."""
+    from conftest import run_cli
+
+    two = tmp_path / "two"
+    shutil.copytree(tiny_run[0], two)
+    shutil.copytree(two / "dropout_0.2", two / "dropout_0.3")
+    record = json.loads((two / "config.json").read_text())
+    record["config"]["dropouts"] = [0.2, 0.3]
+    (two / "config.json").write_text(json.dumps(record))
+    for dropout, val_errors, wrong in (("0.2", 9, [3]), ("0.3", 2, [0, 1, 2, 5])):
+        with_test_mistakes(two, two, dropout, wrong)
+        hist = two / f"dropout_{dropout}" / "history"
+        rows = read_csv(hist / "errors.csv")
+        last = max(int(r["epoch"]) for r in rows)
+        for r in rows:
+            if int(r["epoch"]) == last and r["model"] == "ensemble" and r["split"] == "val":
+                r["n_errors"], r["error_pct"] = str(val_errors), f"{100 * val_errors / int(r['n']):.4f}"
+        with open(hist / "errors.csv", "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(rows[0]), lineterminator="\n")
+            w.writeheader()
+            w.writerows(rows)
+    assert run_cli(["compare", "--run-dir", two, tiny_run[0], "--json"]) == 0
+    chosen = json.loads(capsys.readouterr().out)["runs"][0]
+    assert (chosen["dropout"], chosen["n_errors"]) == (0.3, 4)
 
 
 def test_compare_refuses_runs_on_other_test_images(fast_runs, tmp_path, capsys):

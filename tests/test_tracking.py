@@ -255,6 +255,63 @@ def test_kills_and_a_server_outage_neither_lose_nor_double_an_epoch(mlflow_serve
     # logs no files; `run` and `track` do
 
 
+def test_a_stopped_or_failed_training_says_so_in_mlflow(mlflow_server, data_dir, tmp_path):
+    """Ctrl-C (SIGINT) mid-run leaves the MLflow run KILLED; a failure (an exception where a bug would raise)
+    leaves it FAILED, not FINISHED, and the epochs recorded before either are there. Catches every ending
+    marked FINISHED (issue 28, #7; the other tests kill with SIGKILL, which marks nothing)."""
+    if mlflow_server.proc.poll() is not None:
+        mlflow_server.start()
+    run_dir, exp, cache = tmp_path / "run", "stopped-and-failed", tmp_path / "cache"
+    args = ["train", "--run-dir", run_dir, "--data-dir", data_dir, "--epochs", "2", *RUN_ARGS,
+            "--mlflow", mlflow_server.url, "--mlflow-experiment", exp]
+    fired = tmp_path / "fired.json"
+    # Syncs: 1 the catch-up at start, 2 the first epoch this process records (model 0's epoch 1, then after
+    # the resume model 1's epoch 1).
+    for how, status in (("SIGINT", "KILLED"), ("raise", "FAILED")):
+        r = emnist_cnn(args, cache=cache, kill={"target": "emnist_cnn.engine.tracking.Tracker.sync", "n": 2,
+                                                "when": "after", "how": how, "fired_file": str(fired)})
+        assert r.returncode not in (0, -signal.SIGKILL) and fired.is_file(), r.stderr[-3000:]
+        run = the_run(mlflow_server, exp)
+        assert run["info"]["status"] == status, (how, run["info"]["status"])
+        steps = [s for s, _ in mlflow_server.history(run["info"]["run_id"], "dropout_0.2/model_0/epoch/loss")]
+        assert steps == [1]
+    r = emnist_cnn(args, cache=cache)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert the_run(mlflow_server, exp)["info"]["status"] == "FINISHED"
+
+
+def test_a_server_back_while_the_process_still_trains_gets_what_it_missed(mlflow_server, tiny_run, tmp_path):
+    """README: while the MLflow server is down, training goes on and the sink is tried again every
+    `retry_after` seconds (30 by default; 1 here). The server back within the same process: the next
+    epoch's sync after that delay sends everything it lacks, and the failure is over. Catches a failed sink
+    never retried within the process, whose loss the next command's catch-up would hide (issue 28, #8)."""
+    import shutil
+
+    from emnist_cnn.config import TrackingConfig
+    from emnist_cnn.engine.tracking import Tracker
+    from emnist_cnn.io.rundir import RunDir
+
+    if mlflow_server.proc.poll() is not None:
+        mlflow_server.start()
+    run_dir = tmp_path / "run"
+    shutil.copytree(tiny_run[0], run_dir)
+    run = RunDir(run_dir)
+    tracking = TrackingConfig(tensorboard=False, mlflow_uri=mlflow_server.url, mlflow_experiment="retried",
+                              retry_after=1.0)
+    tracker = Tracker(run, run.read_config(), tracking, training=True)
+    mlflow_server.stop()
+    tracker.sync(members=[(0.2, 0)])  # one warning, then training would go on
+    assert tracker.failed
+    mlflow_server.start()
+    time.sleep(1.5)
+    tracker.sync(members=[(0.2, 1)])  # an ordinary epoch's sync, not a forced one
+    assert not tracker.failed
+    sent = mlflow_server.all_metrics(the_run(mlflow_server, "retried"))
+    want = {k: v for k, v in expected_values(run_dir).items() if "/model_1/epoch/" in k}
+    assert_every_point_once({k: v for k, v in sent.items() if "/model_1/epoch/" in k}, want, rel=1e-9)
+    tracker.close("FINISHED")
+
+
 def test_track_and_export_send_a_run_trained_without_mlflow_and_bad_uris_are_refused(mlflow_server, tiny_run,
                                                                                       tmp_path, capsys, caplog,
                                                                                       monkeypatch, closed_port):

@@ -260,12 +260,17 @@ def test_damaged_latest_state_falls_back_to_previous(tiny_run, tmp_path, tiny, c
     stale = [state.parent / ".model_0.npz.x1y2.tmp", run / "dropout_0.2" / "weights" / ".tmp-99-a.weights.h5"]
     for path in stale:
         path.write_bytes(b"half")
-    with caplog.at_level(logging.WARNING):
+    before = read_csv(run / "dropout_0.2" / "history" / "model_0.csv")
+    with caplog.at_level(logging.INFO):
         train_and_evaluate(cfg, run, dataset=tiny, verbose=0)
     assert "unreadable state" in caplog.text and "model_0.npz" in caplog.text
     assert not any(path.exists() for path in stale)
     hist = read_csv(run / "dropout_0.2" / "history" / "model_0.csv")
     assert [int(r["epoch"]) for r in hist] == [1, 2]  # epoch 2 was retrained, recorded once
+    # From the previous state, not from scratch (issue 28, #5): only epoch 2 trained, epoch 1's row untouched
+    # (a retrain from scratch gives the same weights on a CPU, but trains and records epoch 1 again).
+    assert re.findall(r"dropout 0.2 model (\d) epoch (\d)/2: loss", caplog.text) == [("0", "2")]
+    assert hist[0] == before[0]
 
 
 def test_second_process_on_same_run_is_refused(tmp_path, tiny):
@@ -412,3 +417,66 @@ def test_train_prints_the_member_best_on_validation(tiny_run, tmp_path, capsys):
     member, test_errors = re.fullmatch(r"best member on validation: model (\d+), test error [\d.]+% \((\d+)\D.*",
                                        line).groups()
     assert (member, int(test_errors)) == ("1", 7)
+
+
+def _all_layers(model) -> list:
+    """Every layer of `model`, those of nested models included."""
+    return [inner for layer in model.layers for inner in [layer, *_all_layers(layer)]] \
+        if hasattr(model, "layers") else []
+
+
+def test_what_each_epoch_trains_on_and_how(tmp_path, monkeypatch, tiny_mnist_dir, tiny):
+    """`train --precision mixed_bfloat16`, 1 member, 2 epochs, as the command runs it, watched where the
+    training loop hands over its pieces:
+    - the images BatchNormalization is recalibrated on are training images, never validation ones,
+      and as many as asked;
+    - each epoch's image order is the documented rule, (member seed, epoch), so it differs across epochs;
+    - each epoch's augmentation key is `augment_key(member seed, epoch)`, a new one every epoch;
+    - the trainer computes in bfloat16 (the flag reaches the model) and keeps float32 variables.
+    Catches (issue 28): recalibration on the validation split, a key or an order that ignores the epoch,
+    and --precision silently dropped."""
+    from emnist_cnn.core import model as model_module
+    from emnist_cnn.core import trainer as trainer_module
+    from emnist_cnn.core.trainer import augment_key
+    from emnist_cnn.engine.members import member_seed
+
+    calibrations, orders, keys, dtypes = [], [], [], []
+    real_recalibrate, real_epoch, real_set_key = (model_module.recalibrate_batchnorm, trainer_module.train_epoch,
+                                                  trainer_module.AugmentImages.set_key)
+
+    def recalibrate(model, images, *args, **kwargs):
+        calibrations.append(np.rint(keras.ops.convert_to_numpy(images)[..., 0] * 255).astype(np.uint8))
+        return real_recalibrate(model, images, *args, **kwargs)
+
+    def train_epoch(trainer, epoch_orders, *args, **kwargs):
+        orders.append([np.array(o) for o in epoch_orders])
+        convs = [layer for layer in _all_layers(trainer) if isinstance(layer, keras.layers.Conv2D)]
+        assert convs
+        dtypes.append({layer.compute_dtype for layer in convs} | {v.dtype for v in trainer.trainable_variables})
+        return real_epoch(trainer, epoch_orders, *args, **kwargs)
+
+    def set_key(self, key):
+        keys.append(int(key))
+        return real_set_key(self, key)
+
+    monkeypatch.setattr(model_module, "recalibrate_batchnorm", recalibrate)
+    monkeypatch.setattr(trainer_module, "train_epoch", train_epoch)
+    monkeypatch.setattr(trainer_module.AugmentImages, "set_key", set_key)
+    assert run_cli(["train", "--run-dir", tmp_path / "run", "--data-dir", tiny_mnist_dir, "--dataset", "mnist",
+                    "--no-download", "--dropout", "0.2", "--models", "1", "--epochs", "2", "--batch-size", "64",
+                    "--val-fraction", "0.2", "--bn-recalibration", "150", "--precision", "mixed_bfloat16",
+                    "--quiet"]) == 0
+    data = prepare_data(TINY.replace(models=1), tiny)
+    train_rows = {img.tobytes() for img in data.x_train}
+    val_rows = {img.tobytes() for img in data.x_val}
+    assert len(calibrations) == 2  # once per epoch
+    for images in calibrations:
+        assert len(images) == 150 and len({img.tobytes() for img in images}) == 150
+        assert {img.tobytes() for img in images} <= train_rows and not {img.tobytes() for img in images} & val_rows
+    seed = member_seed(0, 0.2, 0)
+    assert len(orders) == 2 and all(len(o) == 1 for o in orders)
+    for epoch, [order] in enumerate(orders, start=1):
+        np.testing.assert_array_equal(order, np.random.default_rng([seed, epoch]).permutation(len(data.y_train)))
+    assert not np.array_equal(orders[0][0], orders[1][0])
+    assert keys == [augment_key(seed, 1), augment_key(seed, 2)] and keys[0] != keys[1]
+    assert dtypes == [{"bfloat16", "float32"}] * 2

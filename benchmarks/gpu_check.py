@@ -13,6 +13,7 @@ class, jittered), each in a process of its own, as a user would run it:
   bf16     the fused run with --precision mixed_bfloat16: img/s and validation error against float32
   resume   the fused run killed (SIGKILL) once every member has finished epoch 1, then resumed: its
            final weights and validation error against the uninterrupted fused run
+  steps1   the fused run at one step per call, against the default's img/s (is 16 per call worth it?)
 
 Results land in OUT/gpu_check.json (figures) and OUT/gpu_check.txt (the same, one line each), written
 after every phase, so a run cut short keeps what it measured. The parent process imports no backend:
@@ -241,6 +242,8 @@ class Check:
         self.phase("fixed", self.fixed)
         self.phase("bf16", lambda: trained("bf16", s["models"], "--fused", "--precision", "mixed_bfloat16"))
         self.phase("resume", self.resume)
+        # Is 16 steps per call (the GPU's default) worth it? The fused run again at one step per call.
+        self.phase("steps1", lambda: trained("steps1", s["models"], "--fused", "--steps-per-call", "1"))
         if self.sampler is not None:
             self.sampler.stop()
         self.results["total_s"] = time.monotonic() - t0

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.sh"
-PHASES = ["fused", "unfused", "fixed", "bf16", "resume"]
+PHASES = ["fused", "unfused", "fixed", "bf16", "resume", "steps1"]
 
 
 @pytest.mark.timeout(600)
@@ -32,8 +32,8 @@ def test_the_gpu_check_runs_every_phase_on_the_cpu_and_reports_each(tmp_path):
     results = json.loads((out / "gpu_check.json").read_text())
     phases = results["phases"]
     assert list(phases) == PHASES
-    fused, unfused, fixed, bf16, resume = (phases[p] for p in PHASES)
-    for figures in (fused, unfused, bf16):
+    fused, unfused, fixed, bf16, resume, steps1 = (phases[p] for p in PHASES)
+    for figures in (fused, unfused, bf16, steps1):
         assert figures["rc"] == 0 and figures["epochs_trained"] == [1, 2]
         assert figures["start_up_line"].startswith("training on CPU (no GPU is used)")
         assert len(figures["compile_s"]) >= 1 and figures["img_s_steady"] > figures["img_s_first_epoch"] > 0

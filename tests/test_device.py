@@ -224,7 +224,7 @@ def test_a_member_epochs_fixed_work_reads_back_once_per_member_and_validation_ba
     for v in a.trainable_variables:  # weights away from the initial ones, so every layer's statistics matter
         v.assign(keras.ops.convert_to_numpy(v) + rng.normal(0, 0.05, v.shape).astype(np.float32))
     b.set_weights(a.get_weights())
-    on_device = upload_images(calib, batch_size=len(calib))
+    on_device = upload_images(calib, batch_size=None)
     recalibrate_batchnorm(a, on_device)  # traces
     assert _count_device_reads(lambda: recalibrate_batchnorm(a, on_device)) == 1
     recalibrate_batchnorm(b, calib, batch_size=500)

@@ -220,12 +220,12 @@ def predict_members(models, images, batch_size: int = 2000, count: int | None = 
     return np.concatenate(out, axis=1).astype(np.float32)
 
 
-def upload_images(images: np.ndarray, batch_size: int = 2000):
+def upload_images(images: np.ndarray, batch_size: int | None = 2000):
     """uint8 (N, 28, 28) images as float [0, 1] (N, 28, 28, 1) on the device, blank images added to a whole
-    number of `batch_size` batches when there are several (as `predict_members` pads): inference from it
-    converts and uploads nothing."""
+    number of `batch_size` batches when there are several (as `predict_members` pads; None: none added,
+    for one call on them all): inference from it converts and uploads nothing."""
     x = _to_float(images)
-    if batch_size < len(x) and len(x) % batch_size:
+    if batch_size is not None and batch_size < len(x) and len(x) % batch_size:
         x = np.concatenate([x, np.zeros((batch_size - len(x) % batch_size,) + x.shape[1:], x.dtype)])
     return keras.ops.convert_to_tensor(x)
 

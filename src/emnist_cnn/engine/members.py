@@ -30,6 +30,7 @@ from ..io.state import load_member_state, save_member_state
 from .prepare import PreparedData
 
 __all__ = ["Member", "TrainContext", "member_seed", "build_member_model", "open_member", "sample_calibration_images",
+           "find_member_predictor",
            "fused_by_default", "resolve_fused", "train_members_to"]
 
 log = logging.getLogger(__name__)
@@ -277,7 +278,7 @@ def _finish_epochs(group: list[Member], logs: list[tuple[float, float]], train_s
     config, data = ctx.config, ctx.data
     if config.bn_recalibration_images > 0:
         if ctx.device_calibration is None:
-            ctx.device_calibration = upload_images(ctx.calibration, batch_size=len(ctx.calibration))
+            ctx.device_calibration = upload_images(ctx.calibration, batch_size=None)
         for m in group:
             recalibrate_batchnorm(m.model, ctx.device_calibration)
     probs = [None] * len(group)
@@ -292,18 +293,24 @@ def _finish_epochs(group: list[Member], logs: list[tuple[float, float]], train_s
 def _validate(group: list[Member], ctx: TrainContext) -> np.ndarray:
     """Inference-mode softmax on the validation images, (members, N, classes), through the predictor that
     checkpoint evaluation keeps for the same member models."""
-    from ..core.model import build_member_predictor, predict_members, upload_images
+    from ..core.model import predict_members, upload_images
 
     if ctx.device_validation is None:
         ctx.device_validation = upload_images(ctx.data.x_val)
-    if len(group) == 1:
-        predictor = group[0].model
-    else:
-        key = tuple(id(m.model) for m in group)
-        if key not in ctx.predictors:
-            ctx.predictors[key] = build_member_predictor([m.model for m in group])
-        predictor = ctx.predictors[key]
+    models = [m.model for m in group]
+    predictor = models[0] if len(models) == 1 else find_member_predictor(ctx.predictors, models)
     return predict_members(predictor, ctx.device_validation, count=len(ctx.data.y_val))
+
+
+def find_member_predictor(predictors: dict, models: list):
+    """`core.model.build_member_predictor(models)`, built (and compiled by its first call) once per group of
+    member models and kept in `predictors`, keyed by the models (which must outlive the cache)."""
+    from ..core.model import build_member_predictor
+
+    key = tuple(id(m) for m in models)
+    if key not in predictors:
+        predictors[key] = build_member_predictor(models)
+    return predictors[key]
 
 
 def _record_epoch(member: Member, epoch: int, loss_acc: tuple[float, float], seconds: float,

@@ -23,7 +23,8 @@ from ..errors import ConfigError, DataError, RunDirError
 from ..io.download import load_or_download
 from ..io.rundir import ErrorRecord, RunDir, collect_versions, format_utc_now
 from ..io.weights import load_checkpoint_model
-from .members import Member, TrainContext, open_member, resolve_fused, sample_calibration_images, train_members_to
+from .members import (Member, TrainContext, find_member_predictor, open_member, resolve_fused,
+                      sample_calibration_images, train_members_to)
 from .prepare import PreparedData, prepare_data
 from .tracking import Tracker
 
@@ -123,13 +124,9 @@ def evaluate_checkpoint(run: RunDir, config: TrainConfig, data: PreparedData, dr
         models.append(load_checkpoint_model(run, dropout, epoch, i, config=config, data=data))
     # Kept only for members held in memory (alive as long as the cache): a model loaded from a file is
     # freed on return, and its id could come back as another checkpoint's model.
-    key = tuple(id(m) for m in models) if all(members.get(i) is not None and members[i].model is models[i]
-                                                for i in range(config.models)) else None
-    predictor = (predictors or {}).get(key) if key is not None else None
-    if predictor is None:
-        predictor = build_member_predictor(models)
-        if predictors is not None and key is not None:
-            predictors[key] = predictor
+    held = all(members.get(i) is not None and members[i].model is models[i] for i in range(config.models))
+    predictor = find_member_predictor(predictors, models) if held and predictors is not None \
+        else build_member_predictor(models)
     probs = {"test": list(predict_members(predictor, data.x_test))}
     missing = [i for i in range(config.models) if i not in val]
     if len(data.y_val) and missing:

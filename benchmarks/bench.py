@@ -768,27 +768,33 @@ def count_device_reads(fn: Callable[[], None]) -> int:
     return count[0]
 
 
+def build_fixed_work(members, calib, val, n_val: int, state_path: Path,
+                     batch_size: int = 2000) -> dict[str, Callable[[], object]]:
+    """A fused group's work besides training in one member-epoch, as `engine.members` does it: each member
+    recalibrated on `calib`, all validated together on `val` (device copies from `upload_images`; `n_val`
+    real images, in batches of `batch_size`), each member's state written to `state_path`. Also used by
+    benchmarks/gpu_check.py."""
+    from emnist_cnn.core.model import build_member_predictor, predict_members, recalibrate_batchnorm
+    from emnist_cnn.io.state import save_member_state
+
+    stacked = build_member_predictor(members)
+    state_path.parent.mkdir(parents=True, exist_ok=True)
+    return {"recalibrate": lambda: [recalibrate_batchnorm(m, calib) for m in members],
+            "validate": lambda: predict_members(stacked, val, batch_size=batch_size, count=n_val),
+            "state": lambda: [save_member_state(state_path, m, 1, {"seed": 0, "learning_rate": LR})
+                              for m in members]}
+
+
 def bench_fixed(res: Results, s: Sizes, ctx: dict) -> None:
     """A member-epoch's work besides training, at EMNIST Digits' sizes, as a fused group of `s.members` does it:
     each member recalibrated and all validated at once from images on the device, each member's state."""
-    from emnist_cnn.core.model import build_member_predictor, predict_members, recalibrate_batchnorm, upload_images
-    from emnist_cnn.io.state import save_member_state
+    from emnist_cnn.core.model import upload_images
 
     members = ctx.get("members") or [new_member(100 + i, name=f"member_{i}") for i in range(s.members)]
     g = len(members)
-    stacked = build_member_predictor(members)
-    calib = upload_images(synthetic_images(s.calib_images, 5), batch_size=s.calib_images)
-    val = upload_images(synthetic_images(s.val_images, 6))
     path = Path(ctx["tmp"]) / "state" / "model_0.npz"
-    path.parent.mkdir(parents=True, exist_ok=True)
-
-    def recalibrate(images=calib):
-        for m in members:
-            recalibrate_batchnorm(m, images)
-
-    parts = {"recalibrate": recalibrate,
-             "validate": lambda: predict_members(stacked, val, count=s.val_images),
-             "state": lambda: [save_member_state(path, m, 1, {"seed": 0, "learning_rate": LR}) for m in members]}
+    parts = build_fixed_work(members, upload_images(synthetic_images(s.calib_images, 5), batch_size=None),
+                             upload_images(synthetic_images(s.val_images, 6)), s.val_images, path)
     for fn in parts.values():
         fn()  # trace
     log.info("fixed per member-epoch: recalibration on %d, validation on %d images, state; %d members, "
@@ -813,11 +819,9 @@ def bench_fixed(res: Results, s: Sizes, ctx: dict) -> None:
             f"{s.val_images:,} images, {g} members validated together (62 before: 50 for recalibration's "
             f"prefix passes, 12 validation batches, each member alone)")
     tiny, val_calls = 8, -(-s.val_images // 2000)
-    small_val = upload_images(synthetic_images(val_calls * tiny, 6), batch_size=tiny)
-    small_calib = upload_images(synthetic_images(tiny, 5), batch_size=tiny)
-    small = {"recalibrate": lambda: recalibrate(small_calib),
-             "validate": lambda: predict_members(stacked, small_val, batch_size=tiny, count=val_calls * tiny),
-             "state": parts["state"]}
+    small = build_fixed_work(members, upload_images(synthetic_images(tiny, 5), batch_size=None),
+                             upload_images(synthetic_images(val_calls * tiny, 6), batch_size=tiny), val_calls * tiny,
+                             path, batch_size=tiny)
     for fn in small.values():
         fn()  # trace the small shapes
     host = {name: statistics.median(v) / g for name, v in alternate(small, s.reps).items()}

@@ -303,30 +303,33 @@ def compare_runs(a: Path, b: Path, models: int, epoch: int) -> dict:
 
 
 def measure_fixed_work(args: argparse.Namespace) -> dict:
-    """A member-epoch's fixed work as training does it, for a fused group: each member recalibrated on the
-    calibration images, all validated together, each one's state written; blocking calls counted at the
-    one door every inference call goes through."""
-    import emnist_cnn  # noqa: F401  (selects the backend)
+    """A member-epoch's fixed work as training does it, for a fused group (`make bench`'s definition,
+    benchmarks/bench.py `build_fixed_work`); blocking calls counted at the one door every inference call
+    goes through."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench", REPO / "benchmarks" / "bench.py")
+    bench = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = bench  # dataclasses look their module up there
+    spec.loader.exec_module(bench)
     from emnist_cnn.core import model as model_mod
     from emnist_cnn.core.device import describe_runtime
-    from emnist_cnn.core.model import build_member_predictor, build_model, predict_members, recalibrate_batchnorm
     from emnist_cnn.core.model import upload_images
-    from emnist_cnn.io.state import save_member_state
 
     runtime = describe_runtime("auto", True, "float32")
     model_mod.use_jit_compile(runtime["xla"])
     rng = np.random.default_rng(0)
     n_val = round(args.train * 0.1)
-    calib = upload_images(rng.integers(0, 256, (args.calibration, 28, 28), dtype=np.uint8),
-                          batch_size=args.calibration)
-    val = upload_images(rng.integers(0, 256, (n_val, 28, 28), dtype=np.uint8))
-    members = [build_model(seed=i) for i in range(args.models)]
-    for m in members:
-        m.compile(optimizer="adam", loss="sparse_categorical_crossentropy")
-        m.optimizer.build(m.trainable_variables)
-    stacked = build_member_predictor(members)
-    path = Path(args.work) / "fixed-state" / "model_0.npz"
-    path.parent.mkdir(parents=True, exist_ok=True)
+    members = [bench.new_member(i) for i in range(args.models)]
+    parts = bench.build_fixed_work(
+        members, upload_images(rng.integers(0, 256, (args.calibration, 28, 28), dtype=np.uint8), batch_size=None),
+        upload_images(rng.integers(0, 256, (n_val, 28, 28), dtype=np.uint8)), n_val,
+        Path(args.work) / "fixed-state" / "model_0.npz")
+    first = {}
+    for name, fn in parts.items():  # the first call compiles
+        t0 = time.perf_counter()
+        fn()
+        first[name] = time.perf_counter() - t0
     calls = [0]
     real = model_mod.predict_batch
 
@@ -335,24 +338,11 @@ def measure_fixed_work(args: argparse.Namespace) -> dict:
         return real(model, x)
 
     model_mod.predict_batch = counted
-    parts = {"recalibrate": lambda: [recalibrate_batchnorm(m, calib) for m in members],
-             "validate": lambda: predict_members(stacked, val, count=n_val),
-             "state": lambda: [save_member_state(path, m, 1, {"seed": 0, "learning_rate": 1e-3}) for m in members]}
-    first = {}
-    for name, fn in parts.items():  # the first call compiles
-        t0 = time.perf_counter()
-        fn()
-        first[name] = time.perf_counter() - t0
-    calls[0] = 0
-    times = collections.defaultdict(list)
-    for _ in range(3):
-        for name, fn in parts.items():
-            t0 = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t0)
+    reps = 3
+    times = bench.alternate(parts, reps)  # one more warm-up call each, then `reps` timed rounds
     per_member = {name: 1000 * statistics.median(v) / args.models for name, v in times.items()}
     return {"members": args.models, "calibration_images": args.calibration, "val_images": n_val,
-            "calls_per_member_epoch": calls[0] / 3 / args.models,
+            "calls_per_member_epoch": calls[0] / (reps + 1) / args.models,
             **{f"{name}_ms_per_member": round(v, 2) for name, v in per_member.items()},
             "total_ms_per_member": round(sum(per_member.values()), 2),
             "first_call_s": {k: round(v, 2) for k, v in first.items()}, "runtime": runtime}

@@ -18,7 +18,7 @@ MIXED_EXTRAS = $(VENV) was set up with EXTRA=$(OTHER_STAMP:$(VENV)/.installed-%=
 (or give EXTRA=$(EXTRA) a venv of its own: make ... VENV=$(VENV)-$(EXTRA) EXTRA=$(EXTRA))
 REFUSE_MIXED_EXTRAS = $(if $(OTHER_STAMP),$(error $(MIXED_EXTRAS)))
 
-.PHONY: run test bench setup clean gpu-check-wheels
+.PHONY: run test test-fast bench setup clean gpu-check-wheels
 
 setup: $(STAMP)
 
@@ -46,6 +46,10 @@ TEST_JOBS ?= 2
 
 test: $(TEST_STAMP)
 	$(BIN)/python -m pytest -n $(TEST_JOBS) --dist loadfile --no-loadscope-reorder $(ARGS)
+
+# The inner loop: every test that trains no model (those marked `trains` are left out), about 3 minutes.
+test-fast: $(TEST_STAMP)
+	$(BIN)/python -m pytest -n $(TEST_JOBS) --dist loadfile --no-loadscope-reorder -m "not trains" $(ARGS)
 
 # Throughput, efficiency and memory figures (about 3 minutes on 2 idle cores); ARGS="--quick", "--json PATH", "--only KEY".
 # BENCH=recipes compares the training recipes on the real MNIST digits in ../shared (benchmarks/recipes.py).

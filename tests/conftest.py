@@ -154,6 +154,18 @@ def read_tensorboard(run_dir: Path) -> tuple[dict[str, list[tuple[int, float]]],
     return scalars, images
 
 
+# The mark of a test that trains a model, in this process or in a command it runs: `make test-fast` leaves
+# these out (`-m "not trains"`), `make test` runs everything.
+TRAINS = "trains"
+
+
+def trains_a_model(fixture_function):
+    """Declare that a fixture trains a model: every test that uses it, directly or through another fixture,
+    is marked `trains`. Put it under `@pytest.fixture`."""
+    fixture_function.trains_a_model = True
+    return fixture_function
+
+
 @pytest.fixture
 def tiny_mnist_dir(tmp_path_factory) -> Path:
     """A folder of small synthetic MNIST-format files."""
@@ -161,6 +173,7 @@ def tiny_mnist_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+@trains_a_model
 def tiny_run(tmp_path_factory) -> tuple[Path, Path]:
     """One tiny trained run shared by the tests that only read it: (run directory, data folder).
 
@@ -295,32 +308,42 @@ def offline_network(monkeypatch):
 
 # CI's wall time is the busier worker's: with `--dist loadfile --no-loadscope-reorder` (Makefile) xdist hands
 # out whole files in collection order, so the longest files go first and the short ones fill the gaps at the
-# end. Longest first, by their CI seconds on 2 cores (--durations=0, 2026-12-01); a file not listed runs
-# after these, in name order.
+# end. Longest first, by their seconds in `make test` on 2 cores (--durations=0, 2026-12-07); a file not
+# listed runs after these, in name order.
 LONGEST_FILES_FIRST = (
-    "test_killpoints.py",  # 495 s
-    "test_scaleout.py",  # 335 s
-    "test_fused.py",  # 311 s
-    "test_train.py",  # 240 s
-    "test_backends.py",  # 231 s
-    "test_cli.py",  # 210 s
-    "test_plots.py",  # 169 s
-    "test_interop.py",  # 160 s
-    "test_tracking.py",  # 156 s
-    "test_evaluate.py",  # 130 s
-    "test_notebooks.py",  # 118 s
-    "test_faults.py",  # 116 s
-    "test_reproducible.py",  # 108 s
-    "test_export.py",  # 90 s
-    "test_bench.py",  # 88 s
-    "test_model.py",  # 77 s
-    "test_quick_run.py",  # 50 s
+    "test_scaleout.py",  # 195 s
+    "test_backends.py",  # 192 s
+    "test_tracking.py",  # 145 s
+    "test_killpoints.py",  # 128 s
+    "test_fused.py",  # 109 s
+    "test_cli.py",  # 97 s
+    "test_device.py",  # 93 s
+    "test_gpu_check.py",  # 91 s
+    "test_compile.py",  # 80 s
+    "test_bench.py",  # 66 s
+    "test_evaluate.py",  # 64 s
+    "test_train.py",  # 59 s
+    "test_plots.py",  # 58 s
+    "test_reproducible.py",  # 41 s
+    "test_interop.py",  # 38 s
+    "test_faults.py",  # 38 s
+    "test_notebooks.py",  # 35 s
 )
 
+def _uses_a_training_fixture(item) -> bool:
+    info = getattr(item, "_fixtureinfo", None)
+    if info is None:
+        return False
+    return any(getattr(d.func, "trains_a_model", False)
+               for name in item.fixturenames for d in info.name2fixturedefs.get(name, ()))
 
-def pytest_collection_modifyitems(items):
+
+def pytest_collection_modifyitems(config, items):
     rank = {name: i for i, name in enumerate(LONGEST_FILES_FIRST)}
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: a file's own order is kept
+    for item in items:
+        if item.get_closest_marker(TRAINS) is None and _uses_a_training_fixture(item):
+            item.add_marker(TRAINS)
     cpu_facts = [item for item in items if item.get_closest_marker("cpu_facts")]
     if cpu_facts:
         from emnist_cnn.core import model
@@ -330,3 +353,22 @@ def pytest_collection_modifyitems(items):
                                            "Keras backend sees a GPU here")
             for item in cpu_facts:
                 item.add_marker(skip)
+
+
+def _fast_tier(config) -> bool:
+    return (config.option.markexpr or "").replace(" ", "") == f"not{TRAINS}"
+
+
+@pytest.fixture(autouse=True)
+def _no_training_in_the_fast_tier(request, monkeypatch):
+    """In `make test-fast`, a test not marked `trains` that builds a trainer in this process fails, naming
+    the mark it lacks (training in a child process is caught by the tier's time, not here)."""
+    if not _fast_tier(request.config) or request.node.get_closest_marker(TRAINS) is not None:
+        return
+    from emnist_cnn.core import trainer
+
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"{request.node.nodeid} trains a model: mark it @pytest.mark.{TRAINS} "
+                             "(or its fixture @trains_a_model)")
+
+    monkeypatch.setattr(trainer, "build_device_trainer", refuse)

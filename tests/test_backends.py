@@ -25,6 +25,8 @@ import pytest
 
 from conftest import REQUIRE_DEPS_ENV, make_tiny_digits, read_tensorboard, require_module, write_mnist_idx
 
+pytestmark = pytest.mark.trains
+
 # Test images given a wrong label on purpose: a working model predicts their
 # true class, so the evaluation has known mistakes to find and to match against
 # the exported model's predictions, and the expected error is not just 0.

@@ -130,6 +130,7 @@ def test_train_tries_to_download_missing_emnist_and_reports_offline(tmp_path, cl
     assert not (run / "config.json").exists()
 
 
+@pytest.mark.trains
 def test_resume_with_changed_experiment_is_refused(tmp_path, tiny_mnist_dir, closed_port):
     run = tmp_path / "run"
     r = cli("train", "--run-dir", run, "--data-dir", tiny_mnist_dir, *TINY_ARGS, "--epochs", "1", "--models", "1")
@@ -154,7 +155,7 @@ def test_resume_with_changed_experiment_is_refused(tmp_path, tiny_mnist_dir, clo
     assert [float(row["learning_rate"]) for row in hist] == [pytest.approx(1e-3), pytest.approx(1e-5)]
 
 
-@pytest.mark.slow
+@pytest.mark.trains
 def test_real_mnist_training_reaches_the_measured_error(tmp_path, shared_dir):
     """`train` on the 10,000 real MNIST training digits, 2 members x 1 epoch at batch 64: measured 1.95%
     ensemble test error (195/10,000), members 3.11% and 2.73% (311, 273). The bounds leave about a fifth

@@ -8,6 +8,7 @@ import json
 import pytest
 
 from emnist_cnn.cli import main
+from conftest import trains_a_model
 
 TINY = ["--dataset", "mnist", "--dropout", "0.2", "--models", "1", "--checkpoint-every", "1", "--batch-size", "64",
         "--val-fraction", "0.2", "--bn-recalibration", "100", "--quiet"]
@@ -33,6 +34,7 @@ def assert_one_line(code: int, stderr: str, flag: str, allowed: str) -> str:
 
 
 @pytest.fixture(scope="module")
+@trains_a_model
 def trained(tmp_path_factory):
     """A tiny run: 1 member, 2 epochs, checkpoints at 1 and 2."""
     from conftest import make_tiny_digits, write_mnist_idx

@@ -17,8 +17,9 @@ import emnist_cnn  # noqa: F401  (selects the backend before keras is imported)
 import keras
 from emnist_cnn.io.rundir import RunDir
 
-pytestmark = pytest.mark.skipif(keras.backend.backend() != "tensorflow",
-                                reason="fakes TensorFlow's device list; JAX compiles everything with XLA")
+pytestmark = [pytest.mark.trains,
+              pytest.mark.skipif(keras.backend.backend() != "tensorflow",
+                                 reason="fakes TensorFlow's device list; JAX compiles everything with XLA")]
 
 FAKE_GPU = Path(__file__).resolve().parent / "fakegpu.py"
 TINY = ["--dataset", "mnist", "--models", "2", "--dropout", "0.3", "--val-fraction", "0.2", "--quiet",

@@ -73,6 +73,7 @@ def test_xla_decision_with_a_gpu(fake_gpu, caplog):
                            "mixed_bfloat16")
 
 
+@pytest.mark.trains
 def test_a_run_says_and_records_where_it_trained(fake_gpu, tmp_path, tiny_mnist_dir, caplog):
     """The start-up line, config.json and the invocation record agree; `auto` chose XLA for the GPU, and the
     XLA-compiled step (gathering warp) trained."""
@@ -102,6 +103,7 @@ def _count_device_reads(fn) -> int:
     return bench.count_device_reads(fn)
 
 
+@pytest.mark.trains
 @pytest.mark.skipif(keras.backend.backend() != "tensorflow", reason="the direct step loop is TensorFlow's")
 def test_an_epoch_reads_from_the_device_once_not_every_step():
     """4 steps, 16 steps, 16 steps in calls of 5: the same few reads, all at the epoch's end (one per logged
@@ -147,6 +149,7 @@ def _members_like(n: int, seed: int = 5) -> list:
     return out
 
 
+@pytest.mark.trains
 def test_the_short_last_batch_is_padded_and_padding_counts_nowhere():
     """8 images in a batch of 32 (24 padding rows): the step equals a plain Keras step on the 8 images alone.
     Adam's first moment after one step is 0.1 x the gradient, so it checks the loss; the moving statistics
@@ -185,6 +188,7 @@ def _count_traces(n: int, batch: int, epochs: int = 2) -> int:
     return len(traced)
 
 
+@pytest.mark.trains
 @pytest.mark.skipif(keras.backend.backend() != "tensorflow", reason="counts TensorFlow's traces of the step")
 def test_a_short_last_batch_costs_no_trace_of_its_own():
     """40 images in batches of 32 trace the step once, as 64 (two full batches) do, and a second epoch not at
@@ -213,6 +217,7 @@ def test_inference_pads_its_last_batch_and_returns_only_real_rows():
     np.testing.assert_allclose(predict_members([model], x, batch_size=32)[0], whole, atol=1e-6)
 
 
+@pytest.mark.trains
 @pytest.mark.skipif(keras.backend.backend() != "tensorflow", reason="counts TensorFlow tensors read back")
 def test_a_member_epochs_fixed_work_reads_back_once_per_member_and_validation_batch():
     """Recalibration from images on the device: one read of every layer's statistics (prefix passes make one
@@ -246,6 +251,7 @@ def test_a_member_epochs_fixed_work_reads_back_once_per_member_and_validation_ba
         np.testing.assert_allclose(probs["p"][i], predict_probabilities(m, val), atol=1e-6)
 
 
+@pytest.mark.trains
 @pytest.mark.cpu_facts
 @pytest.mark.skipif(keras.backend.backend() != "tensorflow", reason="the direct step loop is TensorFlow's")
 def test_several_steps_per_call_are_the_same_steps_to_the_bit():

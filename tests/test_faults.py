@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import make_tiny_digits, write_mnist_idx
+from conftest import trains_a_model, make_tiny_digits, write_mnist_idx
 from emnist_cnn.cli import main
 from emnist_cnn.io.state import read_state_epoch
 
@@ -45,6 +45,7 @@ def no_temporaries(run: Path) -> bool:
 
 
 @pytest.fixture(scope="module")
+@trains_a_model
 def runs(tmp_path_factory):
     """A 1-member run trained to epoch 1 (tiny data), and a copy resumed to epoch 2 without faults."""
     root = tmp_path_factory.mktemp("faults")

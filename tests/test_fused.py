@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import make_tiny_digits, planned_steps, run_cli, write_mnist_idx
+from conftest import trains_a_model, make_tiny_digits, planned_steps, run_cli, write_mnist_idx
 
 import emnist_cnn  # noqa: F401  (selects the backend before keras is imported)
 import keras
@@ -52,6 +52,7 @@ def members(n, seed0=100, dropout=0.3, label_smoothing=0.0):
     return out
 
 
+@pytest.mark.trains
 @pytest.mark.parametrize("smoothing", [0.0, 0.1])
 def test_fused_step_equals_one_step_per_member(smoothing):
     """Summed losses give each member exactly its own gradient; augmentation, dropout and Adam stay per
@@ -92,6 +93,7 @@ def data_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+@trains_a_model
 def straight(tmp_path_factory, data_dir):
     """TINY trained without interruption: one member at a time in ROOT/seq, fused in ROOT/fused."""
     root = tmp_path_factory.mktemp("fused-straight")
@@ -208,6 +210,7 @@ def test_predict_members_matches_member_by_member():
     assert predict_members(models, images[:0]).shape == (3, 0, 10)
 
 
+@pytest.mark.trains
 def test_mixed_bfloat16_trains_with_float32_weights(tmp_path, tiny):
     """bfloat16 compute keeps float32 variables: checkpoints load into a float32 model."""
     cfg = TINY.replace(models=1, epochs=1, model=ModelConfig(precision="mixed_bfloat16"))
@@ -223,6 +226,7 @@ def test_mixed_bfloat16_trains_with_float32_weights(tmp_path, tiny):
     assert np.isfinite(float(hist[0]["loss"]))
 
 
+@pytest.mark.trains
 def test_mixed_float16_scales_the_loss_and_resumes_to_the_bit(tmp_path, tiny):
     """float16 compute with dynamic loss scaling: float32 weights, the loss scale kept in the member's state,
     an interrupted run (1 epoch, then 1 more) equal to a straight one. Never fused (one loss scale would be

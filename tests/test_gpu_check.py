@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.trains
+
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.sh"
 PHASES = ["fused", "unfused", "fixed", "bf16", "resume", "steps1"]
 

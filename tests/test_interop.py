@@ -352,6 +352,7 @@ def test_import_reference_cli_evaluates_the_reference_ensemble(shared_dir, tmp_p
     assert saved["data"]["n_train"] == 900 and saved["data"]["n_val"] == 100
 
 
+@pytest.mark.trains
 def test_imported_reference_continues_training_with_a_fixed_learning_rate(shared_dir, tmp_path, capsys):
     run = tmp_path / "continued"
     mnist_dir = str(shared_dir / "data" / "mnist")

@@ -48,7 +48,7 @@ import pytest
 
 from conftest import make_tiny_digits, planned_steps, read_tensorboard, write_mnist_idx
 
-pytestmark = pytest.mark.cpu_facts  # to the bit (and the CPU chosen): CPU facts
+pytestmark = [pytest.mark.trains, pytest.mark.cpu_facts]  # to the bit (and the CPU chosen): CPU facts
 
 # --no-fused: members train one at a time on any machine (the default on a CPU), so every
 # emnist_cnn.core.trainer.train_step call is one member's step.

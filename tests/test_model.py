@@ -11,6 +11,7 @@ import emnist_cnn  # noqa: F401  (sets KERAS_BACKEND before keras is imported)
 import keras
 import numpy as np
 import pytest
+from conftest import trains_a_model
 
 from emnist_cnn.config import ModelConfig
 from emnist_cnn.io.datasets import load_dataset
@@ -261,6 +262,7 @@ RECAL_IMAGES, TEST_IMAGES = 2000, 2000
 
 
 @pytest.fixture
+@trains_a_model
 def short_run(shared_dir, tmp_path, monkeypatch):
     """A model trained for 40 steps of 128 real MNIST digits, with its error rates.
 

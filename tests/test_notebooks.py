@@ -9,6 +9,7 @@ import re
 import nbformat
 import pytest
 from nbclient import NotebookClient
+from conftest import trains_a_model
 
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
 
@@ -49,6 +50,7 @@ def test_notebooks_are_committed_without_outputs():
 
 
 @pytest.fixture(scope="module")
+@trains_a_model
 def notebook_run(tmp_path_factory):
     """emnist.ipynb on tiny synthetic digits: train, continue at a fixed rate, evaluate, export."""
     from conftest import make_tiny_digits, write_mnist_idx
@@ -113,6 +115,7 @@ def test_emnist_notebook_trains_evaluates_and_exports(notebook_run):
 
 PROBE_LEGENDS = """
 import json
+from conftest import trains_a_model
 print("LEGENDS " + json.dumps({name: [t.get_text() for legend in [*fig.legends, *(ax.get_legend() for ax in fig.axes)]
                                       if legend is not None for t in legend.get_texts()]
                                for figs in figures.values() for name, fig in figs.items()}))

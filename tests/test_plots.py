@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import make_tiny_digits, write_mnist_idx
+from conftest import trains_a_model, make_tiny_digits, write_mnist_idx
 
 from emnist_cnn.config import TrainConfig
 from emnist_cnn.core.metrics import ErrorRate
@@ -85,11 +85,13 @@ def _parse(argv):
 
 
 @pytest.fixture(scope="module")
+@trains_a_model
 def tiny_run(tmp_path_factory) -> Path:
     return build_tiny_run(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
+@trains_a_model
 def cli_output(tmp_path_factory):
     return run_cli_plot(tmp_path_factory)
 
@@ -429,6 +431,7 @@ def _parse_page(text: str) -> _Page:
 
 
 @pytest.fixture(scope="module")
+@trains_a_model
 def report(tmp_path_factory):
     run_dir, _ = run_cli_plot(tmp_path_factory)
     return run_dir, (run_dir / "report.html").read_text()

@@ -93,6 +93,7 @@ def _emnist_digits_gzip_zip(x_train, y_train, x_test, y_test) -> dict[str, bytes
     }
 
 
+@pytest.mark.trains
 @pytest.mark.usefixtures("offline_network")
 def test_first_run_downloads_emnist_then_trains_evaluates_plots_and_reports(server, tmp_path,
                                                                              monkeypatch, capsys):

@@ -12,7 +12,7 @@ import keras
 import numpy as np
 import pytest
 
-from conftest import make_tiny_digits, planned_steps, read_csv, write_mnist_idx
+from conftest import trains_a_model, make_tiny_digits, planned_steps, read_csv, write_mnist_idx
 from emnist_cnn.config import RECIPES, Recipe, TrainConfig
 from emnist_cnn.core import trainer as trainer_module
 from emnist_cnn.core.schedule import WARMUP_START, build_epoch_rates, build_step_rates, learning_rate_at
@@ -58,6 +58,7 @@ def test_the_step_table_is_the_schedule_to_the_bit(recipe, monkeypatch):
 
 
 @pytest.fixture(scope="module")
+@trains_a_model
 def fast_runs(tmp_path_factory):
     """FAST trained one member at a time and fused, with the learning rate each train step read."""
     root = tmp_path_factory.mktemp("recipes")

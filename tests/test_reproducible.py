@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import arrays, make_tiny_digits, without_seconds, write_mnist_idx
+from conftest import trains_a_model, arrays, make_tiny_digits, without_seconds, write_mnist_idx
 from emnist_cnn.cli import build_parser, config_from_args
 from emnist_cnn.config import AugmentConfig, ModelConfig, TrainConfig
 
@@ -66,6 +66,7 @@ def files(run: Path) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="module")
+@trains_a_model
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("reproducible")
     data = write_mnist_idx(root / "data", *make_tiny_digits(n_train=200, n_test=60))
@@ -172,6 +173,7 @@ def test_recorded_versions_are_the_ones_that_ran(runs):
                                       "inter_op": tf.config.threading.get_inter_op_parallelism_threads()}
 
 
+@pytest.mark.trains
 def test_config_records_the_onednn_and_determinism_variables(tmp_path, monkeypatch):
     """They change TensorFlow's summation order (README, "to the bit"): a run started with them says so."""
     data = write_mnist_idx(tmp_path / "data", *make_tiny_digits(n_train=200, n_test=60))

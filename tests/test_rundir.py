@@ -217,6 +217,7 @@ def test_versions_record_the_accelerator_stack(monkeypatch):
             tf.config.experimental.enable_tensor_float_32_execution(before)
 
 
+@pytest.mark.trains
 def test_a_resume_under_other_xla_flags_warns_that_it_is_not_bit_identical(tiny_mnist_dir, tmp_path, monkeypatch,
                                                                           caplog):
     from emnist_cnn.engine.train import train_and_evaluate

@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import arrays, make_tiny_digits, read_tensorboard, require_module, without_seconds, write_mnist_idx
+from conftest import (arrays, make_tiny_digits, read_tensorboard, require_module, trains_a_model, without_seconds,
+                      write_mnist_idx)
 
 pytestmark = pytest.mark.cpu_facts  # to the bit (and the CPU chosen): CPU facts
 
@@ -50,6 +51,7 @@ def cluster():
 
 
 @pytest.fixture(scope="module")
+@trains_a_model
 def local_run(tmp_path_factory, data) -> Path:
     """The same sweep in one local process, 1 thread, 2 epochs."""
     run = tmp_path_factory.mktemp("scaleout-local") / "run"
@@ -143,6 +145,7 @@ def test_fused_groups_on_gpus_equal_the_local_run(cluster, data, local_run, tmp_
     assert {(s["device"], s["xla"]) for m in MEMBERS for s in segments[m]} == {("CPU", False)}
 
 
+@pytest.mark.trains
 def test_device_gpu_reaches_the_workers_and_fails_there_in_one_line(cluster, data, tmp_path):
     """--device gpu is applied by each task on its worker: on these workers (a logical GPU for Ray, a CPU-only
     TensorFlow) the first task stops the run with the worker's reason, not a silent CPU run."""

@@ -25,6 +25,8 @@ import pytest
 from conftest import (make_tiny_digits, read_csv, read_errors_csv, read_tensorboard, require_module,
                       write_mnist_idx)
 
+pytestmark = pytest.mark.trains
+
 
 WRAPPER = Path(__file__).with_name("killwrap.py")
 EPOCH_TAGS = {"epoch/loss": "loss", "epoch/accuracy": "accuracy", "epoch/val_loss": "val_loss",
@@ -210,7 +212,7 @@ def wait_for_metric(server: MlflowServer, experiment: str, key: str, step: int, 
     raise AssertionError(f"{key} step {step} never reached the server (training exit {proc.poll()})")
 
 
-@pytest.mark.slow
+@pytest.mark.trains
 def test_kills_and_a_server_outage_neither_lose_nor_double_an_epoch(mlflow_server, data_dir, tmp_path):
     """One run through four processes: killed between an epoch and its tracking call; killed after the
     server stored a batch but before the run recorded it; the server killed mid-run (training finishes with

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import make_tiny_digits, read_csv, run_cli, write_mnist_idx
+from conftest import trains_a_model, make_tiny_digits, read_csv, run_cli, write_mnist_idx
 
 import emnist_cnn  # noqa: F401  (selects the backend before keras is imported)
 import keras
@@ -102,6 +102,7 @@ def test_resume_recomputes_nothing_and_raising_epochs_continues(tiny_run, tmp_pa
     train_and_evaluate(TINY.replace(epochs=3), run, dataset=tiny, verbose=0)
 
 
+@pytest.mark.trains
 def test_fixed_learning_rate_reaches_the_optimizer(tmp_path, tiny):
     cfg = TINY.replace(models=1, epochs=1)
     base = tmp_path / "base"
@@ -132,6 +133,7 @@ def test_fixed_learning_rate_reaches_the_optimizer(tmp_path, tiny):
 
 
 @pytest.fixture(scope="module")
+@trains_a_model
 def finished_run(tmp_path_factory):
     """(run, data folder, config): one member trained for one epoch, to copy and resume in tests."""
     base = tmp_path_factory.mktemp("finished-run")
@@ -305,6 +307,7 @@ def test_validation_is_held_out_of_training(tiny):
 # ----------------------------------------------------------------------------- README promises
 
 
+@pytest.mark.trains
 def test_bn_recalibration_0_keeps_keras_moving_averages(tmp_path):
     """`--bn-recalibration 0`: checkpoints carry Keras' own moving averages, and the evaluation used them.
 
@@ -349,6 +352,7 @@ class _Captured(Exception):
     """Stops `train` once the data it would train on is captured."""
 
 
+@pytest.mark.trains
 @pytest.mark.parametrize("limit", [None, 150])
 def test_training_validates_on_writers_it_never_trains_on(tmp_path, monkeypatch, limit):
     """`train` on an EMNIST .mat with writer ids: the split handed to the training loop is disjoint by
@@ -425,6 +429,7 @@ def _all_layers(model) -> list:
         if hasattr(model, "layers") else []
 
 
+@pytest.mark.trains
 def test_what_each_epoch_trains_on_and_how(tmp_path, monkeypatch, tiny_mnist_dir, tiny):
     """`train --precision mixed_bfloat16`, 1 member, 2 epochs, as the command runs it, watched where the
     training loop hands over its pieces:

@@ -57,7 +57,7 @@ CANDIDATES = {
 def train_one(recipe: str, seed: int, lengths: list[int], root: Path) -> dict[int, dict]:
     """One quick-preset run of `recipe` to the longest of `lengths`, with a checkpoint at each; per length, its
     figures (wall time only for the whole run)."""
-    from emnist_cnn.config import RECIPES, TrainConfig
+    from emnist_cnn.config import RECIPES, DataSource, TrainConfig, TrainOptions
     from emnist_cnn.engine.train import train_and_evaluate
     from emnist_cnn.io.rundir import RunDir
 
@@ -68,7 +68,7 @@ def train_one(recipe: str, seed: int, lengths: list[int], root: Path) -> dict[in
                                      checkpoint_every=math.gcd(*lengths))
     run_dir = root / f"{recipe}-e{epochs}-s{seed}"
     t0 = time.perf_counter()
-    train_and_evaluate(config, run_dir, data_dir=MNIST, verbose=0)
+    train_and_evaluate(config, run_dir, DataSource(data_dir=MNIST), TrainOptions(verbose=0))
     wall = time.perf_counter() - t0
     print(f"trained {recipe}, {epochs} epochs, seed {seed}: {wall:.1f} s", file=sys.stderr, flush=True)
     run = RunDir(run_dir)

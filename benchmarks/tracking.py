@@ -81,7 +81,7 @@ def main() -> None:
 
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     import emnist_cnn  # noqa: F401  (selects the backend)
-    from emnist_cnn.config import TrackingConfig, TrainConfig
+    from emnist_cnn.config import DataSource, TrackingConfig, TrainConfig, TrainOptions
     from emnist_cnn.engine.train import train_and_evaluate
 
     with tempfile.TemporaryDirectory(prefix="emnist-cnn-tracking-") as tmp:
@@ -96,8 +96,8 @@ def main() -> None:
             logging.getLogger("emnist_cnn").addHandler(captured)
             logging.getLogger("emnist_cnn").setLevel(logging.INFO)
             t0 = time.perf_counter()
-            train_and_evaluate(config, tmp / "run", data_dir=data, verbose=0,
-                               tracking=TrackingConfig(mlflow_uri=url))
+            train_and_evaluate(config, tmp / "run", DataSource(data_dir=data),
+                               TrainOptions(verbose=0, tracking=TrackingConfig(mlflow_uri=url)))
             wall = time.perf_counter() - t0
         finally:
             server.kill()

@@ -181,7 +181,7 @@ def tiny_run(tmp_path_factory) -> tuple[Path, Path]:
     test errors. Tests that write into it write only files of their own (evaluation/, export_json_h5/).
     """
     import emnist_cnn  # noqa: F401  (selects the backend before keras is imported)
-    from emnist_cnn.config import TrainConfig
+    from emnist_cnn.config import DataSource, TrainConfig, TrainOptions
     from emnist_cnn.engine.train import train_and_evaluate
 
     base = tmp_path_factory.mktemp("shared-tiny-run")
@@ -190,7 +190,7 @@ def tiny_run(tmp_path_factory) -> tuple[Path, Path]:
                       val_fraction=0.2, bn_recalibration_images=200)
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("EMNIST_CNN_CACHE", str(base / "cache"))
-        train_and_evaluate(cfg, base / "run", data_dir=data, verbose=0)
+        train_and_evaluate(cfg, base / "run", DataSource(data_dir=data), TrainOptions(verbose=0))
     return base / "run", data
 
 

@@ -21,7 +21,7 @@ from conftest import run_cli
 
 import emnist_cnn  # noqa: F401  (selects the backend before keras is imported)
 import keras
-from emnist_cnn.config import AugmentConfig, TrainConfig
+from emnist_cnn.config import AugmentConfig, DataSource, TrainConfig, TrainOptions
 from emnist_cnn.core import device, model as model_module
 from emnist_cnn.core.device import STEPS_PER_CALL_GPU, describe_runtime, format_runtime
 from emnist_cnn.core.model import (build_member_predictor, build_model, compile_model, copy_optimizer_state,
@@ -80,7 +80,8 @@ def test_a_run_says_and_records_where_it_trained(fake_gpu, tmp_path, tiny_mnist_
     cfg = TrainConfig(dataset="mnist", dropouts=(0.2,), models=2, epochs=1, checkpoint_every=1, batch_size=64,
                       val_fraction=0.2, bn_recalibration_images=100, limit_train=200)
     with caplog.at_level(logging.INFO, logger="emnist_cnn"):
-        train_and_evaluate(cfg, tmp_path / "run", dataset=load_dataset("mnist", tiny_mnist_dir), verbose=0)
+        train_and_evaluate(cfg, tmp_path / "run", DataSource(dataset=load_dataset("mnist", tiny_mnist_dir)),
+                           TrainOptions(verbose=0))
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("training on ")]
     assert lines == [f"training on /physical_device:GPU:0 Tesla T4 (7.5); fused; XLA on{PER_CALL}; float32; "
                      f"{keras.backend.backend()} backend"]

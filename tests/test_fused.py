@@ -11,7 +11,7 @@ from conftest import trains_a_model, make_tiny_digits, planned_steps, run_cli, w
 
 import emnist_cnn  # noqa: F401  (selects the backend before keras is imported)
 import keras
-from emnist_cnn.config import AugmentConfig, ModelConfig, TrainConfig
+from emnist_cnn.config import AugmentConfig, DataSource, ModelConfig, TrainConfig, TrainOptions
 from emnist_cnn.errors import ConfigError
 from emnist_cnn.io.datasets import load_dataset
 from emnist_cnn.core import trainer as trainer_module
@@ -100,8 +100,8 @@ def straight(tmp_path_factory, data_dir):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("EMNIST_CNN_CACHE", str(root / "cache"))
         ds = load_dataset("mnist", data_dir)
-        train_and_evaluate(TINY, root / "seq", dataset=ds, verbose=0, fused=False)
-        train_and_evaluate(TINY, root / "fused", dataset=ds, verbose=0, fused=True)
+        train_and_evaluate(TINY, root / "seq", DataSource(dataset=ds), TrainOptions(verbose=0, fused=False))
+        train_and_evaluate(TINY, root / "fused", DataSource(dataset=ds), TrainOptions(verbose=0, fused=True))
     return root
 
 
@@ -169,7 +169,7 @@ def test_fused_resume_catches_up_a_member_left_behind(straight, tmp_path, tiny, 
     cfg = TINY.replace(epochs=3)
     # The uninterrupted 3-epoch result: the one-at-a-time run continued by a third epoch.
     shutil.copytree(straight / "seq", tmp_path / "straight")
-    train_and_evaluate(cfg, tmp_path / "straight", dataset=tiny, verbose=0, fused=False)
+    train_and_evaluate(cfg, tmp_path / "straight", DataSource(dataset=tiny), TrainOptions(verbose=0, fused=False))
     run = tmp_path / "resumed"
     shutil.copytree(straight / "fused", run)
     # Roll member 1 back to its epoch-1 state, as if it was killed before its epoch-2 state landed.
@@ -183,7 +183,7 @@ def test_fused_resume_catches_up_a_member_left_behind(straight, tmp_path, tiny, 
         return real_step(trainer, xs, ys, weights)
 
     monkeypatch.setattr(trainer_module, "train_step", recording_step)
-    train_and_evaluate(cfg, run, dataset=tiny, verbose=0, fused=True)
+    train_and_evaluate(cfg, run, DataSource(dataset=tiny), TrainOptions(verbose=0, fused=True))
     # Epoch 2 of member 1 alone (its own model), then epoch 3 of both in one fused step each.
     per_epoch = planned_steps(run)[0]
     assert len(callers) == 2 * per_epoch
@@ -214,7 +214,7 @@ def test_predict_members_matches_member_by_member():
 def test_mixed_bfloat16_trains_with_float32_weights(tmp_path, tiny):
     """bfloat16 compute keeps float32 variables: checkpoints load into a float32 model."""
     cfg = TINY.replace(models=1, epochs=1, model=ModelConfig(precision="mixed_bfloat16"))
-    train_and_evaluate(cfg, tmp_path / "bf16", dataset=tiny, verbose=0)
+    train_and_evaluate(cfg, tmp_path / "bf16", DataSource(dataset=tiny), TrainOptions(verbose=0))
     model = build_model(10, 0.3, cfg=ModelConfig(precision="mixed_bfloat16"))
     assert model.get_layer(index=2).compute_dtype == "bfloat16"
     assert all(w.dtype == np.float32 for w in model.get_weights())
@@ -234,10 +234,11 @@ def test_mixed_float16_scales_the_loss_and_resumes_to_the_bit(tmp_path, tiny):
     cfg = TINY.replace(epochs=2, model=ModelConfig(precision="mixed_float16"), limit_train=300)
     with pytest.raises(ConfigError, match="mixed_float16 does not work with the fast recipe"):
         cfg.replace(recipe="fast")
-    train_and_evaluate(cfg, tmp_path / "straight", dataset=tiny, verbose=0, fused=True)
+    train_and_evaluate(cfg, tmp_path / "straight", DataSource(dataset=tiny), TrainOptions(verbose=0, fused=True))
     assert [r["fused"] for r in RunDir(tmp_path / "straight").read_invocations()] == [False]
-    train_and_evaluate(cfg.replace(epochs=1), tmp_path / "resumed", dataset=tiny, verbose=0, fused=False)
-    train_and_evaluate(cfg, tmp_path / "resumed", dataset=tiny, verbose=0, fused=True)
+    train_and_evaluate(cfg.replace(epochs=1), tmp_path / "resumed", DataSource(dataset=tiny),
+                       TrainOptions(verbose=0, fused=False))
+    train_and_evaluate(cfg, tmp_path / "resumed", DataSource(dataset=tiny), TrainOptions(verbose=0, fused=True))
     model = build_model(10, 0.3, cfg=ModelConfig(precision="mixed_float16"))
     assert model.get_layer(index=2).compute_dtype == "float16"
     state = state_arrays(RunDir(tmp_path / "straight").state_path(0.3, 0))

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from conftest import trains_a_model, make_tiny_digits, write_mnist_idx
 
-from emnist_cnn.config import TrainConfig
+from emnist_cnn.config import DataSource, TrainConfig, TrainOptions
 from emnist_cnn.core.metrics import ErrorRate
 from emnist_cnn.errors import ConfigError, DataError, RunDirError
 from conftest import read_errors_csv
@@ -57,8 +57,9 @@ def build_tiny_run(tmp_path_factory) -> Path:
     with pytest.MonkeyPatch.context() as mp:
         # The autouse cache fixture is function-scoped; this runs outside any test's scope.
         mp.setenv("EMNIST_CNN_CACHE", str(root / "cache"))
-        train_and_evaluate(config, run_dir, data_dir=data_dir, verbose=0)
-        train_and_evaluate(config.replace(epochs=5), run_dir, data_dir=data_dir, fixed_lr=1e-5, verbose=0)
+        train_and_evaluate(config, run_dir, DataSource(data_dir=data_dir), TrainOptions(verbose=0))
+        train_and_evaluate(config.replace(epochs=5), run_dir, DataSource(data_dir=data_dir),
+                           TrainOptions(fixed_lr=1e-5, verbose=0))
     _CACHE["run"] = run_dir
     return run_dir
 

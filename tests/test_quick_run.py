@@ -4,8 +4,12 @@ runs/quick-emnist-digits."""
 
 import gzip
 import json
+import os
 import re
+import shutil
 import struct
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -59,7 +63,7 @@ def test_run_names_its_default_folder_after_preset_and_dataset(tmp_path, monkeyp
 
     calls = []
 
-    def instead_of_training(config, run_dir, **kwargs):
+    def instead_of_training(config, run_dir, source=None, options=None):
         calls.append((config, run_dir))
         raise Started
 
@@ -188,3 +192,23 @@ def test_first_run_downloads_emnist_then_trains_evaluates_plots_and_reports(serv
     assert (tmp_path / "mlartifacts" / logged.info.run_id / "artifacts" / "report.html").is_file()
     assert {f.path for f in client.list_artifacts(logged.info.run_id, "plot_history")} == {
         f"plot_history/{p.name}" for p in plots.iterdir()}
+
+
+@pytest.mark.skipif(shutil.which("strace") is None, reason="counts the files a command opens with strace")
+def test_run_on_a_finished_run_reads_its_config_and_loads_its_data_once(tiny_run, tmp_path):
+    """`run` with nothing left to train (evaluate, plot, report) opens config.json at most twice and loads the
+    dataset once: one RunDir for the command, and the data training loaded handed on to evaluation and plots."""
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run[0], run)
+    ds = load_dataset("mnist", tiny_run[1])  # fills this test's decoded cache: a load is one read of its meta.json
+    trace = tmp_path / "openat.txt"
+    r = subprocess.run(["strace", "-f", "-qq", "-e", "trace=openat", "-o", str(trace), sys.executable, "-m",
+                        "emnist_cnn", "run", "--run-dir", str(run)], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "ensemble" in r.stdout and (run / "report.html").is_file()
+    opened = [line.split('"')[1] for line in trace.read_text().splitlines()
+              if "openat(" in line and '"' in line and "ENOENT" not in line]
+    assert 1 <= sum(Path(p) == run / "config.json" for p in opened) <= 2
+    cache = Path(os.environ["EMNIST_CNN_CACHE"])
+    assert sum(Path(p).name == "meta.json" and cache in Path(p).parents for p in opened) == 1
+    assert ds.fingerprint == json.loads((run / "config.json").read_text())["data"]["fingerprint"]

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from conftest import trains_a_model, make_tiny_digits, planned_steps, read_csv, write_mnist_idx
-from emnist_cnn.config import RECIPES, Recipe, TrainConfig
+from emnist_cnn.config import RECIPES, DataSource, Recipe, TrainConfig, TrainOptions
 from emnist_cnn.core import trainer as trainer_module
 from emnist_cnn.core.schedule import WARMUP_START, build_epoch_rates, build_step_rates, learning_rate_at
 from emnist_cnn.errors import ConfigError
@@ -75,7 +75,7 @@ def fast_runs(tmp_path_factory):
                 return original(trainer, xs, ys, weights)
 
             mp.setattr(trainer_module, "train_step", recording)
-            train_and_evaluate(FAST, root / name, dataset=ds, verbose=0, fused=fused)
+            train_and_evaluate(FAST, root / name, DataSource(dataset=ds), TrainOptions(verbose=0, fused=fused))
     return root, data, seen
 
 
@@ -114,9 +114,9 @@ def test_fast_schedule_length_is_part_of_the_experiment(fast_runs, tmp_path):
     before = (run / "config.json").read_bytes()
     refusal = "fast recipe's learning rate schedule in .* spans 2 epochs; train to 2, or past it with a fixed --lr"
     with pytest.raises(ConfigError, match=refusal):
-        train_and_evaluate(FAST.replace(epochs=3), run, dataset=ds, verbose=0)
+        train_and_evaluate(FAST.replace(epochs=3), run, DataSource(dataset=ds), TrainOptions(verbose=0))
     assert (run / "config.json").read_bytes() == before
-    train_and_evaluate(FAST.replace(epochs=3), run, dataset=ds, verbose=0, fixed_lr=1e-5)
+    train_and_evaluate(FAST.replace(epochs=3), run, DataSource(dataset=ds), TrainOptions(verbose=0, fixed_lr=1e-5))
     rows = read_csv(run / "dropout_0.3" / "history" / "model_0.csv")
     assert [float(r["learning_rate"]) for r in rows][2] == pytest.approx(1e-5)
     r = RunDir(run)
@@ -124,7 +124,7 @@ def test_fast_schedule_length_is_part_of_the_experiment(fast_runs, tmp_path):
     assert find_fixed_lr_phase(r.read_histories(0.3, 2), load_recipe_rates(r)) == (2, 3, [1e-5])
     # Going on without --lr would put the schedule's rate on epochs past it: refused too.
     with pytest.raises(ConfigError, match=refusal):
-        train_and_evaluate(FAST.replace(epochs=4), run, dataset=ds, verbose=0)
+        train_and_evaluate(FAST.replace(epochs=4), run, DataSource(dataset=ds), TrainOptions(verbose=0))
 
 
 def with_test_mistakes(run, dst, dropout: str, wrong: list[int]):

@@ -9,7 +9,7 @@ import logging
 import pytest
 
 from conftest import read_csv
-from emnist_cnn.config import TrainConfig
+from emnist_cnn.config import DataSource, TrainConfig, TrainOptions
 from emnist_cnn.core.metrics import ErrorRate
 from emnist_cnn.errors import ConfigError, RunDirError
 from emnist_cnn.io.rundir import ErrorRecord, RunDir, collect_versions
@@ -228,14 +228,15 @@ def test_a_resume_under_other_xla_flags_warns_that_it_is_not_bit_identical(tiny_
                          bn_recalibration_images=100)
     run = tmp_path / "run"
     monkeypatch.delenv("XLA_FLAGS", raising=False)
-    train_and_evaluate(config, run, dataset=tiny, verbose=0)
+    train_and_evaluate(config, run, DataSource(dataset=tiny), TrainOptions(verbose=0))
     with caplog.at_level(logging.WARNING, logger="emnist_cnn"):
-        train_and_evaluate(config, run, dataset=tiny, verbose=0)
+        train_and_evaluate(config, run, DataSource(dataset=tiny), TrainOptions(verbose=0))
     assert "to the bit" not in caplog.text  # the same process and settings: no warning
     # Only recorded here (XLA reads XLA_FLAGS once, at start-up), as a resume in a new process would see it.
     monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_enable_fast_math=false")
     with caplog.at_level(logging.WARNING, logger="emnist_cnn"):
-        train_and_evaluate(dataclasses.replace(config, epochs=2), run, dataset=tiny, verbose=0)
+        train_and_evaluate(dataclasses.replace(config, epochs=2), run, DataSource(dataset=tiny),
+                           TrainOptions(verbose=0))
     warned = [r.getMessage() for r in caplog.records if "to the bit" in r.getMessage()]
     assert len(warned) == 1 and "resumed with different env than the run started with" in warned[0]
     assert RunDir(run).read_invocations()[-1]["versions"]["env"]["XLA_FLAGS"] == "--xla_cpu_enable_fast_math=false"

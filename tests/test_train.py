@@ -14,7 +14,7 @@ from conftest import trains_a_model, make_tiny_digits, read_csv, run_cli, write_
 
 import emnist_cnn  # noqa: F401  (selects the backend before keras is imported)
 import keras
-from emnist_cnn.config import DATASETS, PRECISIONS, RECIPES, RESUMABLE_CHANGES, TrainConfig
+from emnist_cnn.config import DATASETS, PRECISIONS, RECIPES, RESUMABLE_CHANGES, DataSource, TrainConfig, TrainOptions
 from emnist_cnn.io.datasets import load_dataset
 from emnist_cnn.errors import ConfigError, RunDirError
 from emnist_cnn.core.model import build_model
@@ -44,7 +44,8 @@ def copy_of_tiny_run(tiny_run, tmp_path) -> Path:
 
 def test_run_directory_layout_and_tables(tiny_run, tmp_path, tiny):
     run = copy_of_tiny_run(tiny_run, tmp_path)  # trained by train_and_evaluate(TINY, ...), as here
-    rows = train_and_evaluate(TINY, run, dataset=tiny, verbose=0)  # nothing left to train: the last results
+    rows = train_and_evaluate(TINY, run, DataSource(dataset=tiny),
+                              TrainOptions(verbose=0)).errors  # nothing left: the last results
     d = run / "dropout_0.2"
     for epoch in (1, 2):
         for i in (0, 1):
@@ -89,29 +90,29 @@ def test_resume_recomputes_nothing_and_raising_epochs_continues(tiny_run, tmp_pa
     hist = run / "dropout_0.2" / "history" / "model_0.csv"
     state = RunDir(run).state_path(0.2, 0)
     before = (hist.read_text(), state.stat().st_mtime_ns)
-    train_and_evaluate(TINY, run, dataset=tiny, verbose=0)
+    train_and_evaluate(TINY, run, DataSource(dataset=tiny), TrainOptions(verbose=0))
     assert (hist.read_text(), state.stat().st_mtime_ns) == before
-    train_and_evaluate(TINY.replace(epochs=3), run, dataset=tiny, verbose=0)
+    train_and_evaluate(TINY.replace(epochs=3), run, DataSource(dataset=tiny), TrainOptions(verbose=0))
     assert [int(r["epoch"]) for r in read_csv(hist)] == [1, 2, 3]
     errors = read_csv(run / "dropout_0.2" / "history" / "errors.csv")
     assert sorted({int(r["epoch"]) for r in errors}) == [1, 2, 3]
     with pytest.raises(ConfigError, match="--epochs 2 is lower than the 3 epochs"):
-        train_and_evaluate(TINY, run, dataset=tiny, verbose=0)
+        train_and_evaluate(TINY, run, DataSource(dataset=tiny), TrainOptions(verbose=0))
     # The refused command left the run as it was: a plain resume still works.
     assert json.loads((run / "config.json").read_text())["config"]["epochs"] == 3
-    train_and_evaluate(TINY.replace(epochs=3), run, dataset=tiny, verbose=0)
+    train_and_evaluate(TINY.replace(epochs=3), run, DataSource(dataset=tiny), TrainOptions(verbose=0))
 
 
 @pytest.mark.trains
 def test_fixed_learning_rate_reaches_the_optimizer(tmp_path, tiny):
     cfg = TINY.replace(models=1, epochs=1)
     base = tmp_path / "base"
-    train_and_evaluate(cfg, base, dataset=tiny, verbose=0)
+    train_and_evaluate(cfg, base, DataSource(dataset=tiny), TrainOptions(verbose=0))
     fixed, default = tmp_path / "fixed", tmp_path / "default"
     shutil.copytree(base, fixed)
     shutil.copytree(base, default)
-    train_and_evaluate(cfg.replace(epochs=2), fixed, dataset=tiny, fixed_lr=1e-5, verbose=0)
-    train_and_evaluate(cfg.replace(epochs=2), default, dataset=tiny, verbose=0)
+    train_and_evaluate(cfg.replace(epochs=2), fixed, DataSource(dataset=tiny), TrainOptions(fixed_lr=1e-5, verbose=0))
+    train_and_evaluate(cfg.replace(epochs=2), default, DataSource(dataset=tiny), TrainOptions(verbose=0))
     hist = read_csv(fixed / "dropout_0.2" / "history" / "model_0.csv")
     assert [float(r["learning_rate"]) for r in hist] == [pytest.approx(1e-3), pytest.approx(1e-5)]
     # The saved optimizer state holds the new rate ...
@@ -139,7 +140,8 @@ def finished_run(tmp_path_factory):
     base = tmp_path_factory.mktemp("finished-run")
     data = write_mnist_idx(base / "data", *make_tiny_digits())
     cfg = TINY.replace(models=1, epochs=1)
-    train_and_evaluate(cfg, base / "run", dataset=load_dataset("mnist", data, cache=False), verbose=0)
+    train_and_evaluate(cfg, base / "run", DataSource(dataset=load_dataset("mnist", data, cache=False)),
+                       TrainOptions(verbose=0))
     return base / "run", data, cfg
 
 
@@ -215,14 +217,16 @@ def test_incompatible_resume_is_refused(finished_run, tmp_path, setting):
     assert changed != cfg
     before = _snapshot(run)
     with pytest.raises(ConfigError, match=f"different experiment \\({setting.split('.')[0]}: "):
-        train_and_evaluate(changed, run, dataset=load_dataset("mnist", finished_run[1], cache=False), verbose=0)
+        train_and_evaluate(changed, run, DataSource(dataset=load_dataset("mnist", finished_run[1], cache=False)),
+                           TrainOptions(verbose=0))
     assert _snapshot(run) == before  # refused before anything was written
 
 
 def test_checkpoint_every_may_change_and_changes_the_checkpoints(finished_run, tmp_path):
     """Epoch 1 was trained with a checkpoint every epoch; continuing to 3 with every 3 writes 3, not 2."""
     run, data, cfg = _copy_run(finished_run, tmp_path)
-    train_and_evaluate(cfg.replace(epochs=3, checkpoint_every=3), run, data_dir=data, verbose=0)
+    train_and_evaluate(cfg.replace(epochs=3, checkpoint_every=3), run, DataSource(data_dir=data),
+                       TrainOptions(verbose=0))
     d = run / "dropout_0.2"
     assert sorted(p.name for p in (d / "weights").iterdir()) == [
         "001epochs_weights_model_0.weights.h5", "003epochs_weights_model_0.weights.h5"]
@@ -246,10 +250,10 @@ def test_resume_on_different_data_is_refused(finished_run, tmp_path):
     assert fingerprints["same"] == fingerprints["original"] != fingerprints["changed"]
     before = _snapshot(run)
     with pytest.raises(ConfigError, match="different data"):
-        train_and_evaluate(cfg, run, data_dir=changed, verbose=0)
+        train_and_evaluate(cfg, run, DataSource(data_dir=changed), TrainOptions(verbose=0))
     assert _snapshot(run) == before
     # The same content in another folder resumes (here: nothing left to train).
-    train_and_evaluate(cfg, run, data_dir=same, verbose=0)
+    train_and_evaluate(cfg, run, DataSource(data_dir=same), TrainOptions(verbose=0))
     assert [int(r["epoch"]) for r in read_csv(run / "dropout_0.2" / "history" / "model_0.csv")] == [1]
 
 
@@ -264,7 +268,7 @@ def test_damaged_latest_state_falls_back_to_previous(tiny_run, tmp_path, tiny, c
         path.write_bytes(b"half")
     before = read_csv(run / "dropout_0.2" / "history" / "model_0.csv")
     with caplog.at_level(logging.INFO):
-        train_and_evaluate(cfg, run, dataset=tiny, verbose=0)
+        train_and_evaluate(cfg, run, DataSource(dataset=tiny), TrainOptions(verbose=0))
     assert "unreadable state" in caplog.text and "model_0.npz" in caplog.text
     assert not any(path.exists() for path in stale)
     hist = read_csv(run / "dropout_0.2" / "history" / "model_0.csv")
@@ -279,7 +283,7 @@ def test_second_process_on_same_run_is_refused(tmp_path, tiny):
     run = tmp_path / "run"
     with RunLock(run):
         with pytest.raises(RunDirError, match="another emnist-cnn process"):
-            train_and_evaluate(TINY, run, dataset=tiny, verbose=0)
+            train_and_evaluate(TINY, run, DataSource(dataset=tiny), TrainOptions(verbose=0))
     assert not (run / "config.json").exists()
 
 
@@ -318,7 +322,7 @@ def test_bn_recalibration_0_keeps_keras_moving_averages(tmp_path):
     data = write_mnist_idx(tmp_path / "data", *make_tiny_digits(n_train=300, n_test=100))
     cfg = TINY.replace(models=1, epochs=1, bn_recalibration_images=0)
     run = tmp_path / "run"
-    train_and_evaluate(cfg, run, data_dir=data, verbose=0)
+    train_and_evaluate(cfg, run, DataSource(data_dir=data), TrainOptions(verbose=0))
     prepared = prepare_data(cfg, load_dataset("mnist", data))
     steps = -(-len(prepared.y_train) // cfg.batch_size)
     model = build_member_model(cfg, prepared, 0.2, 0, compiled=False)
@@ -369,11 +373,11 @@ def test_training_validates_on_writers_it_never_trains_on(tmp_path, monkeypatch,
     seen = []
     real = train_module.train_ensembles
 
-    def spy(config, run_dir, data, **kwargs):
+    def spy(config, run_dir, data, options=None):
         seen.append(data)
         if limit is None:
             raise _Captured  # the split without --limit-train: no need to train on it
-        return real(config, run_dir, data, **kwargs)
+        return real(config, run_dir, data, options)
 
     monkeypatch.setattr(train_module, "train_ensembles", spy)
     run = tmp_path / "run"

@@ -11,7 +11,7 @@ from .errors import ConfigError
 
 __all__ = ["EMNIST_DIGITS_MEAN", "EMNIST_DIGITS_STD", "DATASETS", "PRECISIONS", "PRESETS", "RESUMABLE_CHANGES",
            "RECIPES", "Recipe", "AugmentConfig", "ModelConfig", "TrainConfig",
-           "ScaleOutConfig", "MLFLOW_SCHEMES", "TrackingConfig"]
+           "ScaleOutConfig", "MLFLOW_SCHEMES", "TrackingConfig", "TrainOptions", "DataSource"]
 
 # EMNIST Digits training-set pixel statistics in [0, 1], as hard-coded by the reference.
 EMNIST_DIGITS_MEAN = 0.17325132
@@ -267,6 +267,36 @@ class TrackingConfig:
                self.mlflow_experiment)
         _check(self.request_timeout > 0, "request_timeout", "must be > 0 seconds", self.request_timeout)
         _check(self.retry_after >= 0, "retry_after", "must be >= 0 seconds", self.retry_after)
+
+
+@dataclass(frozen=True)
+class TrainOptions:
+    """How one command trains a run; not part of the experiment (each command may choose again)."""
+
+    fixed_lr: float | None = None  # learning rate of every step this command trains; None: the recipe's
+    # Members of a dropout rate in one compiled step (same results as one at a time). None: where they train on
+    # a GPU: this machine's locally; on Ray, when tasks reserve GPUs (--gpus-per-member). Never mixed_float16.
+    fused: bool | None = None
+    device: str = "auto"  # cpu, gpu, or auto (a GPU when there is one); on Ray, each task's own
+    jit_compile: str = "auto"  # XLA for every compiled function: auto (on with a GPU), on, off
+    steps_per_call: int | None = None  # training steps per compiled call; None: 16 on a GPU, 1 on a CPU
+    verbose: int = 1  # 1: a progress bar per member-epoch on a terminal; 0: log lines only
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)  # TensorBoard, and MLflow if asked
+    scaleout: ScaleOutConfig = field(default_factory=ScaleOutConfig)  # threads; Ray tasks instead of this process
+
+    def __post_init__(self) -> None:
+        _check(self.fixed_lr is None or (self.fixed_lr > 0 and math.isfinite(self.fixed_lr)), "--lr",
+               "must be a positive number", self.fixed_lr)
+
+
+@dataclass(frozen=True, eq=False)
+class DataSource:
+    """Where a run's data comes from: a folder (else the cache, else a download), or a dataset already loaded."""
+
+    data_dir: Any = None  # folder of NIST or MNIST files; None: $EMNIST_CNN_DATA, a resumed run's own, the cache
+    mirror: str | None = None  # base URL to download EMNIST from instead of NIST's
+    download: bool = True  # False: fail instead of downloading a missing dataset
+    dataset: Any = None  # an io.datasets.Dataset already loaded; then nothing is read
 
 
 # Settings that may change when a run is resumed; everything else defines the experiment.

@@ -13,19 +13,19 @@ import math
 import sys
 from pathlib import Path
 
-from ..config import PRESETS, AugmentConfig, ScaleOutConfig, TrackingConfig, TrainConfig
+from ..config import PRESETS, AugmentConfig, DataSource, ScaleOutConfig, TrackingConfig, TrainConfig, TrainOptions
 from ..errors import ConfigError
 from ..io.rundir import RunDir
 
-__all__ = ["config_from_args", "scaleout_from_args", "tracking_from_args", "cmd_run", "cmd_track", "cmd_train",
-           "cmd_evaluate", "cmd_compare", "cmd_plot", "cmd_export", "cmd_predict", "cmd_import_reference",
-           "cmd_download"]
+__all__ = ["config_from_args", "options_from_args", "scaleout_from_args", "tracking_from_args", "cmd_run",
+           "cmd_track", "cmd_train", "cmd_evaluate", "cmd_compare", "cmd_plot", "cmd_export", "cmd_predict",
+           "cmd_import_reference", "cmd_download"]
 
 
 def config_from_args(args: argparse.Namespace, preset: str | None = None) -> TrainConfig:
     """Defaults, then the run's saved config (when resuming), then the preset, then explicit flags; a new run
     without --batch-size takes its recipe's batch size, when the recipe has one."""
-    run = RunDir(args.run_dir) if args.run_dir else None
+    run = RunDir.of(args.run_dir) if args.run_dir else None
     resuming = run is not None and run.exists()
     base = run.read_config() if resuming else TrainConfig()
     explicit = {
@@ -43,11 +43,9 @@ def config_from_args(args: argparse.Namespace, preset: str | None = None) -> Tra
     return base.replace(**changes) if resuming else TrainConfig.new_run(preset, **changes)
 
 
-def _check_lr_and_data_dir(args: argparse.Namespace) -> None:
-    """--lr must be usable; a resumed run finds its data where it was trained unless told otherwise."""
-    if args.lr is not None and not (args.lr > 0 and math.isfinite(args.lr)):
-        raise ConfigError(f"--lr must be a positive number, got {args.lr!r}")
-    run = RunDir(args.run_dir) if args.run_dir else None
+def _find_data_dir(args: argparse.Namespace) -> None:
+    """A resumed run finds its data where it was trained unless told otherwise."""
+    run = RunDir.of(args.run_dir) if args.run_dir else None
     if args.data_dir is None and run is not None and run.exists():
         recorded = run.read_record()["data"].get("data_dir")
         if recorded:
@@ -69,37 +67,35 @@ def tracking_from_args(args: argparse.Namespace) -> TrackingConfig:
     return tracking
 
 
+def options_from_args(args: argparse.Namespace) -> TrainOptions:
+    """How this command trains: --lr, --fused, --device, --jit-compile, --steps-per-call, the progress bars,
+    tracking and scale-out."""
+    return TrainOptions(fixed_lr=args.lr, fused=args.fused, device=args.device, jit_compile=args.jit_compile,
+                        steps_per_call=args.steps_per_call, verbose=0 if getattr(args, "quiet", False) else 1,
+                        tracking=tracking_from_args(args), scaleout=scaleout_from_args(args))
+
+
 def _train(args: argparse.Namespace, preset: str | None = None):
-    scaleout = scaleout_from_args(args)
-    tracking = tracking_from_args(args)
-    _check_lr_and_data_dir(args)
+    """Train (or resume) the run the flags name; returns the engine's TrainedRun."""
+    options = options_from_args(args)
+    args.run_dir = RunDir.of(args.run_dir)  # one RunDir for the whole command: config.json is read once
+    _find_data_dir(args)
     config = config_from_args(args, preset)
-    if scaleout.ray_address is not None:
+    source = DataSource(data_dir=args.data_dir, mirror=args.mirror, download=not args.no_download)
+    if options.scaleout.ray_address is not None:
         from ..engine.scaleout import train_and_evaluate_on_ray
 
-        return train_and_evaluate_on_ray(config, args.run_dir, scaleout, data_dir=args.data_dir, mirror=args.mirror,
-                                         fixed_lr=args.lr, download=not args.no_download, fused=args.fused,
-                                         tracking=tracking, device=args.device, jit_compile=args.jit_compile,
-                                         steps_per_call=args.steps_per_call)
-    from ..core.device import configure_device
-    from ..core.threads import configure_threads
-
-    configure_threads(scaleout.threads)  # before the backend starts in this process
-    configure_device(args.device)
+        return train_and_evaluate_on_ray(config, args.run_dir, source, options)
     from ..engine.train import train_and_evaluate
 
-    return train_and_evaluate(config, args.run_dir, data_dir=args.data_dir, mirror=args.mirror, fixed_lr=args.lr,
-                              download=not args.no_download, verbose=0 if args.quiet else 1, fused=args.fused,
-                              tracking=tracking, jit_compile=args.jit_compile,
-                              steps_per_call=args.steps_per_call)
+    return train_and_evaluate(config, args.run_dir, source, options)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
     """`train`: train or resume, then print each dropout rate's last-checkpoint table."""
     from ..present.tables import format_results
 
-    errors = _train(args)
-    print(format_results(errors))
+    print(format_results(_train(args).errors))
     print(f"\nrun directory: {args.run_dir}")
     return 0
 
@@ -107,7 +103,6 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     """`run`: train (or resume) a preset, then evaluate the last checkpoint, plot, and write the report page."""
     from ..engine.evaluate import evaluate_run
-    from ..engine.prepare import load_run_data
     from ..present.report import write_report
     from ..present.run_plots import plot_run
     from ..present.tables import format_evaluation
@@ -119,11 +114,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         args.run_dir = Path("runs") / f"{args.preset}-{args.dataset or 'emnist-digits'}{suffix}"
         if args.ray is not None:  # every node must find it: the default, made absolute
             args.run_dir = args.run_dir.absolute()
-    _train(args, args.preset)
-    config, data = load_run_data(args.run_dir, args.data_dir)  # once, for evaluation and plots
-    result = evaluate_run(args.run_dir, config=config, data=data)
-    pngs = plot_run(args.run_dir, data=data)
-    report = write_report(args.run_dir, pngs)
+    trained = _train(args, args.preset)  # its run, config and data serve evaluation and plots too
+    result = evaluate_run(trained.run, config=trained.config, data=trained.data)
+    pngs = plot_run(trained.run, data=trained.data)
+    report = write_report(trained.run, pngs)
     if args.mlflow:
         from ..engine.tracking import log_run_artifacts
 
@@ -178,7 +172,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         raise ConfigError("--mlflow logs the exported model.keras: add keras to --formats")
     meta = export_run(args.run_dir, dropout=args.dropout, epoch=args.epoch, model=args.model, out_dir=args.out,
                       formats=args.formats, strict=explicit)
-    out = Path(args.out) if args.out is not None else RunDir(args.run_dir).export_dir
+    out = Path(args.out) if args.out is not None else RunDir.of(args.run_dir).export_dir
     what = {"best": f"member {meta['members'][0]} (best on validation)", "ensemble":
             f"ensemble of {len(meta['members'])} members", "member": f"member {meta['members'][0]}"}[meta["model"]]
 

@@ -24,7 +24,7 @@ def compare_runs(run_a, run_b) -> dict:
     A and B: run, dataset, recipe, dropout, epoch, error (ErrorRate). Refuses runs
     whose test images differ (another dataset or other files).
     """
-    runs = [RunDir(r) for r in (run_a, run_b)]
+    runs = [RunDir.of(r) for r in (run_a, run_b)]
     chosen = [_chosen_ensemble(r) for r in runs]
     a, b = chosen
     if a["fingerprint"] != b["fingerprint"]:

@@ -107,7 +107,7 @@ def evaluate_run(run_dir, *, dropouts=None, epoch="latest", split: str = "test",
     `RUN/dropout_X/evaluation/<split>_epoch_NNN/{evaluation.json,
     confusion_matrix.csv, misclassified.csv}`. Returns a JSON-ready dict.
     """
-    run = RunDir(run_dir)
+    run = RunDir.of(run_dir)
     if split not in ("test", "val"):
         raise ConfigError(f"--split must be test or val, got {split!r}")
     if data is None or config is None:

@@ -315,7 +315,7 @@ def export_run(run_dir, *, dropout: float | None = None, epoch="latest", model="
     """Export a run's best member, ensemble, or member I; returns the metadata written."""
     from ..core.model import build_averaged_ensemble
 
-    run = RunDir(run_dir)
+    run = RunDir.of(run_dir)
     _parse_model(model)  # a malformed flag is reported as such, before the run is opened
     if epoch not in ("latest", None) and not str(epoch).strip().isdigit():
         raise ConfigError(f"--epoch must be an epoch number or 'latest', got {epoch!r}")

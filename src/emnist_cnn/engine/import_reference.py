@@ -10,10 +10,9 @@ checkpoints evaluated and recorded, and config.json written by the same steps
 from __future__ import annotations
 
 import logging
-import sys
 from pathlib import Path
 
-from ..config import TrainConfig
+from ..config import TrainConfig, TrainOptions
 from ..errors import ConfigError, DataError, RunDirError
 from ..io.download import load_or_download
 from ..io.files import save_weights_atomic
@@ -26,11 +25,12 @@ from ..io.reference_weights import (
     load_reference_weights,
     sibling_json,
 )
-from ..io.rundir import ErrorRecord, RunDir, format_utc_now
+from ..io.rundir import ErrorRecord, RunDir
 from ..io.state import save_member_state
 from .members import build_member_model, member_seed
 from .prepare import PreparedData, prepare_data
-from .train import evaluate_checkpoint, open_run, record_checkpoint
+from .session import record_session
+from .train import evaluate_checkpoint, record_checkpoint
 
 __all__ = ["import_reference"]
 
@@ -55,7 +55,7 @@ def import_reference(ref_dir, run_dir, *, dataset: str = "emnist-digits", data_d
 
     Returns {"run_dir", "config", "members": [...], "errors": {dropout: last checkpoint's ErrorRecords}}.
     """
-    ref_dir, run = Path(ref_dir), RunDir(run_dir)
+    ref_dir, run = Path(ref_dir), RunDir.of(run_dir)
     if models is not None and models < 1:
         raise ConfigError(f"--models must be >= 1, got {models}")
     files = find_reference_files(ref_dir)
@@ -76,7 +76,8 @@ def import_reference(ref_dir, run_dir, *, dataset: str = "emnist-digits", data_d
                    for rate in config.dropouts for index in range(config.models)]
         errors = {rate: _evaluate_imported(run, config, data, files, rate) for rate in config.dropouts} \
             if evaluate else {}
-        open_run(run, config, data)
+        record_session(run, config, data, TrainOptions(), scheduler="import",
+                       imported_from=str(ref_dir.resolve()))
         saved = run.read_record()
         saved["imported"] = {
             "from": str(ref_dir.resolve()), "files": [str(f.path) for f in files],
@@ -84,7 +85,6 @@ def import_reference(ref_dir, run_dir, *, dataset: str = "emnist-digits", data_d
             "run_normalization": {"mean": data.mean, "std": data.std}, "note": _NOTE,
         }
         run.write_record(saved)
-        run.append_invocation({"time": format_utc_now(), "argv": sys.argv, "imported_from": str(ref_dir.resolve())})
     return {"run_dir": str(run), "config": config, "members": members, "errors": errors}
 
 

@@ -79,7 +79,7 @@ def load_run_data(run_dir, data_dir=None, *, download: bool = False) -> tuple[Tr
 
     `data_dir` defaults to the folder recorded in RUN/config.json.
     """
-    run = RunDir(run_dir)
+    run = RunDir.of(run_dir)
     saved = run.read_record()
     config = run.read_config()
     fingerprint = saved["data"].get("fingerprint")

@@ -18,22 +18,20 @@ from __future__ import annotations
 import errno
 import logging
 import os
-import sys
 import time
 from pathlib import Path
 
-from ..config import ScaleOutConfig, TrackingConfig, TrainConfig
-from ..core.device import DEVICES, JIT_COMPILE, configure_device, describe_runtime
+from ..config import DataSource, ScaleOutConfig, TrainConfig, TrainOptions
+from ..core.device import DEVICES, JIT_COMPILE, describe_runtime
 from ..core.threads import build_thread_env, configure_threads
 from ..errors import ConfigError, EmnistCnnError, RunDirError, format_one_line
 from ..io.files import LockBusyError
-from ..io.rundir import ErrorRecord, RunDir, collect_versions, format_utc_now
+from ..io.rundir import ErrorRecord, RunDir, format_utc_now
 from ..io.state import read_state_epoch
 from .members import TrainContext, open_member, resolve_fused, sample_calibration_images, train_members_to
 from .prepare import PreparedData
-from .tracking import Tracker
-from .train import (evaluate_checkpoint, find_last_errors, load_training_data, open_run, open_tracker,
-                    record_checkpoint, tracker_closed_on_exit)
+from .session import Session, TrainedRun, configure_process, load_training_data, log_checkpoint, open_session
+from .train import evaluate_checkpoint, find_last_errors, record_checkpoint
 
 __all__ = ["TransientStorageError", "build_gpu_memory_env", "check_run_dir_shared", "check_ray_device", "import_ray",
            "train_segment", "evaluate_segment", "find_ready_evaluations", "resolve_ray_fused", "train_ensembles_on_ray",
@@ -114,25 +112,25 @@ def _node_label() -> str:
 
 
 def train_segment(run_dir: str, config: TrainConfig, data: PreparedData, dropout: float, indices: tuple[int, ...],
-                  fixed_lr: float | None, target: int, fused: bool, threads: int, lock_timeout: float,
-                  device: str = "auto", jit_compile: str = "auto", steps_per_call: int | None = None) -> dict:
+                  target: int, fused: bool, options: TrainOptions) -> dict:
     """A Ray task: train these members of one dropout rate from their states to epoch `target`, on this
-    worker's device as `--device`, `--jit-compile` and `--steps-per-call` decide here.
+    worker's device as the options' device, XLA and steps per call decide here.
 
     Holds the members' lock while it trains, so that a stale attempt (on a node cut off from the
     cluster) and its retry never write at once. Returns what the driver prints.
     """
     t0 = time.perf_counter()
-    configure_threads(threads)
-    run = RunDir(run_dir)
+    run = RunDir.of(run_dir)
     node = _node_label()
+    fixed_lr = options.fixed_lr
     try:
-        configure_device(device)  # `gpu` on a worker without one: a final failure, in one line
-        runtime = describe_runtime(jit_compile, fused, config.model.precision, steps_per_call)
+        # `--device gpu` on a worker without one: a final failure, in one line.
+        configure_process(options, options.scaleout.task_threads)
+        runtime = describe_runtime(options.jit_compile, fused, config.model.precision, options.steps_per_call)
         from ..core.model import use_jit_compile  # deferred: imports the backend, after configure_device
 
         use_jit_compile(runtime["xla"])
-        with run.member_lock(dropout, indices, lock_timeout):
+        with run.member_lock(dropout, indices, options.scaleout.lock_timeout):
             start = {i: read_state_epoch(run.state_path(dropout, i)) for i in indices}
             attempts = []
             for i in indices:
@@ -159,15 +157,14 @@ def train_segment(run_dir: str, config: TrainConfig, data: PreparedData, dropout
 
 
 def evaluate_segment(run_dir: str, config: TrainConfig, data: PreparedData, dropout: float, epoch: int,
-                     threads: int, device: str = "auto", jit_compile: str = "auto") -> list[ErrorRecord]:
+                     options: TrainOptions) -> list[ErrorRecord]:
     """A Ray task: every member's and the ensemble's errors at one checkpoint, from the checkpoint files."""
-    configure_threads(threads)
     try:
-        configure_device(device)
+        configure_process(options, options.scaleout.task_threads)
         from ..core.model import use_jit_compile  # deferred: imports the backend, after configure_device
 
-        use_jit_compile(describe_runtime(jit_compile, False, config.model.precision)["xla"])
-        return evaluate_checkpoint(RunDir(run_dir), config, data, dropout, epoch)
+        use_jit_compile(describe_runtime(options.jit_compile, False, config.model.precision)["xla"])
+        return evaluate_checkpoint(RunDir.of(run_dir), config, data, dropout, epoch)
     except Exception as exc:  # noqa: BLE001
         _raise_transient_or_original(exc)
 
@@ -206,12 +203,10 @@ def find_ready_evaluations(run: RunDir, config: TrainConfig, evaluated: dict[flo
 class _Driver:
     """Keeps one task per member (or fused group) in flight and one evaluation per dropout rate."""
 
-    def __init__(self, ray, run: RunDir, config: TrainConfig, data: PreparedData, scaleout: ScaleOutConfig,
-                 fixed_lr: float | None, fused: bool, tracker: Tracker, device: str, jit_compile: str,
-                 steps_per_call: int | None):
-        self.ray, self.run, self.config, self.scaleout, self.fixed_lr = ray, run, config, scaleout, fixed_lr
-        self.device, self.jit_compile, self.steps_per_call = device, jit_compile, steps_per_call
-        self.tracker = tracker
+    def __init__(self, ray, session: Session, fused: bool):
+        run, config, data, scaleout = session.run, session.config, session.data, session.options.scaleout
+        self.ray, self.run, self.config, self.options = ray, run, config, session.options
+        self.tracker = session.tracker
         self.ckpts = config.checkpoint_epochs()
         groups = [tuple(range(config.models))] if fused else [(i,) for i in range(config.models)]
         self.units = [(d, g) for d in config.dropouts for g in groups]
@@ -245,14 +240,11 @@ class _Driver:
         for unit in self.units:
             if unit not in busy and (target := self.next_target(unit)) is not None:
                 ref = self.train_task.remote(str(self.run.path), self.config, self.data_ref, unit[0], unit[1],
-                                             self.fixed_lr, target, self.fused, self.scaleout.task_threads,
-                                             self.scaleout.lock_timeout, self.device, self.jit_compile,
-                                             self.steps_per_call)
+                                             target, self.fused, self.options)
                 self.in_flight[ref] = ("train", unit, target)
         evaluating = {job[1] for job in self.in_flight.values() if job[0] == "eval"}
         for d, c in find_ready_evaluations(self.run, self.config, self.evaluated, evaluating):
-            ref = self.eval_task.remote(str(self.run.path), self.config, self.data_ref, d, c,
-                                        self.scaleout.task_threads, self.device, self.jit_compile)
+            ref = self.eval_task.remote(str(self.run.path), self.config, self.data_ref, d, c, self.options)
             self.in_flight[ref] = ("eval", d, c)
 
     def drive(self) -> None:
@@ -280,7 +272,8 @@ class _Driver:
                 raise cause from None
             raise RunDirError(f"{what} failed: {format_one_line(cause or exc)}") from exc
         except RayError as exc:  # the worker or node died more than --max-retries times
-            raise RunDirError(f"{what} failed after {self.scaleout.max_retries} retries: {format_one_line(exc)}; "
+            retries = self.options.scaleout.max_retries
+            raise RunDirError(f"{what} failed after {retries} retries: {format_one_line(exc)}; "
                               "run the same command to resume") from exc
 
     def _finish_segment(self, result: dict) -> None:
@@ -298,9 +291,7 @@ class _Driver:
         record_checkpoint(self.run, d, epoch, records)
         self.tracker.sync(dropouts=[d])
         self.evaluated[d].add(epoch)
-        ens = {r.split: r.rate for r in records if r.is_ensemble}
-        log.info("dropout %g epoch %d: ensemble error val %s test %s", d, epoch,
-                 *("-" if ens.get(s) is None else f"{ens[s].pct:.3f}%" for s in ("val", "test")))
+        log_checkpoint(d, epoch, records)
 
 
 def resolve_ray_fused(fused: bool | None, config: TrainConfig, scaleout: ScaleOutConfig) -> bool:
@@ -311,59 +302,48 @@ def resolve_ray_fused(fused: bool | None, config: TrainConfig, scaleout: ScaleOu
     return resolve_fused(fused, config)
 
 
-def train_ensembles_on_ray(config: TrainConfig, run_dir, data: PreparedData, scaleout: ScaleOutConfig, *,
-                           fixed_lr: float | None = None, fused: bool | None = None,
-                           tracking: TrackingConfig | None = None, device: str = "auto",
-                           jit_compile: str = "auto",
-                           steps_per_call: int | None = None) -> dict[float, list[ErrorRecord]]:
-    """Train (or resume) every ensemble of the run as Ray tasks; the same files as `train_ensembles`.
+def train_ensembles_on_ray(config: TrainConfig, run: RunDir, data: PreparedData,
+                           options: TrainOptions) -> dict[float, list[ErrorRecord]]:
+    """Train (or resume) every ensemble of the run as Ray tasks (`options.scaleout`); the same files as
+    `train_ensembles`.
 
-    `device` and `jit_compile` are applied by each task on its worker (see
-    `core.device`); each member's segments record the device and XLA it got.
-    `fused`: see `resolve_ray_fused`. Returns each dropout rate's errors at the last checkpoint.
+    The device, XLA and steps per call are decided by each task on its worker
+    (see `core.device`); each member's segments record what it got. Fused: see
+    `resolve_ray_fused`. Returns each dropout rate's errors at the last checkpoint.
     """
-    check_ray_device(device, jit_compile, scaleout)
+    scaleout = options.scaleout
+    check_ray_device(options.device, options.jit_compile, scaleout)
     ray = import_ray()
-    fused = resolve_ray_fused(fused, config, scaleout)
-    run = RunDir(check_run_dir_shared(run_dir))
+    fused = resolve_ray_fused(options.fused, config, scaleout)
+    run = RunDir.of(run)
+    check_run_dir_shared(run.path)
     # The driver trains nothing, but takes the tasks' thread count: config.json records it with the versions.
     configure_threads(scaleout.task_threads)
-    with run.lock():
-        run.remove_stale_temporaries()
-        config = open_run(run, config, data, fixed_lr)
-        run.append_invocation({"time": format_utc_now(), "argv": sys.argv, "epochs": config.epochs,
-                               "fixed_lr": fixed_lr, "fused": fused, "ray": scaleout.ray_address,
-                               "threads": scaleout.task_threads, "gpus_per_member": scaleout.gpus_per_member,
-                               "runtime": {"device": device, "jit_compile": jit_compile,
-                                           "steps_per_call": steps_per_call,
-                                           "decided": "per task on its worker (history/segments_model_<i>.jsonl)"},
-                               "versions": collect_versions()})
-        tracker = open_tracker(run, config, tracking, data)
-        with tracker_closed_on_exit(tracker):
-            _init_ray(ray, scaleout)
-            try:
-                resources = ray.cluster_resources()
-                log.info("ray: %d node(s), %g CPUs, %g GPUs; %d thread(s) per task", len(ray.nodes()),
-                         resources.get("CPU", 0), resources.get("GPU", 0), scaleout.task_threads)
-                _Driver(ray, run, config, data, scaleout, fixed_lr, fused, tracker, device, jit_compile,
-                        steps_per_call).drive()
-            finally:
-                ray.shutdown()
-        return {d: find_last_errors(run, config, d) for d in config.dropouts}
+    runtime = {"device": options.device, "jit_compile": options.jit_compile, "steps_per_call": options.steps_per_call,
+               "decided": "per task on its worker (history/segments_model_<i>.jsonl)"}
+    # config.json keeps the runtime a local run recorded last: a Ray run's is decided per task.
+    with open_session(run, config, data, options, scheduler="ray", runtime=runtime, record_runtime=False,
+                      fused=fused, ray=scaleout.ray_address, threads=scaleout.task_threads,
+                      gpus_per_member=scaleout.gpus_per_member) as session:
+        _init_ray(ray, scaleout)
+        try:
+            resources = ray.cluster_resources()
+            log.info("ray: %d node(s), %g CPUs, %g GPUs; %d thread(s) per task", len(ray.nodes()),
+                     resources.get("CPU", 0), resources.get("GPU", 0), scaleout.task_threads)
+            _Driver(ray, session, fused).drive()
+        finally:
+            ray.shutdown()
+        return {d: find_last_errors(run, session.config, d) for d in session.config.dropouts}
 
 
-def train_and_evaluate_on_ray(config: TrainConfig, run_dir, scaleout: ScaleOutConfig, *, data_dir=None,
-                              mirror=None, fixed_lr=None, dataset=None, download: bool = True,
-                              fused: bool | None = None, tracking: TrackingConfig | None = None,
-                              device: str = "auto",
-                              jit_compile: str = "auto",
-                              steps_per_call: int | None = None) -> dict[float, list[ErrorRecord]]:
-    """`train_and_evaluate` with the members trained as Ray tasks (see the module's docstring)."""
-    check_ray_device(device, jit_compile, scaleout)
-    check_run_dir_shared(run_dir)
+def train_and_evaluate_on_ray(config: TrainConfig, run_dir, source: DataSource | None = None,
+                              options: TrainOptions | None = None) -> TrainedRun:
+    """`train_and_evaluate` with the members trained as Ray tasks (`options.scaleout`; see the module's
+    docstring)."""
+    options = options or TrainOptions()
+    check_ray_device(options.device, options.jit_compile, options.scaleout)
+    run = RunDir.of(check_run_dir_shared(RunDir.of(run_dir).path))
     import_ray()  # before loading data: a missing extra is a one-line error, not a late failure
-    data = load_training_data(config, run_dir, data_dir=data_dir, mirror=mirror, dataset=dataset,
-                              download=download, fixed_lr=fixed_lr)
-    return train_ensembles_on_ray(config, run_dir, data, scaleout, fixed_lr=fixed_lr, fused=fused,
-                                  tracking=tracking, device=device, jit_compile=jit_compile,
-                                  steps_per_call=steps_per_call)
+    data = load_training_data(config, run, source or DataSource(), options.fixed_lr)
+    errors = train_ensembles_on_ray(config, run, data, options)
+    return TrainedRun(run, run.read_config(), data, errors)

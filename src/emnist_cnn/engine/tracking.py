@@ -529,7 +529,7 @@ def _artifact_paths(run: RunDir) -> list[Path]:
 
 def log_run_artifacts(run_dir, tracking: TrackingConfig) -> None:
     """Upload config.json, the plots and report.html to the run's MLflow run (one warning if that fails)."""
-    run = RunDir(run_dir)
+    run = RunDir.of(run_dir)
     tracker = Tracker(run, run.read_config(), tracking, tensorboard=False)
     tracker.log_artifacts(_artifact_paths(run))
 
@@ -540,7 +540,7 @@ def track_run(run_dir, tracking: TrackingConfig, *, data_dir=None) -> list[str]:
 
     An MLflow run still marked running with no process training the run is marked FINISHED when every member
     has reached the run's epochs, else KILLED (stopped early): never RUNNING without a process behind it."""
-    run = RunDir(run_dir)
+    run = RunDir.of(run_dir)
     config = run.read_config()
     lines = []
     try:
@@ -586,7 +586,7 @@ def log_export(run_dir, tracking: TrackingConfig, out_dir, meta: dict) -> str:
 
     from ..io.rundir import collect_versions
 
-    run, out_dir = RunDir(run_dir), Path(out_dir)
+    run, out_dir = RunDir.of(run_dir), Path(out_dir)
     tracker = Tracker(run, run.read_config(), tracking, tensorboard=False)
     model = keras.saving.load_model(out_dir / "model.keras")
     versions = collect_versions(threads=False)

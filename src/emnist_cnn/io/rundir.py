@@ -18,6 +18,8 @@ Layout (kept close to the reference's):
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import json
 import logging
 import os
@@ -76,6 +78,12 @@ class RunDir:
 
     def __init__(self, path):
         self.path = Path(path)
+        self._record: tuple[tuple, dict] | None = None  # (config.json's stat key, its parsed record)
+
+    @classmethod
+    def of(cls, run_dir) -> "RunDir":
+        """`run_dir` itself when it is a RunDir already (its cached record kept), else a RunDir at that path."""
+        return run_dir if isinstance(run_dir, RunDir) else cls(run_dir)
 
     @classmethod
     def find_checkpoint(cls, weights_file) -> tuple["RunDir", float, int, int] | None:
@@ -100,6 +108,9 @@ class RunDir:
 
     def __repr__(self) -> str:
         return f"RunDir({str(self.path)!r})"
+
+    def __fspath__(self) -> str:
+        return str(self.path)
 
     def __str__(self) -> str:
         return str(self.path)
@@ -235,10 +246,25 @@ class RunDir:
         return self.config_path.exists()
 
     def read_record(self) -> dict:
-        """The whole config.json (config, data, versions, created, updated; imported for imports)."""
+        """The whole config.json (config, data, versions, created, updated; imported for imports).
+
+        Read once while the file stays the same (same inode, size and time: a write replaces it); each caller
+        gets its own copy to change."""
         path = self.config_path
         try:
-            saved = json.loads(path.read_text())
+            st = os.stat(path)
+        except FileNotFoundError as exc:
+            raise RunDirError(f"{path}: not found; is {self.path} a run directory?") from exc
+        except OSError as exc:
+            raise RunDirError(f"{path}: unreadable run configuration ({exc})") from exc
+        key = (st.st_ino, st.st_size, st.st_mtime_ns)
+        if self._record is None or self._record[0] != key:
+            self._record = (key, self._parse_record(path))
+        return copy.deepcopy(self._record[1])
+
+    def _parse_record(self, path: Path, text: str | None = None) -> dict:
+        try:
+            saved = json.loads(path.read_text() if text is None else text)
             TrainConfig.from_dict(saved["config"])
         except FileNotFoundError as exc:
             raise RunDirError(f"{path}: not found; is {self.path} a run directory?") from exc
@@ -263,7 +289,12 @@ class RunDir:
         return TrainConfig.from_dict(self.read_record()["config"])
 
     def write_record(self, saved: dict) -> None:
+        self._record = None
         atomic_write_json(self.config_path, saved)
+        st = os.stat(self.config_path)
+        with contextlib.suppress(RunDirError, ConfigError):  # a record the next read must refuse is not kept
+            self._record = ((st.st_ino, st.st_size, st.st_mtime_ns),
+                            self._parse_record(self.config_path, json.dumps(saved)))  # as a read gives it
 
     def append_invocation(self, record: dict) -> None:
         _append_json_line(self.invocations_path, record)

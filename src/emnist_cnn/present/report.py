@@ -288,7 +288,7 @@ def _run_rows(run: RunDir, saved: dict) -> list[list[str]]:
 def render_report(run_dir, images: Mapping | None = None, *, captions: Mapping[str, str] | None = None,
                   reference: Mapping | None = None) -> str:
     """The report page as one HTML string (see `write_report`)."""
-    run = RunDir(run_dir)
+    run = RunDir.of(run_dir)
     saved = run.read_record()
     results = load_results(run.path)
     title = f"emnist-cnn report: {run.path.resolve().name}"
@@ -334,7 +334,7 @@ def write_report(run_dir, images: Mapping | None = None, *, captions: Mapping[st
     (in page order; `plot_run`'s result fits); `captions` overrides
     `caption_for`; `reference` is `load_reference_history`'s result.
     """
-    path = Path(out_path) if out_path is not None else RunDir(run_dir).report_path
+    path = Path(out_path) if out_path is not None else RunDir.of(run_dir).report_path
     atomic_write_text(path, render_report(run_dir, images, captions=captions, reference=reference))
     log.info("wrote %s", path)
     return path

@@ -32,9 +32,9 @@ def plot_run(run_dir, out_dir=None, compare_reference=None, data_dir=None, data=
 
     See `plot_run_figures` for the arguments and the names.
     """
-    run_dir = Path(run_dir)
-    out_dir = Path(out_dir) if out_dir is not None else RunDir(run_dir).plots_dir
-    figures = plot_run_figures(run_dir, compare_reference, data_dir, data, dropout=dropout, images=images)
+    run = RunDir.of(run_dir)
+    out_dir = Path(out_dir) if out_dir is not None else run.plots_dir
+    figures = plot_run_figures(run, compare_reference, data_dir, data, dropout=dropout, images=images)
     written = {name: write_figure(fig, out_dir / f"{name}.png", dpi) for name, fig in figures.items()}
     log.info("wrote %d plots to %s", len(written), out_dir)
     return written
@@ -54,7 +54,7 @@ def plot_run_figures(run_dir, compare_reference=None, data_dir=None, data=None, 
     `evaluation/test_epoch_NNN/` tables (`emnist-cnn evaluate`) when present,
     else from its checkpoint weights. `compare_reference` is the reference's plot_history folder.
     """
-    run = RunDir(run_dir)
+    run = RunDir.of(run_dir)
     config = run.read_config()
     if dropout is not None:
         dropout = config.find_dropout(dropout)

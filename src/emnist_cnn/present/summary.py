@@ -72,7 +72,7 @@ def load_results(run_dir) -> list[dict]:
     None without a validation split), evaluation (the newest
     `emnist-cnn evaluate` result on the test split at any epoch, or None).
     """
-    run = RunDir(run_dir)
+    run = RunDir.of(run_dir)
     out = []
     for d in run.read_config().dropouts:
         rows = run.read_errors(d)

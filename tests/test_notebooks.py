@@ -115,7 +115,6 @@ def test_emnist_notebook_trains_evaluates_and_exports(notebook_run):
 
 PROBE_LEGENDS = """
 import json
-from conftest import trains_a_model
 print("LEGENDS " + json.dumps({name: [t.get_text() for legend in [*fig.legends, *(ax.get_legend() for ax in fig.axes)]
                                       if legend is not None for t in legend.get_texts()]
                                for figs in figures.values() for name, fig in figs.items()}))

@@ -82,8 +82,9 @@ def _add_training_group(p: argparse.ArgumentParser) -> None:
                         "experiment (default: float32)")
     t.add_argument("--fused", action=argparse.BooleanOptionalAction, default=None,
                    help="train each ensemble's members together in one compiled step; same weights and "
-                        "histories as one by one, faster on a GPU, more memory (default: on with a GPU, "
-                        "off on a CPU)")
+                        "histories as one by one, faster on a GPU, more memory (default: where the members "
+                        "train on a GPU: this machine's, or with --ray when tasks reserve one, --gpus-per-member; "
+                        "off on a CPU and with mixed_float16)")
     t.add_argument("--quiet", action="store_true",
                    help="no progress bars, only one line per epoch (default: progress bars)")
     d = p.add_argument_group(

@@ -9,16 +9,22 @@ from typing import Any
 
 from .errors import ConfigError
 
-__all__ = ["EMNIST_DIGITS_MEAN", "EMNIST_DIGITS_STD", "DATASETS", "PRECISIONS", "PRESETS", "RESUMABLE_CHANGES",
-           "RECIPES", "Recipe", "AugmentConfig", "ModelConfig", "TrainConfig",
+__all__ = ["EMNIST_DIGITS_MEAN", "EMNIST_DIGITS_STD", "IMAGE_SIDE", "DATASETS", "DEFAULT_DATASET", "PRECISIONS",
+           "PRESETS", "RESUMABLE_CHANGES", "RECIPES", "Recipe", "AugmentConfig", "ModelConfig", "TrainConfig",
            "ScaleOutConfig", "MLFLOW_SCHEMES", "TrackingConfig", "TrainOptions", "DataSource"]
 
 # EMNIST Digits training-set pixel statistics in [0, 1], as hard-coded by the reference.
 EMNIST_DIGITS_MEAN = 0.17325132
 EMNIST_DIGITS_STD = 0.3316614
 
+# Every image of every dataset is IMAGE_SIDE x IMAGE_SIDE pixels, and every model takes that shape.
+IMAGE_SIDE = 28
+
+# The dataset a new run, a command and the notebooks use unless told another.
+DEFAULT_DATASET = "emnist-digits"
+
 DATASETS = (
-    "emnist-digits",
+    DEFAULT_DATASET,
     "emnist-mnist",
     "emnist-letters",
     "emnist-balanced",
@@ -123,7 +129,7 @@ RECIPES: dict[str, Recipe] = {
 class TrainConfig:
     """Everything that defines an experiment; stored as RUN/config.json."""
 
-    dataset: str = "emnist-digits"
+    dataset: str = DEFAULT_DATASET
     dropouts: tuple[float, ...] = (0.2, 0.3, 0.4, 0.5)  # one ensemble per dropout rate
     models: int = 10  # ensemble members per dropout rate
     epochs: int = 256  # total epochs per member (raise it to continue a finished run)

@@ -6,7 +6,7 @@ import argparse
 import os
 from pathlib import Path
 
-from ..config import DATASETS, PRECISIONS, PRESETS, RECIPES
+from ..config import DATASETS, DEFAULT_DATASET, PRECISIONS, PRESETS, RECIPES
 from ..core.device import DEVICES, JIT_COMPILE
 
 __all__ = ["EXPORT_FORMATS", "PREPROCESSING_STYLES", "Parser", "add_run_args", "add_train_args", "add_evaluate_args",
@@ -190,7 +190,7 @@ def add_evaluate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--split", choices=("test", "val"), default="test", help="split to report (default: test)")
     p.add_argument("--tta", type=int, default=0, metavar="N",
                    help="average each prediction over N augmented copies too (default: 0, off)")
-    p.add_argument("--dataset", choices=DATASETS, default="emnist-digits",
+    p.add_argument("--dataset", choices=DATASETS, default=DEFAULT_DATASET,
                    help="dataset for --weights (default: emnist-digits; a run uses its own)")
     p.add_argument("--data-dir", type=Path, default=None,
                    help="dataset folder (default: the run's recorded folder, else $EMNIST_CNN_DATA or "
@@ -264,7 +264,7 @@ def add_import_reference_args(p: argparse.ArgumentParser) -> None:
                    help="the reference's folder holding dropout_*/weights/ (or one dropout_X folder) (required)")
     p.add_argument("--run-dir", type=Path, required=True,
                    help="new run directory to create (required, no default)")
-    _add_data_group(p, dataset_default="emnist-digits")
+    _add_data_group(p, dataset_default=DEFAULT_DATASET)
     g = p.add_argument_group("the run's settings for continued training")
     g.add_argument("--models", type=int, default=None, metavar="N",
                    help="import only members 0..N-1 (default: every member found)")

@@ -13,7 +13,8 @@ import math
 import sys
 from pathlib import Path
 
-from ..config import PRESETS, AugmentConfig, DataSource, ScaleOutConfig, TrackingConfig, TrainConfig, TrainOptions
+from ..config import (DEFAULT_DATASET, PRESETS, AugmentConfig, DataSource, ScaleOutConfig, TrackingConfig, TrainConfig,
+                      TrainOptions)
 from ..errors import ConfigError
 from ..io.rundir import RunDir
 
@@ -111,7 +112,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         recipe = args.recipe or PRESETS[args.preset].get("recipe", "reference")
         # A recipe other than the preset's is another experiment: its own folder.
         suffix = "" if recipe == PRESETS[args.preset].get("recipe", "reference") else f"-{recipe}"
-        args.run_dir = Path("runs") / f"{args.preset}-{args.dataset or 'emnist-digits'}{suffix}"
+        args.run_dir = Path("runs") / f"{args.preset}-{args.dataset or DEFAULT_DATASET}{suffix}"
         if args.ray is not None:  # every node must find it: the default, made absolute
             args.run_dir = args.run_dir.absolute()
     trained = _train(args, args.preset)  # its run, config and data serve evaluation and plots too
@@ -263,7 +264,7 @@ def cmd_download(args: argparse.Namespace) -> int:
     """`download`: fetch and unpack an EMNIST split, print its files."""
     from ..io.download import download_emnist
 
-    name = args.dataset or "emnist-digits"
+    name = args.dataset or DEFAULT_DATASET
     if not name.startswith("emnist-"):
         raise ConfigError(f"--dataset {name}: only EMNIST splits are downloaded from NIST")
     if not (args.timeout > 0 and math.isfinite(args.timeout)):

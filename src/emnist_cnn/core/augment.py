@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..config import AugmentConfig
+from ..config import IMAGE_SIDE, AugmentConfig
 from ..errors import ConfigError
 
 __all__ = ["PARAM_NAMES", "sample_affine_params", "scale_affine_params", "build_affine_transforms",
@@ -44,7 +44,7 @@ def scale_affine_params(u, cfg: AugmentConfig) -> dict:
             for k, (name, (lo, hi)) in enumerate(zip(PARAM_NAMES, _ranges(cfg)))}
 
 
-def build_affine_transforms(params: dict, height: int = 28, width: int = 28):
+def build_affine_transforms(params: dict, height: int = IMAGE_SIDE, width: int = IMAGE_SIDE):
     """Compose rotation, shift, shear and zoom about the image centre, in float32 with `keras.ops`.
 
     Returns (N, 8) rows `[a0, a1, a2, b0, b1, b2, 0, 0]` that map an output

@@ -14,7 +14,7 @@ import weakref
 import keras
 import numpy as np
 
-from ..config import EMNIST_DIGITS_MEAN, EMNIST_DIGITS_STD, ModelConfig
+from ..config import EMNIST_DIGITS_MEAN, EMNIST_DIGITS_STD, IMAGE_SIDE, ModelConfig
 
 __all__ = ["EMNIST_DIGITS_MEAN", "EMNIST_DIGITS_STD", "build_model", "compile_model", "build_optimizer",
            "copy_optimizer_state",
@@ -56,7 +56,7 @@ def build_model(
     def pool():
         return keras.layers.MaxPooling2D(2, dtype=policy)
 
-    inputs = keras.Input((28, 28, 1), name="pixels")
+    inputs = keras.Input((IMAGE_SIDE, IMAGE_SIDE, 1), name="pixels")
     x = keras.layers.Normalization(mean=float(mean), variance=float(std) ** 2, name="normalize",
                                    dtype=policy)(inputs)
     x = conv(32)(x)

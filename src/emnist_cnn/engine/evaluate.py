@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..config import EMNIST_DIGITS_MEAN, EMNIST_DIGITS_STD, AugmentConfig
+from ..config import DEFAULT_DATASET, EMNIST_DIGITS_MEAN, EMNIST_DIGITS_STD, AugmentConfig
 from ..core.metrics import confusion_matrix, ensemble_probabilities, evaluate_error, misclassified_rows
 from ..core.selection import rank_on_validation
 from ..core.stats import mcnemar_exact
@@ -165,7 +165,7 @@ def _predict_checkpoint(run: RunDir, config, data, dropout: float, epoch: int, x
     return probs, predict(data.x_val) if len(data.y_val) else []
 
 
-def evaluate_weights(paths, *, dataset: str = "emnist-digits", data_dir=None, split: str = "test",
+def evaluate_weights(paths, *, dataset: str = DEFAULT_DATASET, data_dir=None, split: str = "test",
                      tta: int = 0, out_dir=None) -> dict:
     """Evaluate weight files outside a run as one ensemble (ours, or the reference's Keras 2 files).
 

@@ -27,7 +27,7 @@ from typing import Sequence
 
 import numpy as np
 
-from ..config import TrainConfig
+from ..config import IMAGE_SIDE, TrainConfig
 from ..core.metrics import ErrorRate
 from ..core.selection import select_best_dropout, select_best_member
 from ..errors import ConfigError, EmnistCnnError, ExportError, RunDirError, format_one_line
@@ -338,7 +338,7 @@ def _export_metadata(run: RunDir, config: TrainConfig, saved: dict, sel: Selecti
         "format": "emnist-cnn export 1",
         "classes": classes,
         "input": {
-            "name": "pixels", "shape": [None, 28, 28, 1], "dtype": "float32", "range": [0.0, 1.0],
+            "name": "pixels", "shape": [None, IMAGE_SIDE, IMAGE_SIDE, 1], "dtype": "float32", "range": [0.0, 1.0],
             "orientation": "upright, as a person reads the character",
             "polarity": "ink bright (1.0) on a dark (0.0) background",
             "normalization": "inside the model: (x - mean) / std", "mean": data.get("mean"), "std": data.get("std"),

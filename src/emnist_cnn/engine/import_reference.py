@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from ..config import TrainConfig, TrainOptions
+from ..config import DEFAULT_DATASET, TrainConfig, TrainOptions
 from ..errors import ConfigError, DataError, RunDirError
 from ..io.download import load_or_download
 from ..io.files import save_weights_atomic
@@ -41,7 +41,7 @@ _NOTE = ("weights converted from the reference's Keras 2 files (Theano kernels f
          "reference saved no optimizer state, so continuing starts a fresh Adam")
 
 
-def import_reference(ref_dir, run_dir, *, dataset: str = "emnist-digits", data_dir=None, models: int | None = None,
+def import_reference(ref_dir, run_dir, *, dataset: str = DEFAULT_DATASET, data_dir=None, models: int | None = None,
                      evaluate: bool = True, download: bool = True, mirror=None,
                      settings: dict | None = None) -> dict:
     """Convert a reference weight tree into a new run directory that ``train`` can continue.

@@ -27,6 +27,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from ..config import IMAGE_SIDE
 from ..errors import DataError, EmnistCnnError, ImageError, format_one_line
 from ..io.reference_weights import REFERENCE_CLASSES, is_reference_weights, load_reference_weights, sibling_json
 from ..io.rundir import RunDir, choose_image_preprocessing
@@ -36,7 +37,6 @@ __all__ = ["STYLES", "Predictor", "read_grayscale", "ink_image", "emnist_frame",
            "load_image_for_emnist", "load_predictor", "predict_files"]
 
 
-SIDE = 28
 # The character's longer side (pixels) when EMNIST's sigma=1 blur is applied. NIST's 128x128 pages
 # hold characters of very different sizes; 48 gives MNIST's test digits, processed this way, EMNIST
 # Digits' mean intensity (0.176 against 0.173), and the reference's lowest error on them.
@@ -142,7 +142,7 @@ def emnist_frame(ink: np.ndarray) -> np.ndarray:
     top, left = (side - h) // 2, (side - w) // 2
     square[top:top + h, left:left + w] = roi
     square = np.pad(square, EMNIST_BORDER)
-    out = np.clip(_resize(square, SIDE, SIDE, "bicubic"), 0.0, None)
+    out = np.clip(_resize(square, IMAGE_SIDE, IMAGE_SIDE, "bicubic"), 0.0, None)
     return out / out.max() if out.max() > 0 else out
 
 
@@ -156,9 +156,9 @@ def mnist_frame(ink: np.ndarray) -> np.ndarray:
     nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
     box = np.clip(_resize(roi, nw, nh, "lanczos"), 0.0, None)
     cy, cx = center_of_mass(box)
-    top = int(np.clip(round(MNIST_CENTER - cy), 0, SIDE - nh))
-    left = int(np.clip(round(MNIST_CENTER - cx), 0, SIDE - nw))
-    out = np.zeros((SIDE, SIDE))
+    top = int(np.clip(round(MNIST_CENTER - cy), 0, IMAGE_SIDE - nh))
+    left = int(np.clip(round(MNIST_CENTER - cx), 0, IMAGE_SIDE - nw))
+    out = np.zeros((IMAGE_SIDE, IMAGE_SIDE))
     out[top:top + nh, left:left + nw] = box
     return out / out.max() if out.max() > 0 else out
 
@@ -311,7 +311,7 @@ def _load_saved_model(path: Path, meta: dict) -> Predictor:
     obj = tf.saved_model.load(str(path))
     if not hasattr(obj, "serve"):
         raise DataError(f"{path}: SavedModel without a 'serve' endpoint (not exported by emnist-cnn export)")
-    probe = obj.serve(np.zeros((1, SIDE, SIDE, 1), np.float32))
+    probe = obj.serve(np.zeros((1, IMAGE_SIDE, IMAGE_SIDE, 1), np.float32))
     return _finish(path, "saved_model", lambda x: obj.serve(x).numpy(), int(probe.shape[-1]), meta)
 
 

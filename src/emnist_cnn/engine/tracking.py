@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..config import RESUMABLE_CHANGES, TrackingConfig, TrainConfig
+from ..config import IMAGE_SIDE, RESUMABLE_CHANGES, TrackingConfig, TrainConfig
 from ..core.augment import augment_batch
 from ..errors import ConfigError, DataError, RunDirError, format_one_line
 from ..io.files import LockBusyError
@@ -113,8 +113,8 @@ def build_checkpoint_images(run: RunDir, config: TrainConfig, data: PreparedData
     rng = np.random.default_rng([config.seed, 11, epoch])
     originals = data.x_train[np.sort(rng.choice(len(data.y_train), 8, replace=False))]
     warped = keras.ops.convert_to_numpy(augment_batch(np.repeat(originals, 7, axis=0), rng, config.augment))
-    warped = np.clip(np.round(warped[..., 0] * 255.0), 0, 255).astype(np.uint8).reshape(8, 7, 28, 28)
-    rows = np.concatenate([originals[:, None], warped], axis=1).reshape(64, 28, 28)
+    warped = np.clip(np.round(warped[..., 0] * 255.0), 0, 255).astype(np.uint8).reshape(8, 7, IMAGE_SIDE, IMAGE_SIDE)
+    rows = np.concatenate([originals[:, None], warped], axis=1).reshape(64, IMAGE_SIDE, IMAGE_SIDE)
     images = {"images/augmentation": _tile(rows, columns=8)}
     for split, x in (("val", data.x_val), ("test", data.x_test)):
         wrong = run.read_checkpoint_misclassified(dropout, epoch, split)[:64]

@@ -25,11 +25,10 @@ from typing import Any
 
 import numpy as np
 
-from ..config import DATASETS
+from ..config import DATASETS, DEFAULT_DATASET, IMAGE_SIDE
 from ..errors import ConfigError, DataError
 from .nist_files import (
     DOWNLOAD_HINT,
-    IMAGE_SIDE,
     decode_idx,
     decode_mat,
     read_idx_images,
@@ -37,19 +36,19 @@ from .nist_files import (
     read_mapping_txt,
 )
 
-__all__ = ["DATASETS", "DEFAULT_DATASET", "Dataset", "default_data_dir", "default_cache_dir", "find_dataset_files",
+__all__ = ["IDX_PARTS", "find_file_names", "Dataset", "default_data_dir", "default_cache_dir", "find_dataset_files",
            "read_idx_images", "read_idx_labels", "read_mapping_txt", "load_dataset", "split_validation",
            "subsample_stratified"]
 
 log = logging.getLogger(__name__)
 
-DEFAULT_DATASET = "emnist-digits"
 FORMATS: tuple[str, ...] = ("idx", "mat")
 
 # Bump when the cache layout or decoding changes, so old entries are not reused.
 _CACHE_VERSION = 1
 _ARRAY_NAMES = ("x_train", "y_train", "x_test", "y_test")
-_IDX_PARTS = ("train_images", "train_labels", "test_images", "test_labels")
+# The four idx files of every dataset, by their keys in `find_file_names`.
+IDX_PARTS = ("train_images", "train_labels", "test_images", "test_labels")
 
 
 @dataclass(frozen=True, eq=False)
@@ -111,7 +110,9 @@ def _check_fmt(name: str, fmt: str | None) -> None:
         raise ConfigError("dataset 'mnist' exists only in idx format (fmt='idx')")
 
 
-def _idx_file_names(name: str) -> dict[str, str]:
+def find_file_names(name: str) -> dict[str, str]:
+    """A dataset's file names as NIST and MNIST publish them: its four idx files (without .gz), and for an EMNIST
+    split its mapping and .mat file."""
     if name == "mnist":
         return {
             "train_images": "train-images-idx3-ubyte",
@@ -124,6 +125,8 @@ def _idx_file_names(name: str) -> dict[str, str]:
         "train_labels": f"{name}-train-labels-idx1-ubyte",
         "test_images": f"{name}-test-images-idx3-ubyte",
         "test_labels": f"{name}-test-labels-idx1-ubyte",
+        "mapping": f"{name}-mapping.txt",
+        "mat": f"{name}.mat",
     }
 
 
@@ -143,19 +146,21 @@ def _locate(name: str, data_dir: Path) -> tuple[dict[str, dict[str, Any]], list[
     # unpacked file is accepted too.
     idx_dirs = [data_dir] if name == "mnist" else [data_dir, data_dir / "gzip"]
     paths: dict[str, Any] = {}
-    for part, base in _idx_file_names(name).items():
+    names = find_file_names(name)
+    for part in IDX_PARTS:
+        base = names[part]
         path = _first_existing([d / f"{base}{ext}" for d in idx_dirs for ext in (".gz", "")])
         if path is None:
             missing.append(f"{base}.gz")
         paths[part] = path
-    if all(paths[p] is not None for p in _IDX_PARTS):
+    if all(paths[p] is not None for p in IDX_PARTS):
         mapping = None
         if name != "mnist":
-            mapping = _first_existing([d / f"{name}-mapping.txt" for d in idx_dirs])
+            mapping = _first_existing([d / names["mapping"] for d in idx_dirs])
         found["idx"] = {"format": "idx", **paths, "mapping": mapping}
 
     if name != "mnist":
-        mat_name = f"{name}.mat"
+        mat_name = names["mat"]
         mat = _first_existing([data_dir / mat_name, data_dir / "matlab" / mat_name])
         if mat is None:
             missing.append(mat_name)
@@ -183,7 +188,7 @@ def find_dataset_files(name: str, data_dir: str | os.PathLike[str], fmt: str | N
 def _source_paths(files: dict[str, Any]) -> list[Path]:
     if files["format"] == "mat":
         return [files["mat"]]
-    paths = [files[p] for p in _IDX_PARTS]
+    paths = [files[p] for p in IDX_PARTS]
     if files.get("mapping") is not None:
         paths.append(files["mapping"])
     return paths
@@ -342,12 +347,12 @@ def _missing_message(name: str, data_dir: Path, fmt: str | None, missing: list[s
     if not data_dir.is_dir():
         return f"{data_dir}: data directory does not exist; {DOWNLOAD_HINT}"
     if name == "mnist":
-        looked = ", ".join(f"{b}[.gz]" for b in _idx_file_names(name).values())
+        looked = ", ".join(f"{b}[.gz]" for b in find_file_names(name).values())
         return f"{data_dir}: no complete mnist data: looked for {looked}; missing: {', '.join(missing)}"
     wanted = []
     if fmt in (None, "idx"):
         wanted.append(
-            f"the idx files {', '.join(f'{b}.gz' for b in _idx_file_names(name).values())} "
+            f"the idx files {', '.join(f'{find_file_names(name)[p]}.gz' for p in IDX_PARTS)} "
             f"(+ {name}-mapping.txt), in it or its gzip/"
         )
     if fmt in (None, "mat"):

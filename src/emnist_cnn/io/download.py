@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from .. import __version__
 from ..errors import ConfigError, DownloadError
-from .datasets import Dataset, default_data_dir, find_dataset_files, load_dataset
+from .datasets import IDX_PARTS, Dataset, default_data_dir, find_dataset_files, find_file_names, load_dataset
 
 __all__ = ["NIST_BASE_URL", "MIRROR_ENV", "SPLITS", "ARCHIVES", "ARCHIVE_MD5S", "MEMBER_MD5S", "resolve_mirror",
            "download_file", "download_emnist", "load_or_download"]
@@ -48,12 +48,6 @@ MEMBER_MD5S: Mapping[str, str] = MappingProxyType(
     }
 )
 
-_IDX_PARTS = (
-    "train-images-idx3-ubyte",
-    "train-labels-idx1-ubyte",
-    "test-images-idx3-ubyte",
-    "test-labels-idx1-ubyte",
-)
 _READ_SIZE = 1 << 20
 
 
@@ -207,11 +201,10 @@ def load_or_download(name: str, data_dir=None, *, mirror=None, download: bool = 
 
 
 def _needed_members(split: str, archive: str) -> list[str]:
+    names = find_file_names(f"emnist-{split}")
     if archive == "matlab.zip":
-        return [f"matlab/emnist-{split}.mat"]
-    return [f"gzip/emnist-{split}-{part}.gz" for part in _IDX_PARTS] + [
-        f"gzip/emnist-{split}-mapping.txt"
-    ]
+        return [f"matlab/{names['mat']}"]
+    return [f"gzip/{names[part]}.gz" for part in IDX_PARTS] + [f"gzip/{names['mapping']}"]
 
 
 def _fetch(url: str, part: Path, *, timeout: float, progress: bool, chunk_size: int, desc: str) -> None:

@@ -18,14 +18,14 @@ from typing import Any
 
 import numpy as np
 
+from ..config import IMAGE_SIDE
 from ..errors import DataError
 
-__all__ = ["IMAGE_SIDE", "IDX_IMAGES_MAGIC", "IDX_LABELS_MAGIC", "MAX_LABEL", "BUILTIN_MAPPINGS", "DOWNLOAD_HINT",
+__all__ = ["IDX_IMAGES_MAGIC", "IDX_LABELS_MAGIC", "MAX_LABEL", "BUILTIN_MAPPINGS", "DOWNLOAD_HINT",
            "read_idx_images", "read_idx_labels", "read_mapping_txt", "decode_idx", "decode_mat"]
 
 log = logging.getLogger(__name__)
 
-IMAGE_SIDE = 28
 IDX_IMAGES_MAGIC = 2051  # 0x00000803: unsigned bytes, 3 dimensions
 IDX_LABELS_MAGIC = 2049  # 0x00000801: unsigned bytes, 1 dimension
 # Largest label value a mapping may name (EMNIST's are 0..61); bounds the label lookup table.

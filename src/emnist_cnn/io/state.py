@@ -18,9 +18,14 @@ from ..errors import RunDirError
 from . import files
 from .files import to_run_dir_error
 
-__all__ = ["save_member_state", "load_member_state", "read_state_epoch"]
+__all__ = ["previous_state_path", "save_member_state", "load_member_state", "read_state_epoch"]
 
 log = logging.getLogger(__name__)
+
+
+def previous_state_path(path: Path) -> Path:
+    """Where the state before `path`'s latest is kept: `<name>.prev.npz` beside it."""
+    return path.with_name(path.name.replace(".npz", ".prev.npz"))
 
 
 def save_member_state(path: Path, model, epoch: int, extra: dict | None = None) -> None:
@@ -43,7 +48,7 @@ def save_member_state(path: Path, model, epoch: int, extra: dict | None = None) 
     buf = io.BytesIO()
     np.savez(buf, **arrays)
     path = Path(path)
-    prev = path.with_name(path.name.replace(".npz", ".prev.npz"))
+    prev = previous_state_path(path)
     if path.exists():
         try:
             os.replace(path, prev)
@@ -60,7 +65,7 @@ def load_member_state(path: Path, model) -> dict | None:
     The model must be compiled and its optimizer built (its variables are restored too).
     """
     path = Path(path)
-    prev = path.with_name(path.name.replace(".npz", ".prev.npz"))
+    prev = previous_state_path(path)
     candidates = [p for p in (path, prev) if p.exists()]
     reasons = []
     for p in candidates:
@@ -84,7 +89,7 @@ def load_member_state(path: Path, model) -> dict | None:
 def read_state_epoch(path: Path) -> int:
     """The epoch a member's state (or its backup) records; 0 when there is none or it is unreadable."""
     path = Path(path)
-    for p in (path, path.with_name(path.name.replace(".npz", ".prev.npz"))):
+    for p in (path, previous_state_path(path)):
         if p.exists():
             try:
                 with np.load(p, allow_pickle=False) as z:

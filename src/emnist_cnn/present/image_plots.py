@@ -10,7 +10,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from ..config import AugmentConfig
+from ..config import IMAGE_SIDE, AugmentConfig
 from ..errors import DataError
 from .figures import new_figure
 
@@ -42,7 +42,7 @@ def plot_prediction_grid(images: np.ndarray, labels: Sequence[int], preds: Seque
         ax.set_axis_off()
         if k >= n:
             continue
-        img = np.asarray(images[k]).reshape(28, 28)
+        img = np.asarray(images[k]).reshape(IMAGE_SIDE, IMAGE_SIDE)
         ax.imshow(img, cmap="gray_r", vmin=0, vmax=255 if img.dtype == np.uint8 else 1, interpolation="nearest")
         p, y = int(preds[k]), int(labels[k])
         ax.set_title(f"{classes[p]}/{classes[y]}/#{int(indices[k])}", fontsize=9,

@@ -25,7 +25,8 @@ from emnist_cnn.present.report import render_report, write_report
 from emnist_cnn.present.plots import plot_checkpoint_errors, plot_ensemble_comparison, plot_fixed_lr_phase
 from emnist_cnn.present.reference_history import load_reference_history, reference_best_ensemble
 from emnist_cnn.present.run_plots import plot_run_figures
-from emnist_cnn.present.summary import find_fixed_lr_phase, find_last_epoch, load_results, select_dropout
+from emnist_cnn.core.selection import find_last_epoch, select_dropout
+from emnist_cnn.present.summary import find_fixed_lr_phase, load_results
 
 TITLE_RE = re.compile(r"^(\w)/(\w)/#(\d+)$")
 DROPOUTS = (0.2, 0.3)

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 from emnist_cnn.core.metrics import ErrorRate
-from emnist_cnn.core.selection import select_best_dropout, select_best_member
+from emnist_cnn.core.selection import select_best_dropout, select_best_member, select_dropout
 from emnist_cnn.io.rundir import ErrorRecord
-from emnist_cnn.present.summary import select_dropout
 
 
 def rows(epoch: int, val_errors: int, test_errors: int, n_val: int = 2000, n_test: int = 4000) -> list[ErrorRecord]:

@@ -16,7 +16,7 @@ from pathlib import Path
 from ..config import (DEFAULT_DATASET, PRESETS, AugmentConfig, DataSource, ScaleOutConfig, TrackingConfig, TrainConfig,
                       TrainOptions)
 from ..errors import ConfigError
-from ..io.rundir import RunDir
+from ..io.rundir import RunDir, parse_checkpoint_epoch
 
 __all__ = ["config_from_args", "options_from_args", "scaleout_from_args", "tracking_from_args", "cmd_run",
            "cmd_track", "cmd_train", "cmd_evaluate", "cmd_compare", "cmd_plot", "cmd_export", "cmd_predict",
@@ -134,8 +134,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     """`evaluate`: a run's checkpoint, or weight files as one ensemble."""
     if args.tta < 0:
         raise ConfigError(f"--tta must be >= 0, got {args.tta}")
-    if args.epoch != "latest" and not str(args.epoch).isdigit():
-        raise ConfigError(f"--epoch must be a checkpoint epoch number or 'latest', got {args.epoch!r}")
+    parse_checkpoint_epoch(args.epoch)  # a bad --epoch is refused before any data is loaded
     from ..engine.evaluate import evaluate_run, evaluate_weights
     from ..present.tables import format_evaluation
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..core.metrics import ErrorRate
-from ..core.selection import select_best_dropout
+from ..core.selection import find_last_epoch, select_dropout
 from ..core.stats import mcnemar_exact
 from ..errors import ConfigError, RunDirError
 from ..io.rundir import RunDir
@@ -48,17 +48,12 @@ def _chosen_ensemble(run: RunDir) -> dict:
         raise RunDirError(f"{run}: not a run directory (no config.json)")
     config = run.read_config()
     record = run.read_record()["data"]
-    last, val = {}, {}
-    for d in config.dropouts:
-        rows = [r for r in run.read_errors(d) if r.is_ensemble]
-        if any(r.split == "test" for r in rows):
-            last[d] = max(r.epoch for r in rows if r.split == "test")
-            val[d] = next((r.rate for r in rows if r.epoch == last[d] and r.split == "val"), None)
-    if not last:
+    errors = {d: run.read_errors(d) for d in config.dropouts}
+    d = select_dropout(errors)
+    if d is None:
         raise RunDirError(f"{run}: no evaluated checkpoint yet; train first")
-    d = select_best_dropout(val)
-    epoch = last[d]
-    error = next(r.rate for r in run.read_errors(d) if r.is_ensemble and r.split == "test" and r.epoch == epoch)
+    epoch = find_last_epoch(errors[d])
+    error = next(r.rate for r in errors[d] if r.is_ensemble and r.split == "test" and r.epoch == epoch)
     wrong = [i for i, _, _ in run.read_checkpoint_misclassified(d, epoch, "test")]
     if len(wrong) != error.n_errors:
         raise RunDirError(f"{run.checkpoint_misclassified_path(d, epoch)}: holds {len(wrong)} wrong test images, "

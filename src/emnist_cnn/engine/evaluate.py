@@ -139,9 +139,9 @@ def _checkpoint_epoch(run: RunDir, models: int, dropout: float, epoch) -> int:
     epochs = run.complete_checkpoints(dropout, models)
     if not epochs:
         raise ConfigError(f"{run.dropout_dir(dropout)}: no checkpoint with all {models} members yet")
-    e = epochs[-1] if epoch in (None, "latest") else int(epoch)
-    if e not in epochs:
-        raise ConfigError(f"--epoch {e}: no checkpoint for dropout {dropout:g}; available: "
+    e = run.choose_checkpoint(dropout, models, epoch)
+    if e is None:
+        raise ConfigError(f"--epoch {epoch}: no checkpoint for dropout {dropout:g}; available: "
                           f"{', '.join(map(str, epochs))}")
     return e
 

@@ -32,7 +32,7 @@ from ..core.metrics import ErrorRate
 from ..core.selection import select_best_dropout, select_best_member
 from ..errors import ConfigError, EmnistCnnError, ExportError, RunDirError, format_one_line
 from ..io.files import atomic_write_json, atomic_write_text
-from ..io.rundir import RunDir, choose_image_preprocessing, collect_versions, format_utc_now
+from ..io.rundir import RunDir, choose_image_preprocessing, collect_versions, format_utc_now, parse_checkpoint_epoch
 from ..io.weights import load_checkpoint_model
 
 __all__ = ["FORMATS", "FILES", "Selection", "export_model", "export_run", "select_export"]
@@ -251,10 +251,11 @@ def select_export(run: RunDir, config: TrainConfig, *, dropout: float | None = N
     if not candidates:
         what = "every member" if not isinstance(which, int) else f"member {which}"
         available = sorted({e for d in rates for e in _usable_epochs(run, config, d, which)})
-        if epoch not in ("latest", None) and available:
+        latest = parse_checkpoint_epoch(epoch) is None
+        if not latest and available:
             raise ConfigError(f"--epoch {epoch}: no checkpoint with {what} of dropout "
                               f"{', '.join(f'{d:g}' for d in rates)}; available: {', '.join(map(str, available))}")
-        at = "any epoch" if epoch in ("latest", None) else f"epoch {epoch}"
+        at = "any epoch" if latest else f"epoch {epoch}"
         raise RunDirError(f"{run}: no weights checkpoint with {what} at {at} "
                           f"(dropout {', '.join(f'{d:g}' for d in rates)})")
     if len(candidates) == 1:
@@ -270,24 +271,13 @@ def select_export(run: RunDir, config: TrainConfig, *, dropout: float | None = N
 
 def _usable_epochs(run: RunDir, config: TrainConfig, dropout: float, which) -> list[int]:
     """Checkpoint epochs holding what `which` needs: member `which`, or every member."""
-    if isinstance(which, int):
-        return sorted(e for e, have in run.checkpoints(dropout).items() if which in have)
-    return run.complete_checkpoints(dropout, config.models)
+    return run.complete_checkpoints(dropout, config.models, which if isinstance(which, int) else None)
 
 
 def _select_one(run: RunDir, config: TrainConfig, dropout: float, epoch, which) -> Selection | None:
-    usable = _usable_epochs(run, config, dropout, which)
-    if epoch == "latest" or epoch is None:
-        if not usable:
-            return None
-        chosen_epoch = usable[-1]
-    else:
-        try:
-            chosen_epoch = int(epoch)
-        except (TypeError, ValueError) as exc:
-            raise ConfigError(f"--epoch must be an epoch number or 'latest', got {epoch!r}") from exc
-        if chosen_epoch not in usable:
-            return None
+    chosen_epoch = run.choose_checkpoint(dropout, config.models, epoch, which if isinstance(which, int) else None)
+    if chosen_epoch is None:
+        return None
     errors = {(r.model, r.split): r.rate for r in run.read_errors(dropout) if r.epoch == chosen_epoch}
     if which == "ensemble":
         return Selection(dropout, chosen_epoch, "ensemble", list(range(config.models)),
@@ -317,8 +307,7 @@ def export_run(run_dir, *, dropout: float | None = None, epoch="latest", model="
 
     run = RunDir.of(run_dir)
     _parse_model(model)  # a malformed flag is reported as such, before the run is opened
-    if epoch not in ("latest", None) and not str(epoch).strip().isdigit():
-        raise ConfigError(f"--epoch must be an epoch number or 'latest', got {epoch!r}")
+    parse_checkpoint_epoch(epoch)  # a malformed --epoch too
     saved = run.read_record()
     config = run.read_config()
     sel = select_export(run, config, dropout=dropout, epoch=epoch, model=model)

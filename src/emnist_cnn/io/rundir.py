@@ -39,7 +39,8 @@ from .files import RunLock, atomic_write_json, atomic_write_text, read_csv_rows,
 from .state import read_state_epoch
 
 __all__ = ["HISTORY_COLUMNS", "ERRORS_COLUMNS", "EVALUATION_FILES", "ErrorRecord", "RunDir", "dropout_dirname",
-           "make_history_row", "choose_image_preprocessing", "collect_versions", "format_utc_now"]
+           "make_history_row", "parse_checkpoint_epoch", "choose_image_preprocessing", "collect_versions",
+           "format_utc_now"]
 
 log = logging.getLogger(__name__)
 
@@ -396,10 +397,19 @@ class RunDir:
                     out.setdefault(int(m.group(1)), set()).add(int(m.group(2)))
         return out
 
-    def complete_checkpoints(self, dropout: float, models: int) -> list[int]:
-        """Checkpoint epochs at which every member's weights exist, ascending."""
-        everyone = set(range(models))
-        return sorted(e for e, have in self.checkpoints(dropout).items() if everyone <= have)
+    def complete_checkpoints(self, dropout: float, models: int, member: int | None = None) -> list[int]:
+        """Checkpoint epochs at which every member's weights exist (or member `member`'s), ascending."""
+        needed = set(range(models)) if member is None else {member}
+        return sorted(e for e, have in self.checkpoints(dropout).items() if needed <= have)
+
+    def choose_checkpoint(self, dropout: float, models: int, epoch, member: int | None = None) -> int | None:
+        """The checkpoint `epoch` names (`parse_checkpoint_epoch`): the latest with complete weights (every
+        member's, or member `member`'s), or that epoch if its weights are complete; None when there is none."""
+        usable = self.complete_checkpoints(dropout, models, member)
+        wanted = parse_checkpoint_epoch(epoch)
+        if wanted is None:
+            return usable[-1] if usable else None
+        return wanted if wanted in usable else None
 
     def has_all_weights(self, dropout: float, epoch: int, models: int) -> bool:
         return all(self.weights_path(dropout, epoch, i).exists() for i in range(models))
@@ -456,6 +466,16 @@ def choose_image_preprocessing(config: TrainConfig, saved: dict) -> str:
     The reference's imported weights learned 267 epochs of EMNIST, whatever data a run continues on.
     """
     return "mnist" if config.dataset == "mnist" and "imported" not in saved else "emnist"
+
+
+def parse_checkpoint_epoch(value) -> int | None:
+    """`--epoch`'s value: None for "latest" (or None), else the checkpoint's epoch number."""
+    text = "" if value is None else str(value).strip()
+    if value is None or text == "latest":
+        return None
+    if isinstance(value, bool) or not text.isdigit():
+        raise ConfigError(f"--epoch must be a checkpoint epoch number or 'latest', got {value!r}")
+    return int(text)
 
 
 def format_utc_now() -> str:

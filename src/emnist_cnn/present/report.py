@@ -21,7 +21,8 @@ from ..errors import DataError
 from ..io.files import atomic_write_text
 from ..io.rundir import RunDir, format_utc_now
 from .reference_history import reference_best_ensemble
-from .summary import find_fixed_lr_phase, load_recipe_rates, load_results, select_dropout
+from ..core.selection import select_dropout
+from .summary import find_fixed_lr_phase, load_recipe_rates, load_results
 
 __all__ = ["caption_for", "render_report", "write_report"]
 

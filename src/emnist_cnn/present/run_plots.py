@@ -19,7 +19,8 @@ from .figures import write_figure
 from .image_plots import plot_augmented_samples, plot_confusion_matrix, plot_correct_samples, plot_misclassified
 from .plots import plot_checkpoint_errors, plot_ensemble_comparison, plot_fixed_lr_phase, plot_training_curves
 from .reference_history import load_reference_history, reference_best_ensemble
-from .summary import find_fixed_lr_phase, find_last_epoch, load_recipe_rates, select_dropout
+from ..core.selection import find_last_epoch, select_dropout
+from .summary import find_fixed_lr_phase, load_recipe_rates
 
 __all__ = ["plot_run", "plot_run_figures"]
 

@@ -1,39 +1,19 @@
-"""A run's results as they are shown: last checkpoints, the chosen dropout rate, the fixed-LR phase."""
+"""A run's results as they are shown: last checkpoints, the fixed-LR phase (choices: core.selection)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 
 import numpy as np
 
 from ..core.schedule import build_epoch_rates
-from ..core.selection import select_best_dropout, select_best_member
-from ..io.rundir import ErrorRecord, RunDir
+from ..core.selection import find_last_epoch, select_best_member
+from ..io.rundir import RunDir
 
-__all__ = ["find_last_epoch", "select_dropout", "load_recipe_rates", "find_fixed_lr_phase", "load_results"]
+__all__ = ["load_recipe_rates", "find_fixed_lr_phase", "load_results"]
 
 # A run's own learning rate: a number, or epoch -> rate for a scheduled recipe.
 Rates = float | Callable[[int], float]
-
-
-def find_last_epoch(rows: Sequence[ErrorRecord]) -> int | None:
-    """The last checkpoint epoch with an ensemble row, or None."""
-    epochs = [r.epoch for r in rows if r.is_ensemble]
-    return max(epochs) if epochs else None
-
-
-def select_dropout(errors_by_dropout: Mapping[float, Sequence[ErrorRecord]]) -> float | None:
-    """The dropout rate whose ensemble has the lowest validation error at its last checkpoint.
-
-    Without a validation split, the first rate with a checkpoint: the test
-    split is never used to choose.
-    """
-    val = {}
-    for d, rows in errors_by_dropout.items():
-        e = find_last_epoch(rows)
-        if e is not None:
-            val[d] = next((r.rate for r in rows if r.epoch == e and r.is_ensemble and r.split == "val"), None)
-    return select_best_dropout(val)
 
 
 def load_recipe_rates(run: RunDir) -> Rates:

@@ -317,7 +317,7 @@ def print_environment(env: dict) -> None:
 
 
 def new_member(seed: int, name: str = "emnist_cnn", cfg=None):
-    """A compiled member as `engine.members.build_member_model` makes one (default mean/std, dropout 0.2)."""
+    """A compiled member as `training.members.build_member_model` makes one (default mean/std, dropout 0.2)."""
     import keras
 
     from emnist_cnn.core.model import build_model, compile_model
@@ -770,7 +770,7 @@ def count_device_reads(fn: Callable[[], None]) -> int:
 
 def build_fixed_work(members, calib, val, n_val: int, state_path: Path,
                      batch_size: int = 2000) -> dict[str, Callable[[], object]]:
-    """A fused group's work besides training in one member-epoch, as `engine.members` does it: each member
+    """A fused group's work besides training in one member-epoch, as `training.members` does it: each member
     recalibrated on `calib`, all validated together on `val` (device copies from `upload_images`; `n_val`
     real images, in batches of `batch_size`), each member's state written to `state_path`. Also used by
     benchmarks/gpu_check.py."""
@@ -839,7 +839,7 @@ def bench_compile(res: Results, s: Sizes, ctx: dict) -> None:
         import numpy as np
         import emnist_cnn
         from emnist_cnn.config import AugmentConfig
-        from emnist_cnn.core.device import LOOP_FORM, STEPS_PER_CALL_GPU
+        from emnist_cnn.training.device import LOOP_FORM, STEPS_PER_CALL_GPU
         from emnist_cnn.core.model import build_model, compile_model
         from emnist_cnn.core.trainer import DeviceImages, build_device_trainer, train_epoch
         rng = np.random.default_rng(0)
@@ -862,7 +862,7 @@ def bench_compile(res: Results, s: Sizes, ctx: dict) -> None:
         log.warning("compile: the trainer failed: %s", done.stderr[-2000:])
         res.set("xla_compiles_per_trainer", None, "failed")
         return
-    from emnist_cnn.core.device import STEPS_PER_CALL_GPU
+    from emnist_cnn.training.device import STEPS_PER_CALL_GPU
 
     # One "before optimizations" file per compilation (a program compiled again writes another).
     compiled = len(list(dump.glob("*.before_optimizations.txt")))
@@ -1030,7 +1030,7 @@ def rss_child(mat_dir: str, steps: int) -> None:
     from emnist_cnn.core.trainer import DeviceImages, build_device_trainer, train_epoch
     from emnist_cnn.io.datasets import load_dataset
     from emnist_cnn.core.model import build_model, compile_model, predict_probabilities, recalibrate_batchnorm
-    from emnist_cnn.engine.prepare import prepare_data
+    from emnist_cnn.training.prepare import prepare_data
 
     def maxrss_mb() -> float:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB

@@ -25,8 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 import emnist_cnn  # noqa: E402,F401  (selects the backend)
 from emnist_cnn.core.augment import augment_batch  # noqa: E402
 from emnist_cnn.config import AugmentConfig, TrainConfig  # noqa: E402
-from emnist_cnn.engine.members import TrainContext, open_member, train_members_to  # noqa: E402
-from emnist_cnn.engine.prepare import PreparedData  # noqa: E402
+from emnist_cnn.training.members import TrainContext, open_member, train_members_to  # noqa: E402
+from emnist_cnn.training.prepare import PreparedData  # noqa: E402
 from emnist_cnn.io.rundir import RunDir  # noqa: E402
 
 

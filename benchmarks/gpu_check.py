@@ -313,7 +313,7 @@ def measure_fixed_work(args: argparse.Namespace) -> dict:
     sys.modules[spec.name] = bench  # dataclasses look their module up there
     spec.loader.exec_module(bench)
     from emnist_cnn.core import model as model_mod
-    from emnist_cnn.core.device import describe_runtime
+    from emnist_cnn.training.device import describe_runtime
     from emnist_cnn.core.model import upload_images
 
     runtime = describe_runtime("auto", True, "float32")

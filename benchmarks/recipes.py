@@ -58,7 +58,7 @@ def train_one(recipe: str, seed: int, lengths: list[int], root: Path) -> dict[in
     """One quick-preset run of `recipe` to the longest of `lengths`, with a checkpoint at each; per length, its
     figures (wall time only for the whole run)."""
     from emnist_cnn.config import RECIPES, DataSource, TrainConfig, TrainOptions
-    from emnist_cnn.engine.train import train_and_evaluate
+    from emnist_cnn.training.train import train_and_evaluate
     from emnist_cnn.io.rundir import RunDir
 
     # A scheduled recipe's rates depend on the run's length: its shorter lengths are runs of their own.

@@ -82,7 +82,7 @@ def main() -> None:
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     import emnist_cnn  # noqa: F401  (selects the backend)
     from emnist_cnn.config import DataSource, TrackingConfig, TrainConfig, TrainOptions
-    from emnist_cnn.engine.train import train_and_evaluate
+    from emnist_cnn.training.train import train_and_evaluate
 
     with tempfile.TemporaryDirectory(prefix="emnist-cnn-tracking-") as tmp:
         tmp = Path(tmp)

@@ -182,7 +182,7 @@ def tiny_run(tmp_path_factory) -> tuple[Path, Path]:
     """
     import emnist_cnn  # noqa: F401  (selects the backend before keras is imported)
     from emnist_cnn.config import DataSource, TrainConfig, TrainOptions
-    from emnist_cnn.engine.train import train_and_evaluate
+    from emnist_cnn.training.train import train_and_evaluate
 
     base = tmp_path_factory.mktemp("shared-tiny-run")
     data = write_mnist_idx(base / "data", *make_tiny_digits())

@@ -19,7 +19,7 @@ physical = tf.config.list_physical_devices
 
 
 def with_a_gpu(device_type=None):
-    """All physical devices and a GPU; asked for GPUs only (as `core.device` asks, to configure them), the
+    """All physical devices and a GPU; asked for GPUs only (as `training.device` asks, to configure them), the
     real list: nothing can be configured on a GPU that is not there."""
     devices = physical(device_type)
     return devices if device_type is not None else devices + [tf.config.PhysicalDevice("/physical_device:GPU:0",

@@ -22,7 +22,7 @@ import sys
 import time
 
 import emnist_cnn  # noqa: F401  (selects the backend)
-import emnist_cnn.engine.train  # noqa: F401
+import emnist_cnn.training.train  # noqa: F401
 import keras  # noqa: F401
 
 spec = json.loads(os.environ["EMNIST_CNN_KILL_SPEC"])

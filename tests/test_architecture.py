@@ -5,10 +5,11 @@ Layers, lowest first (a module may import its own layer or any below it):
     0  emnist_cnn (the package root), startup, config, errors
     1  core       pure computation
     2  io         files
-    3  engine     what a command does
-    4  present    tables, figures, the report
-    5  cli        flags, handlers, entry point
-    6  __main__
+    3  training   a run's data, epoch loop, session, schedulers, tracking; this process's device and threads
+    4  engine     what a command does besides training (evaluate, compare, export, predict, import)
+    5  present    tables, figures, the report
+    6  cli        flags, handlers, entry point
+    7  __main__
 
 Every import counts, including those deferred inside functions. The checker
 is tested on small packages written here, so it is known to catch each kind
@@ -27,8 +28,8 @@ import pytest
 import emnist_cnn
 
 PACKAGE_DIR = Path(emnist_cnn.__file__).parent
-LAYERS = {"startup": 0, "config": 0, "errors": 0, "core": 1, "io": 2, "engine": 3, "present": 4, "cli": 5,
-          "__main__": 6}
+LAYERS = {"startup": 0, "config": 0, "errors": 0, "core": 1, "io": 2, "training": 3, "engine": 4, "present": 5,
+          "cli": 6, "__main__": 7}
 
 
 def module_names(package_dir: Path, package: str) -> dict[str, Path]:

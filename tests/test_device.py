@@ -22,12 +22,13 @@ from conftest import run_cli
 import emnist_cnn  # noqa: F401  (selects the backend before keras is imported)
 import keras
 from emnist_cnn.config import AugmentConfig, DataSource, TrainConfig, TrainOptions
-from emnist_cnn.core import device, model as model_module
-from emnist_cnn.core.device import STEPS_PER_CALL_GPU, describe_runtime, format_runtime
+from emnist_cnn.core import model as model_module
+from emnist_cnn.training import device
+from emnist_cnn.training.device import STEPS_PER_CALL_GPU, describe_runtime, format_runtime
 from emnist_cnn.core.model import (build_member_predictor, build_model, compile_model, copy_optimizer_state,
                                    predict_members, predict_probabilities, recalibrate_batchnorm, upload_images)
 from emnist_cnn.core.trainer import DeviceImages, build_device_trainer, read_member_logs, train_epoch
-from emnist_cnn.engine.train import train_and_evaluate
+from emnist_cnn.training.train import train_and_evaluate
 from emnist_cnn.io.datasets import load_dataset
 from emnist_cnn.io.rundir import RunDir
 
@@ -292,7 +293,7 @@ def test_several_steps_per_call_are_the_same_steps_to_the_bit():
 def test_jax_ray_tasks_sharing_a_gpu_take_their_share_without_reserving_it_first():
     """JAX reserves 75% of a GPU on start: four tasks of --gpus-per-member 0.25 would run out of memory. Their
     environment turns that off and caps each at its share; TensorFlow's memory grows as needed already."""
-    from emnist_cnn.engine.scaleout import build_gpu_memory_env
+    from emnist_cnn.training.scaleout import build_gpu_memory_env
 
     assert build_gpu_memory_env(0.25, "jax") == {"XLA_PYTHON_CLIENT_PREALLOCATE": "false",
                                                  "XLA_PYTHON_CLIENT_MEM_FRACTION": "0.250",

@@ -20,7 +20,7 @@ from emnist_cnn.core.model import build_averaged_ensemble, build_model
 from emnist_cnn.engine.export import FORMATS, export_model, export_run
 from emnist_cnn.io.rundir import RunDir
 from emnist_cnn.io.weights import load_checkpoint_model
-from emnist_cnn.engine.prepare import load_run_data
+from emnist_cnn.training.prepare import load_run_data
 
 TOLERANCE = 1e-5  # max abs difference of probabilities, as the issue asks
 

@@ -18,7 +18,7 @@ from emnist_cnn.core import trainer as trainer_module
 from emnist_cnn.core.model import (build_model, compile_model, copy_optimizer_state, predict_members,
                                    predict_probabilities)
 from emnist_cnn.core.trainer import DeviceImages, build_device_trainer, read_member_logs, train_epoch
-from emnist_cnn.engine.train import train_and_evaluate
+from emnist_cnn.training.train import train_and_evaluate
 from emnist_cnn.io.rundir import RunDir
 
 pytestmark = pytest.mark.cpu_facts  # to the bit (and the CPU chosen): CPU facts

@@ -11,8 +11,8 @@ and `except BaseException` on the way up runs). Patched functions:
   ("after"); for the state this includes the rename of the latest state to `.prev.npz`;
 - `emnist_cnn.io.files.atomic_write_bytes`: the same at the level of one whole table or state file;
 - `emnist_cnn.core.trainer.train_step`: mid-epoch;
-- `emnist_cnn.engine.train.evaluate_checkpoint`: while the ensemble is evaluated at a checkpoint;
-- `emnist_cnn.engine.members.save_member_state` and `save_weights_atomic`, `emnist_cnn.io.rundir.write_csv_rows`:
+- `emnist_cnn.training.train.evaluate_checkpoint`: while the ensemble is evaluated at a checkpoint;
+- `emnist_cnn.training.members.save_member_state` and `save_weights_atomic`, `emnist_cnn.io.rundir.write_csv_rows`:
   around whole saves.
 
 After the kill, the same command runs once and must succeed, training no more than what the kill left
@@ -63,8 +63,8 @@ WRAPPER = Path(__file__).with_name("killwrap.py")  # the CLI with patched functi
 STEP = "emnist_cnn.core.trainer.train_step"  # one training step (of a member, or of fused members)
 
 TARGETS = ("os.replace", "emnist_cnn.io.files.atomic_write_bytes", "emnist_cnn.core.trainer.train_step",
-           "emnist_cnn.engine.train.evaluate_checkpoint", "emnist_cnn.engine.members.save_member_state",
-           "emnist_cnn.engine.members.save_weights_atomic", "emnist_cnn.io.rundir.write_csv_rows")
+           "emnist_cnn.training.train.evaluate_checkpoint", "emnist_cnn.training.members.save_member_state",
+           "emnist_cnn.training.members.save_weights_atomic", "emnist_cnn.io.rundir.write_csv_rows")
 
 
 @dataclass(frozen=True)
@@ -130,13 +130,13 @@ def sweep_points() -> list[KillPoint]:
         if n % 2 == 0:
             points.append(KillPoint("emnist_cnn.core.trainer.train_step", "after", "SIGINT", n=n))
     for n in (1, 2, 3):
-        points += [KillPoint("emnist_cnn.engine.train.evaluate_checkpoint", w, h, n=n)
+        points += [KillPoint("emnist_cnn.training.train.evaluate_checkpoint", w, h, n=n)
                    for w, h in (("before", "SIGKILL"), ("after", "SIGKILL"), ("after", "SIGINT"))]
     for n in range(1, 6):
-        points += [KillPoint("emnist_cnn.engine.members.save_member_state", "before", "SIGKILL", n=n),
-                   KillPoint("emnist_cnn.engine.members.save_member_state", "after", "SIGINT", n=n),
-                   KillPoint("emnist_cnn.engine.members.save_weights_atomic", "before", "SIGINT", n=n),
-                   KillPoint("emnist_cnn.engine.members.save_weights_atomic", "after", "SIGKILL", n=n)]
+        points += [KillPoint("emnist_cnn.training.members.save_member_state", "before", "SIGKILL", n=n),
+                   KillPoint("emnist_cnn.training.members.save_member_state", "after", "SIGINT", n=n),
+                   KillPoint("emnist_cnn.training.members.save_weights_atomic", "before", "SIGINT", n=n),
+                   KillPoint("emnist_cnn.training.members.save_weights_atomic", "after", "SIGKILL", n=n)]
     for n in range(1, 9):
         points.append(KillPoint("emnist_cnn.io.rundir.write_csv_rows", "after", "SIGKILL", n=n))
     return points
@@ -275,8 +275,8 @@ def test_every_ci_kill_point_is_reached_by_an_uninterrupted_run(harness):
     """If training changes its order of work so that a planned point no longer exists, revisit the plan."""
     for point in CI_POINTS:
         assert point.resolve(harness["calls"].get(point.target, [])) is not None, (point, harness["counts"])
-    assert harness["counts"]["emnist_cnn.engine.train.evaluate_checkpoint"] == 2
-    assert harness["counts"]["emnist_cnn.engine.members.save_member_state"] == 4
+    assert harness["counts"]["emnist_cnn.training.train.evaluate_checkpoint"] == 2
+    assert harness["counts"]["emnist_cnn.training.members.save_member_state"] == 4
     # Every planned step, and no more: 2 members x 2 epochs x ceil(160 / 32) = 20.
     assert harness["counts"][STEP] == planned_steps(harness["baseline"])[1] == 20
 

@@ -43,7 +43,7 @@ def build_tiny_run(tmp_path_factory) -> Path:
     """
     if "run" in _CACHE:
         return _CACHE["run"]
-    from emnist_cnn.engine.train import train_and_evaluate
+    from emnist_cnn.training.train import train_and_evaluate
 
     root = tmp_path_factory.mktemp("plot-run")
     x_train, y_train, x_test, y_test = make_tiny_digits()
@@ -237,7 +237,7 @@ def test_fixed_lr_phase_is_found_and_plotted_per_epoch(tiny_run, run_figures):
 
 
 def test_misclassified_grid_has_one_titled_subplot_per_error(tiny_run, run_figures):
-    from emnist_cnn.engine.prepare import load_run_data
+    from emnist_cnn.training.prepare import load_run_data
 
     errors = _errors(tiny_run)
     d = select_dropout(errors)
@@ -281,7 +281,7 @@ def test_plot_run_uses_the_evaluation_tables_when_present(tiny_run, tmp_path):
     # A copy without weights: the grids must come from misclassified.csv alone.
     copy = tmp_path / "run"
     shutil.copytree(tiny_run, copy, ignore=shutil.ignore_patterns("weights", "state", "plot_history", "report.html"))
-    from emnist_cnn.engine.prepare import load_run_data
+    from emnist_cnn.training.prepare import load_run_data
 
     _, data = load_run_data(copy)
     picked = [3, 17, 150]

@@ -56,7 +56,7 @@ def test_quick_preset_is_what_the_readme_says(tmp_path, monkeypatch):
 ])
 def test_run_names_its_default_folder_after_preset_and_dataset(tmp_path, monkeypatch, argv, folder):
     """Without --run-dir, `run` trains in runs/<preset>-<dataset> under the current folder, with the preset."""
-    from emnist_cnn.engine import train as train_module
+    from emnist_cnn.training import train as train_module
 
     class Started(Exception):
         pass

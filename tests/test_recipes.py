@@ -18,7 +18,7 @@ from emnist_cnn.core import trainer as trainer_module
 from emnist_cnn.core.schedule import WARMUP_START, build_epoch_rates, build_step_rates, learning_rate_at
 from emnist_cnn.errors import ConfigError
 from emnist_cnn.io.datasets import load_dataset
-from emnist_cnn.engine.train import train_and_evaluate
+from emnist_cnn.training.train import train_and_evaluate
 from emnist_cnn.io.rundir import RunDir
 from emnist_cnn.present.summary import find_fixed_lr_phase, load_recipe_rates
 

@@ -195,7 +195,7 @@ def test_versions_record_the_accelerator_stack(monkeypatch):
     """XLA flags, TF32, the CUDA build and the GPU models: what makes a GPU rerun differ in the last bits."""
     import keras
 
-    from emnist_cnn.core.device import describe_runtime
+    from emnist_cnn.training.device import describe_runtime
 
     monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_enable_fast_math=false")
     monkeypatch.delenv("NVIDIA_TF32_OVERRIDE", raising=False)
@@ -220,7 +220,7 @@ def test_versions_record_the_accelerator_stack(monkeypatch):
 @pytest.mark.trains
 def test_a_resume_under_other_xla_flags_warns_that_it_is_not_bit_identical(tiny_mnist_dir, tmp_path, monkeypatch,
                                                                           caplog):
-    from emnist_cnn.engine.train import train_and_evaluate
+    from emnist_cnn.training.train import train_and_evaluate
     from emnist_cnn.io.datasets import load_dataset
 
     tiny = load_dataset("mnist", tiny_mnist_dir)

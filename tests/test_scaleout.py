@@ -240,7 +240,7 @@ def test_ray_fuses_members_when_its_tasks_get_gpus_whatever_the_driver_has():
     import dataclasses
 
     from emnist_cnn.config import ScaleOutConfig, TrainConfig
-    from emnist_cnn.engine.scaleout import resolve_ray_fused
+    from emnist_cnn.training.scaleout import resolve_ray_fused
 
     config = TrainConfig()
     gpus, cpus = ScaleOutConfig(ray_address="auto", gpus_per_member=0.25), ScaleOutConfig(ray_address="auto")
@@ -256,7 +256,7 @@ def test_an_ensemble_is_evaluated_once_every_member_has_its_checkpoint(tmp_path)
     member has its weights file; one evaluation per rate at a time. Catches an evaluation started as soon
     as one member has its file (on a cluster with room, it would load a missing file and stop the run)."""
     from emnist_cnn.config import TrainConfig
-    from emnist_cnn.engine.scaleout import find_ready_evaluations
+    from emnist_cnn.training.scaleout import find_ready_evaluations
     from emnist_cnn.io.rundir import RunDir
 
     config = TrainConfig(dropouts=(0.2, 0.3), models=3, epochs=32, checkpoint_every=16)

@@ -20,9 +20,9 @@ from emnist_cnn.errors import ConfigError, RunDirError
 from emnist_cnn.core.model import build_model
 from emnist_cnn.io.files import RunLock
 from emnist_cnn.io.state import load_member_state
-from emnist_cnn.engine.members import build_member_model
-from emnist_cnn.engine.prepare import prepare_data
-from emnist_cnn.engine.train import train_and_evaluate
+from emnist_cnn.training.members import build_member_model
+from emnist_cnn.training.prepare import prepare_data
+from emnist_cnn.training.train import train_and_evaluate
 from emnist_cnn.io.rundir import RunDir
 
 TINY = TrainConfig(dataset="mnist", dropouts=(0.2,), models=2, epochs=2, checkpoint_every=1, batch_size=64,
@@ -364,7 +364,7 @@ def test_training_validates_on_writers_it_never_trains_on(tmp_path, monkeypatch,
     --limit-train the members really train, and validate on exactly those images."""
     from test_data import write_emnist_mat
 
-    from emnist_cnn.engine import train as train_module
+    from emnist_cnn.training import train as train_module
 
     split = _writer_digits(n_train=200, n_writers=20)
     write_emnist_mat(tmp_path / "data", "emnist-digits", split)
@@ -447,7 +447,7 @@ def test_what_each_epoch_trains_on_and_how(tmp_path, monkeypatch, tiny_mnist_dir
     from emnist_cnn.core import model as model_module
     from emnist_cnn.core import trainer as trainer_module
     from emnist_cnn.core.trainer import augment_key
-    from emnist_cnn.engine.members import member_seed
+    from emnist_cnn.training.members import member_seed
 
     calibrations, orders, keys, dtypes = [], [], [], []
     real_recalibrate, real_epoch, real_set_key = (model_module.recalibrate_batchnorm, trainer_module.train_epoch,

@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 
 from ..config import DATASETS, DEFAULT_DATASET, PRECISIONS, PRESETS, RECIPES
-from ..core.device import DEVICES, JIT_COMPILE
+from ..training.device import DEVICES, JIT_COMPILE
 
 __all__ = ["EXPORT_FORMATS", "PREPROCESSING_STYLES", "Parser", "add_run_args", "add_train_args", "add_evaluate_args",
            "add_plot_args", "add_export_args", "add_predict_args", "add_import_reference_args", "add_download_args",

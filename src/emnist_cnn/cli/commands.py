@@ -62,7 +62,7 @@ def tracking_from_args(args: argparse.Namespace) -> TrackingConfig:
     """TensorBoard always; MLflow when --mlflow (or $MLFLOW_TRACKING_URI) names a server, checked importable."""
     tracking = TrackingConfig(mlflow_uri=args.mlflow or None, mlflow_experiment=args.mlflow_experiment)
     if tracking.mlflow_uri is not None:
-        from ..engine.tracking import import_mlflow
+        from ..training.tracking import import_mlflow
 
         import_mlflow()  # before loading data: a missing extra is a one-line error, not a late failure
     return tracking
@@ -84,10 +84,10 @@ def _train(args: argparse.Namespace, preset: str | None = None):
     config = config_from_args(args, preset)
     source = DataSource(data_dir=args.data_dir, mirror=args.mirror, download=not args.no_download)
     if options.scaleout.ray_address is not None:
-        from ..engine.scaleout import train_and_evaluate_on_ray
+        from ..training.scaleout import train_and_evaluate_on_ray
 
         return train_and_evaluate_on_ray(config, args.run_dir, source, options)
-    from ..engine.train import train_and_evaluate
+    from ..training.train import train_and_evaluate
 
     return train_and_evaluate(config, args.run_dir, source, options)
 
@@ -120,7 +120,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     pngs = plot_run(trained.run, data=trained.data)
     report = write_report(trained.run, pngs)
     if args.mlflow:
-        from ..engine.tracking import log_run_artifacts
+        from ..training.tracking import log_run_artifacts
 
         log_run_artifacts(args.run_dir, tracking_from_args(args))
     print(format_evaluation(result))
@@ -187,7 +187,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         print(f"  {key:12s} skipped: {why}")
     print(f"  {'metadata':12s} {out / 'metadata.json'}")
     if tracking.mlflow_uri is not None:
-        from ..engine.tracking import log_export
+        from ..training.tracking import log_export
 
         print(f"  {'mlflow':12s} {log_export(args.run_dir, tracking, out, meta)} at {tracking.mlflow_uri}")
     return 0
@@ -278,7 +278,7 @@ def cmd_download(args: argparse.Namespace) -> int:
 
 def cmd_track(args: argparse.Namespace) -> int:
     """`track`: send a run's records to TensorBoard and (with --mlflow) MLflow, then say what each holds."""
-    from ..engine.tracking import track_run
+    from ..training.tracking import track_run
 
     summary = track_run(args.run_dir, tracking_from_args(args), data_dir=args.data_dir)
     for line in summary:

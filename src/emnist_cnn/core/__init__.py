@@ -1,1 +1,1 @@
-"""Pure computation: augmentation, the model, error rates, choices on validation. No file I/O."""
+"""Pure computation: augmentation, the model, the training step, error rates, choices on validation. No file I/O."""

@@ -92,7 +92,7 @@ _JIT_COMPILE: dict[str, bool | None] = {"on": None}
 
 def use_jit_compile(on: bool | None) -> None:
     """Set whether every model this package compiles or predicts with uses XLA (None: `jit_compile_enabled`'s
-    default). Set once a run has decided (`core.device.describe_runtime`); models already run keep theirs."""
+    default). Set once a run has decided (`training.device.describe_runtime`); models already run keep theirs."""
     _JIT_COMPILE["on"] = on
 
 

@@ -1,1 +1,1 @@
-"""What a command does: prepare data, train, evaluate, export, predict, import the reference."""
+"""What a command does besides training: evaluate, compare, export, predict, import the reference."""

@@ -23,7 +23,7 @@ from ..io.download import load_or_download
 from ..io.files import atomic_write_text
 from ..io.rundir import EVALUATION_FILES, RunDir, dropout_dirname
 from ..io.weights import load_checkpoint_model, load_member_model
-from .prepare import load_run_data
+from ..training.prepare import load_run_data
 
 __all__ = ["evaluate_ensemble", "predict_with_tta", "evaluate_run", "evaluate_weights"]
 

@@ -27,10 +27,10 @@ from ..io.reference_weights import (
 )
 from ..io.rundir import ErrorRecord, RunDir
 from ..io.state import save_member_state
-from .members import build_member_model, member_seed
-from .prepare import PreparedData, prepare_data
-from .session import record_session
-from .train import evaluate_checkpoint, record_checkpoint
+from ..training.members import build_member_model, member_seed
+from ..training.prepare import PreparedData, prepare_data
+from ..training.session import record_session
+from ..training.train import evaluate_checkpoint, record_checkpoint
 
 __all__ = ["import_reference"]
 

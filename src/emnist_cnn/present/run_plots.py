@@ -11,7 +11,7 @@ import numpy as np
 
 from ..config import TrainConfig
 from ..core.metrics import confusion_matrix, ensemble_probabilities
-from ..engine.prepare import load_run_data
+from ..training.prepare import load_run_data
 from ..errors import EmnistCnnError, RunDirError
 from ..io.rundir import RunDir
 from ..io.weights import load_checkpoint_model

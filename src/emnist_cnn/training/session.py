@@ -17,8 +17,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from ..config import RESUMABLE_CHANGES, DataSource, TrainConfig, TrainOptions
-from ..core.device import configure_device
-from ..core.threads import configure_threads
+from .device import configure_device
+from .threads import configure_threads
 from ..errors import ConfigError, DataError, RunDirError
 from ..io.download import load_or_download
 from ..io.rundir import ErrorRecord, RunDir, collect_versions, format_utc_now
@@ -95,7 +95,7 @@ def open_run(run: RunDir, config: TrainConfig, data: PreparedData, fixed_lr: flo
 
     Returns the config to train with. Changing anything but the epoch count and
     checkpoint interval of an existing run is refused. `runtime` (where this
-    process trains, see `core.device.describe_runtime`) is recorded as the latest.
+    process trains, see `training.device.describe_runtime`) is recorded as the latest.
     """
     saved = check_compatible(run, config, fixed_lr)
     if saved is not None:

@@ -2,8 +2,8 @@
 
 `train_and_evaluate(config, run_dir, source, options)` is the library entry
 point. It is built from public steps that a scheduler can also call one at a
-time: `open_session` (engine.session: lock, config.json, invocation, tracker),
-`open_member` and `train_members_to` (engine.members), then
+time: `open_session` (training.session: lock, config.json, invocation, tracker),
+`open_member` and `train_members_to` (training.members), then
 `evaluate_checkpoint` and `record_checkpoint` once every member of a dropout
 rate has a checkpoint's weights.
 """
@@ -15,7 +15,7 @@ import logging
 import numpy as np
 
 from ..config import DataSource, TrainConfig, TrainOptions
-from ..core.device import describe_runtime, format_runtime
+from .device import describe_runtime, format_runtime
 from ..core.metrics import ensemble_probabilities, evaluate_error
 from ..io.rundir import ErrorRecord, RunDir
 from ..io.weights import load_checkpoint_model

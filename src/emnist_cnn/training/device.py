@@ -45,7 +45,7 @@ def configure_device(device: str) -> None:
     if backend == "tensorflow":
         _configure_tensorflow(device)
     if device == "gpu":
-        from .model import accelerator_available
+        from ..core.model import accelerator_available
 
         if not accelerator_available():
             raise ConfigError(f"--device gpu: the {backend} backend sees no usable GPU ({_why_no_gpu(backend)}); "
@@ -88,7 +88,7 @@ def describe_runtime(jit_compile: str, fused: bool, precision: str, steps_per_ca
     compiled call (None: `STEPS_PER_CALL_GPU` on a GPU, 1 on a CPU). Warns about bfloat16 on pre-Ampere GPUs."""
     import keras
 
-    from .model import accelerator_available
+    from ..core.model import accelerator_available
 
     backend = keras.backend.backend()
     accelerator = accelerator_available()

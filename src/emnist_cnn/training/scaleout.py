@@ -22,8 +22,8 @@ import time
 from pathlib import Path
 
 from ..config import DataSource, ScaleOutConfig, TrainConfig, TrainOptions
-from ..core.device import DEVICES, JIT_COMPILE, describe_runtime
-from ..core.threads import build_thread_env, configure_threads
+from .device import DEVICES, JIT_COMPILE, describe_runtime
+from .threads import build_thread_env, configure_threads
 from ..errors import ConfigError, EmnistCnnError, RunDirError, format_one_line
 from ..io.files import LockBusyError
 from ..io.rundir import ErrorRecord, RunDir, format_utc_now
@@ -50,7 +50,7 @@ _PASSED_ENV = ("KERAS_BACKEND", "TF_ENABLE_ONEDNN_OPTS", "TF_DETERMINISTIC_OPS",
 def build_gpu_memory_env(gpus_per_member: float, backend: str) -> dict[str, str]:
     """A Ray worker's environment for its share of a GPU. JAX reserves 75% of a GPU when it starts, so two
     tasks sharing one would run out: under JAX, no preallocation, and the task's share as its limit.
-    (TensorFlow's memory grows as needed, see `core.device.configure_device`.)"""
+    (TensorFlow's memory grows as needed, see `training.device.configure_device`.)"""
     if backend != "jax" or gpus_per_member <= 0:
         return {}
     share = f"{min(gpus_per_member, 1.0):.3f}"
@@ -308,7 +308,7 @@ def train_ensembles_on_ray(config: TrainConfig, run: RunDir, data: PreparedData,
     `train_ensembles`.
 
     The device, XLA and steps per call are decided by each task on its worker
-    (see `core.device`); each member's segments record what it got. Fused: see
+    (see `training.device`); each member's segments record what it got. Fused: see
     `resolve_ray_fused`. Returns each dropout rate's errors at the last checkpoint.
     """
     scaleout = options.scaleout

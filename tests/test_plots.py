@@ -277,24 +277,29 @@ def test_confusion_matrix_counts_and_normalized():
         plot_confusion_matrix(cm, ("a", "b"))
 
 
-def test_plot_run_uses_the_evaluation_tables_when_present(tiny_run, tmp_path):
-    # A copy without weights: the grids must come from misclassified.csv alone.
+def test_image_plots_read_the_checkpoints_recorded_mistakes_and_never_predict(tiny_run, tmp_path, caplog):
+    # A copy without weights: the grids must come from history/misclassified_epoch_NNN.csv alone.
     copy = tmp_path / "run"
     shutil.copytree(tiny_run, copy, ignore=shutil.ignore_patterns("weights", "state", "plot_history", "report.html"))
     from emnist_cnn.training.prepare import load_run_data
 
     _, data = load_run_data(copy)
     picked = [3, 17, 150]
-    folder = copy / "dropout_0.3" / "evaluation" / "test_epoch_005"
-    folder.mkdir(parents=True)
-    lines = ["index,label,predicted,confidence"]
-    lines += [f"{i},{data.y_test[i]},{(data.y_test[i] + 1) % 10},0.9" for i in picked]
-    (folder / "misclassified.csv").write_text("\n".join(lines) + "\n")
+    table = copy / "dropout_0.3" / "history" / "misclassified_epoch_005.csv"
+    lines = ["split,index,label,predicted", "val,0,1,2"]  # a validation mistake is not a test one
+    lines += [f"test,{i},{data.y_test[i]},{(data.y_test[i] + 1) % 10}" for i in picked]
+    table.write_text("\n".join(lines) + "\n")
     figs = plot_run_figures(copy, dropout=0.3, data=data)
     titles = [ax.get_title() for ax in figs["misclassified"].axes if ax.get_title()]
     assert titles == [f"{(data.y_test[i] + 1) % 10}/{data.y_test[i]}/#{i}" for i in picked]
     assert "3 errors of 200" in figs["confusion_matrix"].axes[0].get_title()
     assert "dropout 0.3 ensemble, epoch 5" in figs["confusion_matrix"].axes[0].get_title()
+    # Without that record the image plots of predictions are skipped, saying which file is missing.
+    table.unlink()
+    with caplog.at_level(logging.WARNING, logger="emnist_cnn.present.run_plots"):
+        figs = plot_run_figures(copy, dropout=0.3, data=data)
+    assert "misclassified" not in figs and "confusion_matrix" not in figs and "augmentation" in figs
+    assert "misclassified_epoch_005.csv is missing" in caplog.text
 
 
 def test_image_plots_are_skipped_with_a_warning_without_data(tiny_run, tmp_path, caplog):

@@ -159,19 +159,6 @@ class RunDir:
     def evaluation_dir(self, dropout: float, split: str, epoch: int, tta: int = 0) -> Path:
         return self.dropout_dir(dropout) / "evaluation" / (f"{split}_epoch_{epoch:03d}" + (f"_tta{tta}" if tta else ""))
 
-    def read_misclassified(self, dropout: float, epoch: int) -> list[tuple[int, int, int]] | None:
-        """(test index, label, predicted) of every wrong test prediction that `evaluate` recorded, or None."""
-        table = self.evaluation_dir(dropout, "test", epoch) / EVALUATION_FILES["misclassified"]
-        if not table.is_file():
-            return None
-        out = []
-        for k, row in enumerate(read_csv_rows(table), start=2):
-            try:
-                out.append((int(row["index"]), int(row["label"]), int(row["predicted"])))
-            except (KeyError, TypeError, ValueError) as exc:
-                raise RunDirError(f"{table}:{k}: malformed row ({exc})") from exc
-        return out
-
     def checkpoint_misclassified_path(self, dropout: float, epoch: int) -> Path:
         return self.dropout_dir(dropout) / "history" / f"misclassified_epoch_{epoch:03d}.csv"
 

@@ -10,16 +10,15 @@ from pathlib import Path
 import numpy as np
 
 from ..config import TrainConfig
-from ..core.metrics import confusion_matrix, ensemble_probabilities
-from ..training.prepare import load_run_data
+from ..core.metrics import confusion_matrix
+from ..core.selection import find_last_epoch, select_dropout
 from ..errors import EmnistCnnError, RunDirError
 from ..io.rundir import RunDir
-from ..io.weights import load_checkpoint_model
+from ..training.prepare import load_run_data
 from .figures import write_figure
 from .image_plots import plot_augmented_samples, plot_confusion_matrix, plot_correct_samples, plot_misclassified
 from .plots import plot_checkpoint_errors, plot_ensemble_comparison, plot_fixed_lr_phase, plot_training_curves
 from .reference_history import load_reference_history, reference_best_ensemble
-from ..core.selection import find_last_epoch, select_dropout
 from .summary import find_fixed_lr_phase, load_recipe_rates
 
 __all__ = ["plot_run", "plot_run_figures"]
@@ -51,9 +50,9 @@ def plot_run_figures(run_dir, compare_reference=None, data_dir=None, data=None, 
     (the ensemble of `dropout`, default `select_dropout`, at its last checkpoint)
     and augmentation. Image plots need the data (`data`, a PreparedData, or
     the folder recorded in config.json, or `data_dir`); without it they are
-    skipped with a warning. Predictions come from the ensemble's
-    `evaluation/test_epoch_NNN/` tables (`emnist-cnn evaluate`) when present,
-    else from its checkpoint weights. `compare_reference` is the reference's plot_history folder.
+    skipped with a warning. Predictions come from the mistakes recorded when the
+    checkpoint was evaluated (history/misclassified_epoch_NNN.csv); nothing is
+    predicted again. `compare_reference` is the reference's plot_history folder.
     """
     run = RunDir.of(run_dir)
     config = run.read_config()
@@ -95,7 +94,7 @@ def _image_figures(run: RunDir, config: TrainConfig, errors: Mapping, data, data
     figs = {}
     d = dropout if dropout is not None else select_dropout(errors)
     epoch = find_last_epoch(errors.get(d, []))
-    preds = _load_or_predict(run, config, data, d, epoch) if epoch is not None else None
+    preds = _checkpoint_predictions(run, data, d, epoch) if epoch is not None else None
     if preds is not None:
         y = np.asarray(data.y_test)
         what = f"dropout {d:g} ensemble, epoch {epoch}"
@@ -125,27 +124,17 @@ def _image_figures(run: RunDir, config: TrainConfig, errors: Mapping, data, data
     return figs
 
 
-def _load_or_predict(run: RunDir, config: TrainConfig, data, dropout: float, epoch: int) -> np.ndarray | None:
-    """The ensemble's test predictions: from `emnist-cnn evaluate`'s misclassified table, else from the weights."""
-    y = np.asarray(data.y_test)
-    wrong = run.read_misclassified(dropout, epoch)
-    if wrong is not None:
-        preds = y.copy()
-        for i, label, pred in wrong:
-            if not 0 <= i < len(y) or y[i] != label or not 0 <= pred < len(data.classes):
-                raise RunDirError(f"{run.evaluation_dir(dropout, 'test', epoch)}: misclassified index {i} or label "
-                                  f"{label} does not match this run's test set")
-            preds[i] = pred
-        log.info("predictions of dropout %g epoch %d from the evaluation tables", dropout, epoch)
-        return preds
-    missing = [i for i in range(config.models) if not run.weights_path(dropout, epoch, i).is_file()]
-    if missing:
-        log.warning("skipping misclassified and confusion plots: %s is missing",
-                    run.weights_path(dropout, epoch, missing[0]))
+def _checkpoint_predictions(run: RunDir, data, dropout: float, epoch: int) -> np.ndarray | None:
+    """The ensemble's test predictions at a checkpoint, from the mistakes recorded when it was evaluated
+    (history/misclassified_epoch_NNN.csv); None, with a warning, when that file is missing."""
+    path = run.checkpoint_misclassified_path(dropout, epoch)
+    if not path.is_file():
+        log.warning("skipping misclassified and confusion plots: %s is missing", path)
         return None
-    from ..core.model import predict_members
-
-    log.info("predicting the test set with the %d members of dropout %g (no evaluation tables found)",
-             config.models, dropout)
-    models = [load_checkpoint_model(run, dropout, epoch, i, config=config, data=data) for i in range(config.models)]
-    return ensemble_probabilities(predict_members(models, data.x_test)).argmax(axis=1)
+    y = np.asarray(data.y_test)
+    preds = y.copy()
+    for i, label, pred in run.read_checkpoint_misclassified(dropout, epoch, "test"):
+        if not 0 <= i < len(y) or y[i] != label or not 0 <= pred < len(data.classes):
+            raise RunDirError(f"{path}: misclassified index {i} or label {label} does not match this run's test set")
+        preds[i] = pred
+    return preds

@@ -14,7 +14,6 @@ EMNIST_CNN_KILL_SPEC is a JSON object:
 """
 
 import atexit
-import importlib
 import json
 import os
 import signal
@@ -24,23 +23,11 @@ import time
 import emnist_cnn  # noqa: F401  (selects the backend)
 import emnist_cnn.training.train  # noqa: F401
 import keras  # noqa: F401
+from killtargets import resolve
 
 spec = json.loads(os.environ["EMNIST_CNN_KILL_SPEC"])
 counts = {}
 calls = {}  # target -> per call, the file names among its first two arguments
-
-
-def resolve(target):
-    parts = target.split(".")
-    for i in range(len(parts) - 1, 0, -1):
-        try:
-            owner = importlib.import_module(".".join(parts[:i]))
-        except ImportError:
-            continue
-        for name in parts[i:-1]:
-            owner = getattr(owner, name)
-        return owner, parts[-1]
-    raise LookupError(target)
 
 
 def names(args):

@@ -47,6 +47,7 @@ import numpy as np
 import pytest
 
 from conftest import make_tiny_digits, planned_steps, read_tensorboard, write_mnist_idx
+from killtargets import EVALUATE, REPLACE, RUN_FILES, SAVE_STATE, SAVE_WEIGHTS, STEP, WRITE, WRITE_CSV
 
 pytestmark = [pytest.mark.trains, pytest.mark.cpu_facts]  # to the bit (and the CPU chosen): CPU facts
 
@@ -60,11 +61,7 @@ RUN_ARGS = ["--dataset", "mnist", "--dropout", "0.2", "--models", "2", "--epochs
             "--recipe", "fast"]
 
 WRAPPER = Path(__file__).with_name("killwrap.py")  # the CLI with patched functions (see its docstring)
-STEP = "emnist_cnn.core.trainer.train_step"  # one training step (of a member, or of fused members)
-
-TARGETS = ("os.replace", "emnist_cnn.io.files.atomic_write_bytes", "emnist_cnn.core.trainer.train_step",
-           "emnist_cnn.training.train.evaluate_checkpoint", "emnist_cnn.training.members.save_member_state",
-           "emnist_cnn.training.members.save_weights_atomic", "emnist_cnn.io.rundir.write_csv_rows")
+TARGETS = RUN_FILES
 
 
 @dataclass(frozen=True)
@@ -103,15 +100,15 @@ class KillPoint:
 # config.json, invocations.jsonl; per member and epoch its checkpoint, history and state (from epoch 2 the
 # old state to .prev first); per checkpoint test_errors_epoch_NNN.txt, then errors.csv.
 CI_POINTS = [
-    KillPoint("os.replace", "after", "SIGKILL", name="test_errors_epoch_001.txt",
+    KillPoint(REPLACE, "after", "SIGKILL", name="test_errors_epoch_001.txt",
               why="checkpoint 1's text table is in place, errors.csv does not have it yet"),
-    KillPoint("os.replace", "after", "SIGINT", name="model_0.prev.npz",
+    KillPoint(REPLACE, "after", "SIGINT", name="model_0.prev.npz",
               why="latest state moved to .prev, the new one not written"),
-    KillPoint("os.replace", "before", "SIGKILL", name="model_0.npz", occurrence=2,
+    KillPoint(REPLACE, "before", "SIGKILL", name="model_0.npz", occurrence=2,
               why="epoch 2's state in its temp file, .prev holds epoch 1's"),
-    KillPoint("emnist_cnn.io.files.atomic_write_bytes", "after", "SIGINT", name="model_1.csv", occurrence=2,
+    KillPoint(WRITE, "after", "SIGINT", name="model_1.csv", occurrence=2,
               why="member 1's history has epoch 2, its state still epoch 1"),
-    KillPoint("emnist_cnn.core.trainer.train_step", "after", "SIGINT", fraction=0.4,
+    KillPoint(STEP, "after", "SIGINT", fraction=0.4,
               why="mid-epoch: the epoch in flight is trained again from its start, at the same per-step rates"),
 ]
 
@@ -120,25 +117,25 @@ def sweep_points() -> list[KillPoint]:
     """Every call of every patched function (calls past the run's count are skipped at run time)."""
     points = []
     for n in range(1, 25):
-        points += [KillPoint("os.replace", "before", "SIGKILL", n=n), KillPoint("os.replace", "after", "SIGKILL", n=n),
-                   KillPoint("os.replace", "before", "SIGINT", n=n)]
+        points += [KillPoint(REPLACE, "before", "SIGKILL", n=n), KillPoint(REPLACE, "after", "SIGKILL", n=n),
+                   KillPoint(REPLACE, "before", "SIGINT", n=n)]
     for n in range(1, 19):
-        points += [KillPoint("emnist_cnn.io.files.atomic_write_bytes", "after", "SIGKILL", n=n),
-                   KillPoint("emnist_cnn.io.files.atomic_write_bytes", "before", "SIGINT", n=n)]
+        points += [KillPoint(WRITE, "after", "SIGKILL", n=n),
+                   KillPoint(WRITE, "before", "SIGINT", n=n)]
     for n in range(1, 25):
-        points.append(KillPoint("emnist_cnn.core.trainer.train_step", "before", "SIGKILL", n=n))
+        points.append(KillPoint(STEP, "before", "SIGKILL", n=n))
         if n % 2 == 0:
-            points.append(KillPoint("emnist_cnn.core.trainer.train_step", "after", "SIGINT", n=n))
+            points.append(KillPoint(STEP, "after", "SIGINT", n=n))
     for n in (1, 2, 3):
-        points += [KillPoint("emnist_cnn.training.train.evaluate_checkpoint", w, h, n=n)
+        points += [KillPoint(EVALUATE, w, h, n=n)
                    for w, h in (("before", "SIGKILL"), ("after", "SIGKILL"), ("after", "SIGINT"))]
     for n in range(1, 6):
-        points += [KillPoint("emnist_cnn.training.members.save_member_state", "before", "SIGKILL", n=n),
-                   KillPoint("emnist_cnn.training.members.save_member_state", "after", "SIGINT", n=n),
-                   KillPoint("emnist_cnn.training.members.save_weights_atomic", "before", "SIGINT", n=n),
-                   KillPoint("emnist_cnn.training.members.save_weights_atomic", "after", "SIGKILL", n=n)]
+        points += [KillPoint(SAVE_STATE, "before", "SIGKILL", n=n),
+                   KillPoint(SAVE_STATE, "after", "SIGINT", n=n),
+                   KillPoint(SAVE_WEIGHTS, "before", "SIGINT", n=n),
+                   KillPoint(SAVE_WEIGHTS, "after", "SIGKILL", n=n)]
     for n in range(1, 9):
-        points.append(KillPoint("emnist_cnn.io.rundir.write_csv_rows", "after", "SIGKILL", n=n))
+        points.append(KillPoint(WRITE_CSV, "after", "SIGKILL", n=n))
     return points
 
 
@@ -275,8 +272,8 @@ def test_every_ci_kill_point_is_reached_by_an_uninterrupted_run(harness):
     """If training changes its order of work so that a planned point no longer exists, revisit the plan."""
     for point in CI_POINTS:
         assert point.resolve(harness["calls"].get(point.target, [])) is not None, (point, harness["counts"])
-    assert harness["counts"]["emnist_cnn.training.train.evaluate_checkpoint"] == 2
-    assert harness["counts"]["emnist_cnn.training.members.save_member_state"] == 4
+    assert harness["counts"][EVALUATE] == 2
+    assert harness["counts"][SAVE_STATE] == 4
     # Every planned step, and no more: 2 members x 2 epochs x ceil(160 / 32) = 20.
     assert harness["counts"][STEP] == planned_steps(harness["baseline"])[1] == 20
 

@@ -24,6 +24,7 @@ import pytest
 
 from conftest import (make_tiny_digits, read_csv, read_errors_csv, read_tensorboard, require_module,
                       write_mnist_idx)
+from killtargets import MLFLOW_SENT, TRACKER_SYNC
 
 pytestmark = pytest.mark.trains
 
@@ -222,11 +223,11 @@ def test_kills_and_a_server_outage_neither_lose_nor_double_an_epoch(mlflow_serve
             "--mlflow", mlflow_server.url, "--mlflow-experiment", exp]
     fired = tmp_path / "fired.json"
     # Syncs: 1 the catch-up at start, 2 model 0's epoch 1, 3 model 1's epoch 1 (recorded, not yet sent).
-    r = emnist_cnn(args, cache=cache, kill={"target": "emnist_cnn.training.tracking.Tracker.sync", "n": 3,
+    r = emnist_cnn(args, cache=cache, kill={"target": TRACKER_SYNC, "n": 3,
                                             "when": "before", "how": "SIGKILL", "fired_file": str(fired)})
     assert r.returncode == -signal.SIGKILL and fired.is_file(), r.stderr[-3000:]
     # The catch-up at start sends model 1's epoch 1; killed before the run records that it did.
-    r = emnist_cnn(args, cache=cache, kill={"target": "emnist_cnn.training.tracking._MlflowSink._mark_sent", "n": 1,
+    r = emnist_cnn(args, cache=cache, kill={"target": MLFLOW_SENT, "n": 1,
                                             "when": "before", "how": "SIGKILL", "fired_file": str(fired)})
     assert r.returncode == -signal.SIGKILL, r.stderr[-3000:]
     assert json.loads((run_dir / "tracking" / "mlflow.json").read_text())[mlflow_server.url]["pending"]
@@ -270,7 +271,7 @@ def test_a_stopped_or_failed_training_says_so_in_mlflow(mlflow_server, data_dir,
     # Syncs: 1 the catch-up at start, 2 the first epoch this process records (model 0's epoch 1, then after
     # the resume model 1's epoch 1).
     for how, status in (("SIGINT", "KILLED"), ("raise", "FAILED")):
-        r = emnist_cnn(args, cache=cache, kill={"target": "emnist_cnn.training.tracking.Tracker.sync", "n": 2,
+        r = emnist_cnn(args, cache=cache, kill={"target": TRACKER_SYNC, "n": 2,
                                                 "when": "after", "how": how, "fired_file": str(fired)})
         assert r.returncode not in (0, -signal.SIGKILL) and fired.is_file(), r.stderr[-3000:]
         run = the_run(mlflow_server, exp)

@@ -11,19 +11,19 @@ skips, or fails when EMNIST_CNN_REQUIRE_DEPS=1 (CI).
 
 from __future__ import annotations
 
-import csv
 import importlib.util
 import json
 import os
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-from conftest import REQUIRE_DEPS_ENV, make_tiny_digits, read_tensorboard, require_module, write_mnist_idx
+from deps import REQUIRE_DEPS_ENV, require_module
+from oracles import read_csv, read_tensorboard
+from tiny_data import make_tiny_digits, write_mnist_idx
 
 pytestmark = pytest.mark.trains
 
@@ -48,11 +48,6 @@ def require_backend(module: str) -> None:
         if os.environ.get(REQUIRE_DEPS_ENV) == "1":
             pytest.fail(f"{message} and {REQUIRE_DEPS_ENV}=1 is set")
         pytest.skip(message)
-
-
-def read_csv(path: Path) -> list[dict]:
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
 
 
 @pytest.mark.cpu_facts

@@ -8,7 +8,8 @@ import sys
 
 import pytest
 
-from conftest import find_tensorflow_log_lines, read_console_lines, read_csv
+from console_lines import find_tensorflow_log_lines, read_console_lines
+from oracles import read_csv
 
 from emnist_cnn.cli import build_parser
 

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from conftest import read_console_lines
+from console_lines import read_console_lines
 
 from emnist_cnn.startup import STARTUP_NOISE
 

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from emnist_cnn.core.metrics import confusion_matrix, ensemble_probabilities, evaluate_error, misclassified_rows
-from conftest import REFERENCE_MNIST_ERRORS, run_cli
+from conftest import run_cli
+from deps import REFERENCE_MNIST_ERRORS
 from emnist_cnn.engine.evaluate import evaluate_ensemble, predict_with_tta
 
 
@@ -184,7 +185,7 @@ def tta_model():
     import emnist_cnn  # noqa: F401  (selects the backend before keras is imported)
     import keras
 
-    from conftest import make_tiny_digits
+    from tiny_data import make_tiny_digits
     from emnist_cnn.core.model import build_model
 
     keras.utils.set_random_seed(5)
@@ -241,7 +242,7 @@ def test_test_time_augmentation_through_the_cli_repeats_and_is_recorded(tiny_run
 def test_evaluate_the_reference_ensemble_through_the_cli(shared_dir):
     """The issue's command: the reference's Keras 2 files, evaluated on the real MNIST test set.
 
-    Members 5-9 (5 of 10 keep CI short: prediction is most of the time; tests/test_interop.py imports 0-2).
+    Members 5-9 (5 of 10 keep CI short: prediction is most of the time; tests/test_reference_weights.py imports 0-2).
     Measured: their ensemble makes 18 errors (all ten: 16, README), the members 22 to 26; margin 1 each.
     """
     weights = sorted((shared_dir / "reference" / "dropout_0.2" / "weights").glob("267epochs_weights_model_*.pkl"))

@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 
 import emnist_cnn  # noqa: F401  (selects the backend before keras is imported)
-from conftest import REQUIRE_DEPS_ENV, optional_module, require_module, run_cli
+from conftest import run_cli
+from deps import REQUIRE_DEPS_ENV, optional_module, require_module
 import keras
 from emnist_cnn.errors import ConfigError
 from emnist_cnn.core.model import build_averaged_ensemble, build_model

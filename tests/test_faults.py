@@ -7,10 +7,11 @@ import os
 import shutil
 from pathlib import Path
 
-import numpy as np
 import pytest
 
-from conftest import trains_a_model, make_tiny_digits, write_mnist_idx
+from conftest import trains_a_model
+from oracles import arrays, assert_same_arrays
+from tiny_data import make_tiny_digits, write_mnist_idx
 from emnist_cnn.cli import main
 from emnist_cnn.io.state import read_state_epoch
 
@@ -27,17 +28,6 @@ STATE_WRITE = EPOCH_2_WRITES.index("model_0.npz") + 1
 
 def fsynced_file(fd: int) -> str:
     return os.path.basename(os.readlink(f"/proc/self/fd/{fd}"))
-
-
-def npz_arrays(path: Path) -> dict[str, np.ndarray]:
-    with np.load(path, allow_pickle=False) as z:
-        return {k: z[k] for k in z.files}
-
-
-def assert_same_arrays(a: dict, b: dict, what: str) -> None:
-    assert sorted(a) == sorted(b), what
-    for k in a:
-        assert a[k].dtype == b[k].dtype and a[k].tobytes() == b[k].tobytes(), f"{what}: {k}"
 
 
 def no_temporaries(run: Path) -> bool:
@@ -115,13 +105,13 @@ def test_disk_fault_at_any_write_is_one_line_and_keeps_the_last_state(runs, tmp_
     assert read_state_epoch(state) == saved
     reference = (runs["clean"] if saved == 2 else runs["epoch1"]) / "dropout_0.2" / "state" / "model_0.npz"
     kept = state if state.exists() else state.with_name("model_0.prev.npz")
-    assert_same_arrays(npz_arrays(kept), npz_arrays(reference), f"state after a fault at write {nth}")
+    assert_same_arrays(arrays(kept), arrays(reference), f"state after a fault at write {nth}")
 
     # Once the disk is fine again, the same command finishes the run, as if nothing had happened.
     assert main(["train", "--run-dir", str(run), "--epochs", "2"]) == 0
     assert read_state_epoch(state) == 2
     clean = runs["clean"] / "dropout_0.2"
-    assert_same_arrays(npz_arrays(state), npz_arrays(clean / "state" / "model_0.npz"), "final state")
+    assert_same_arrays(arrays(state), arrays(clean / "state" / "model_0.npz"), "final state")
     hist = (run / "dropout_0.2" / "history" / "model_0.csv").read_text().splitlines()
     assert [line.split(",")[0] for line in hist[1:]] == ["1", "2"]
     for name in ("errors.csv", "test_errors_epoch_001.txt", "test_errors_epoch_002.txt"):

@@ -7,7 +7,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import trains_a_model, make_tiny_digits, planned_steps, run_cli, write_mnist_idx
+from conftest import run_cli, trains_a_model
+from oracles import assert_same_run, planned_steps
+from tiny_data import make_tiny_digits, write_mnist_idx
 
 import emnist_cnn  # noqa: F401  (selects the backend before keras is imported)
 import keras
@@ -103,26 +105,6 @@ def straight(tmp_path_factory, data_dir):
         train_and_evaluate(TINY, root / "seq", DataSource(dataset=ds), TrainOptions(verbose=0, fused=False))
         train_and_evaluate(TINY, root / "fused", DataSource(dataset=ds), TrainOptions(verbose=0, fused=True))
     return root
-
-
-def assert_same_run(run, expected) -> None:
-    """Histories (but for the wall time), errors, every checkpoint and the final states, to the bit."""
-    hist = "dropout_0.3/history"
-    for i in range(TINY.models):
-        assert read_rows(run / hist / f"model_{i}.csv") == read_rows(expected / hist / f"model_{i}.csv")
-    assert read_rows(run / hist / "errors.csv") == read_rows(expected / hist / "errors.csv")
-    for i in range(TINY.models):
-        for epoch in (1, 2):
-            a, b = build_model(10, 0.3), build_model(10, 0.3)
-            a.load_weights(RunDir(run).weights_path(0.3, epoch, i))
-            b.load_weights(RunDir(expected).weights_path(0.3, epoch, i))
-            for wa, wb in zip(a.get_weights(), b.get_weights()):
-                np.testing.assert_array_equal(wa, wb)
-        sa = state_arrays(RunDir(run).state_path(0.3, i))
-        sb = state_arrays(RunDir(expected).state_path(0.3, i))
-        assert sa.keys() == sb.keys()
-        for k in sa:
-            np.testing.assert_array_equal(sa[k], sb[k], err_msg=f"model {i} {k}")
 
 
 def test_fused_run_equals_sequential_run(straight):

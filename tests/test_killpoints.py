@@ -34,7 +34,6 @@ their meaning if training reorders its work.
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 import signal
@@ -43,10 +42,10 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import pytest
 
-from conftest import make_tiny_digits, planned_steps, read_tensorboard, write_mnist_idx
+from oracles import arrays, assert_same_arrays, planned_steps, read_csv, read_tensorboard
+from tiny_data import make_tiny_digits, write_mnist_idx
 from killtargets import EVALUATE, REPLACE, RUN_FILES, SAVE_STATE, SAVE_WEIGHTS, STEP, WRITE, WRITE_CSV
 
 pytestmark = [pytest.mark.trains, pytest.mark.cpu_facts]  # to the bit (and the CPU chosen): CPU facts
@@ -188,36 +187,6 @@ def harness(tmp_path_factory):
 # ----------------------------------------------------------------------------- comparing runs
 
 
-def read_csv(path: Path) -> list[dict]:
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
-
-
-def h5_arrays(path: Path) -> dict[str, np.ndarray]:
-    import h5py
-
-    out = {}
-    with h5py.File(path, "r") as f:
-        def visit(name, obj):
-            if isinstance(obj, h5py.Dataset):
-                out[name] = obj[()]
-
-        f.visititems(visit)
-    return out
-
-
-def npz_arrays(path: Path) -> dict[str, np.ndarray]:
-    with np.load(path, allow_pickle=False) as z:
-        return {k: z[k] for k in z.files}
-
-
-def assert_same_arrays(a: dict, b: dict, what: str) -> None:
-    assert sorted(a) == sorted(b), f"{what}: different arrays"
-    for key in a:
-        assert a[key].dtype == b[key].dtype and a[key].shape == b[key].shape, f"{what}: {key}"
-        assert a[key].tobytes() == b[key].tobytes(), f"{what}: {key} differs from the uninterrupted run"
-
-
 def assert_matches_baseline(run: Path, baseline: Path) -> None:
     d, base = run / "dropout_0.2", baseline / "dropout_0.2"
     # Histories: each epoch once, in order, the same numbers (the wall time aside).
@@ -253,10 +222,10 @@ def assert_matches_baseline(run: Path, baseline: Path) -> None:
     model = build_model(10, 0.2)
     for name in names:
         model.load_weights(d / "weights" / name)
-        assert_same_arrays(h5_arrays(d / "weights" / name), h5_arrays(base / "weights" / name), name)
+        assert_same_arrays(arrays(d / "weights" / name), arrays(base / "weights" / name), name)
     # Final states (weights, Adam moments and step, dropout RNG, metadata), bit for bit.
     for i in (0, 1):
-        assert_same_arrays(npz_arrays(d / "state" / f"model_{i}.npz"), npz_arrays(base / "state" / f"model_{i}.npz"),
+        assert_same_arrays(arrays(d / "state" / f"model_{i}.npz"), arrays(base / "state" / f"model_{i}.npz"),
                            f"model_{i}.npz")
     # Nothing half-written is left, and every line of the invocation log is whole.
     assert not list(run.rglob("*.tmp")) and not list(run.rglob(".tmp-*"))

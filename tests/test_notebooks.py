@@ -53,7 +53,7 @@ def test_notebooks_are_committed_without_outputs():
 @trains_a_model
 def notebook_run(tmp_path_factory):
     """emnist.ipynb on tiny synthetic digits: train, continue at a fixed rate, evaluate, export."""
-    from conftest import make_tiny_digits, write_mnist_idx
+    from tiny_data import make_tiny_digits, write_mnist_idx
 
     base = tmp_path_factory.mktemp("notebook")
     data = write_mnist_idx(base / "data", *make_tiny_digits())
@@ -69,7 +69,7 @@ def notebook_run(tmp_path_factory):
 def test_emnist_notebook_trains_evaluates_and_exports(notebook_run):
     nb, run = notebook_run
     # Every cell shows our own lines only: nothing that TensorFlow's C++ logging wrote (in red, under a cell).
-    from conftest import find_tensorflow_log_lines
+    from console_lines import find_tensorflow_log_lines
 
     for cell in nb.cells:
         assert find_tensorflow_log_lines(printed(cell)) == [], cell.source
@@ -104,7 +104,7 @@ def test_emnist_notebook_trains_evaluates_and_exports(notebook_run):
     import keras
     import numpy as np
 
-    from conftest import make_tiny_digits
+    from tiny_data import make_tiny_digits
 
     model = keras.saving.load_model(run / "export_json_h5" / "model.keras")
     assert model.count_params() == 2 * 601_578

@@ -11,12 +11,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import trains_a_model, make_tiny_digits, write_mnist_idx
+from conftest import trains_a_model
+from tiny_data import make_tiny_digits, write_mnist_idx
 
 from emnist_cnn.config import DataSource, TrainConfig, TrainOptions
 from emnist_cnn.core.metrics import ErrorRate
 from emnist_cnn.errors import ConfigError, DataError, RunDirError
-from conftest import read_errors_csv
+from oracles import read_errors_csv
 from emnist_cnn.cli import build_parser
 from emnist_cnn.cli.commands import cmd_plot
 from emnist_cnn.io.rundir import RunDir
@@ -362,7 +363,7 @@ def test_plot_flags_parse_to_the_plot_handler():
 
 
 def test_sample_grid_and_class_balance():
-    from conftest import make_tiny_digits
+    from tiny_data import make_tiny_digits
 
     from emnist_cnn.present.image_plots import plot_class_balance, plot_samples
 

@@ -8,7 +8,8 @@ import pytest
 from PIL import Image
 
 import emnist_cnn  # noqa: F401  (selects the backend before keras is imported)
-from conftest import optional_module, run_cli
+from conftest import run_cli
+from deps import optional_module
 import keras
 from emnist_cnn.config import TrainConfig
 from emnist_cnn.io.datasets import load_dataset

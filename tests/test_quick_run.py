@@ -15,7 +15,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import make_tiny_digits, optional_module, read_csv, run_cli
+from conftest import run_cli
+from deps import optional_module
+from oracles import read_csv
+from tiny_data import make_tiny_digits
 from localhttp import make_zip, md5
 
 import emnist_cnn  # noqa: F401  (selects the backend before keras is imported)

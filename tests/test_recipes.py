@@ -12,7 +12,9 @@ import keras
 import numpy as np
 import pytest
 
-from conftest import trains_a_model, make_tiny_digits, planned_steps, read_csv, write_mnist_idx
+from conftest import trains_a_model
+from oracles import planned_steps, read_csv
+from tiny_data import make_tiny_digits, write_mnist_idx
 from emnist_cnn.config import RECIPES, DataSource, Recipe, TrainConfig, TrainOptions
 from emnist_cnn.core import trainer as trainer_module
 from emnist_cnn.core.schedule import WARMUP_START, build_epoch_rates, build_step_rates, learning_rate_at

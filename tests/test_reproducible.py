@@ -15,7 +15,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import trains_a_model, arrays, make_tiny_digits, without_seconds, write_mnist_idx
+from conftest import trains_a_model
+from oracles import arrays, assert_same_run, result_files, without_seconds
+from tiny_data import make_tiny_digits, write_mnist_idx
 from emnist_cnn.cli import build_parser, config_from_args
 from emnist_cnn.config import AugmentConfig, ModelConfig, TrainConfig
 
@@ -57,14 +59,6 @@ def command_from_record(run: Path, new_run: Path) -> list[str]:
     return flags
 
 
-def files(run: Path) -> dict[str, Path]:
-    """Every result file of a run, by path relative to the run (logs of when and how aside: TensorBoard's
-    event files hold wall times; tests/test_tracking.py checks their values against the histories)."""
-    skip = {"config.json", "invocations.jsonl", ".lock"}
-    return {str(p.relative_to(run)): p for p in sorted(run.rglob("*"))
-            if p.is_file() and p.name not in skip and "tensorboard" not in p.relative_to(run).parts}
-
-
 @pytest.fixture(scope="module")
 @trains_a_model
 def runs(tmp_path_factory):
@@ -79,27 +73,7 @@ def runs(tmp_path_factory):
 @pytest.mark.cpu_facts
 def test_same_command_same_seed_is_bit_identical(runs):
     root, _ = runs
-    a, b = files(root / "a"), files(root / "b")
-    assert sorted(a) == sorted(b)
-    kinds = {"history": 0, "errors": 0, "misclassified": 0, "text": 0, "weights": 0, "state": 0}
-    for rel, pa in a.items():
-        pb = b[rel]
-        if rel.endswith(".csv") and "/history/model_" in rel:
-            # The wall time of an epoch is the one column that may differ.
-            assert without_seconds(pa) == without_seconds(pb), rel
-            kinds["history"] += 1
-        elif rel.endswith((".csv", ".txt")):
-            assert pa.read_bytes() == pb.read_bytes(), rel
-            kinds["errors" if rel.endswith("errors.csv") else "misclassified" if "misclassified_" in rel
-                  else "text"] += 1
-        elif rel.endswith((".npz", ".h5")):
-            xa, xb = arrays(pa), arrays(pb)
-            assert sorted(xa) == sorted(xb), rel
-            for key in xa:
-                assert xa[key].dtype == xb[key].dtype and xa[key].tobytes() == xb[key].tobytes(), f"{rel}: {key}"
-            kinds["state" if rel.endswith(".npz") else "weights"] += 1
-        else:
-            raise AssertionError(f"unexpected result file {rel}")
+    kinds = assert_same_run(root / "a", root / "b")
     # 2 members: 2 histories, 1 errors.csv, 2 ensemble mistake tables and 2 text tables (one per checkpoint),
     # 2 x 2 checkpoints, 2 states + 2 previous states.
     assert kinds == {"history": 2, "errors": 1, "misclassified": 2, "text": 2, "weights": 4, "state": 4}
@@ -107,7 +81,7 @@ def test_same_command_same_seed_is_bit_identical(runs):
 
 def test_another_seed_gives_other_results(runs):
     root, _ = runs
-    a, c = files(root / "a"), files(root / "other_seed")
+    a, c = result_files(root / "a"), result_files(root / "other_seed")
     rel = "dropout_0.2/state/model_0.npz"
     assert arrays(a[rel])["weight_0"].tobytes() != arrays(c[rel])["weight_0"].tobytes()
     rel = "dropout_0.2/history/model_0.csv"

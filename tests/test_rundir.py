@@ -8,7 +8,7 @@ import logging
 
 import pytest
 
-from conftest import read_csv
+from oracles import read_csv
 from emnist_cnn.config import DataSource, TrainConfig, TrainOptions
 from emnist_cnn.core.metrics import ErrorRate
 from emnist_cnn.errors import ConfigError, RunDirError

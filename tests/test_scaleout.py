@@ -15,8 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from conftest import (arrays, make_tiny_digits, read_tensorboard, require_module, trains_a_model, without_seconds,
-                      write_mnist_idx)
+from conftest import trains_a_model
+from deps import require_module
+from oracles import assert_same_run
+from tiny_data import make_tiny_digits, write_mnist_idx
 
 pytestmark = pytest.mark.cpu_facts  # to the bit (and the CPU chosen): CPU facts
 
@@ -64,40 +66,10 @@ def local_run(tmp_path_factory, data) -> Path:
     return run
 
 
-def result_files(run: Path) -> dict[str, Path]:
-    """Every result file of a run (logs of when, where and how aside)."""
-    skip = {"config.json", "invocations.jsonl", ".lock"}
-    return {str(p.relative_to(run)): p for p in sorted(run.rglob("*"))
-            if p.is_file() and p.name not in skip and not {".locks", "tensorboard"} & set(p.relative_to(run).parts)
-            and "segments_" not in p.name}
-
-
 def assert_same_results(run: Path, expected: Path) -> None:
     """Histories (wall time aside), errors.csv, text tables, checkpoints and states, to the bit; and TensorBoard
     (sent by the driver after each segment) holding every epoch once, with the same values."""
-    tb, tb_expected = (read_tensorboard(r)[0] for r in (run, expected))
-    assert sorted(tb) == sorted(tb_expected)
-    for key, points in tb_expected.items():
-        if not key.endswith("epoch/seconds"):
-            assert tb[key] == points, key
-    a, b = result_files(run), result_files(expected)
-    assert sorted(a) == sorted(b)
-    kinds = {"history": 0, "errors": 0, "misclassified": 0, "text": 0, "weights": 0, "state": 0}
-    for rel, pb in b.items():
-        pa = a[rel]
-        if "/history/model_" in rel:
-            assert without_seconds(pa) == without_seconds(pb), rel
-            kinds["history"] += 1
-        elif rel.endswith((".csv", ".txt")):
-            assert pa.read_bytes() == pb.read_bytes(), rel
-            kinds["errors" if rel.endswith("errors.csv") else "misclassified" if "misclassified_" in rel
-                  else "text"] += 1
-        else:
-            xa, xb = arrays(pa), arrays(pb)
-            assert sorted(xa) == sorted(xb), rel
-            for key in xb:
-                assert xa[key].dtype == xb[key].dtype and xa[key].tobytes() == xb[key].tobytes(), f"{rel}: {key}"
-            kinds["state" if rel.endswith(".npz") else "weights"] += 1
+    kinds = assert_same_run(run, expected, tensorboard=True)
     # 2 rates x 2 members x 2 epochs: 4 histories, 2 errors.csv, 4 ensemble mistake tables, 4 text tables,
     # 8 checkpoints, 8 states.
     assert kinds == {"history": 4, "errors": 2, "misclassified": 4, "text": 4, "weights": 8, "state": 8}

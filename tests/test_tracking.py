@@ -22,8 +22,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import (make_tiny_digits, read_csv, read_errors_csv, read_tensorboard, require_module,
-                      write_mnist_idx)
+from deps import require_module
+from oracles import read_csv, read_errors_csv, read_tensorboard
+from tiny_data import make_tiny_digits, write_mnist_idx
 from killtargets import MLFLOW_SENT, TRACKER_SYNC
 
 pytestmark = pytest.mark.trains

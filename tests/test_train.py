@@ -10,7 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import trains_a_model, make_tiny_digits, read_csv, run_cli, write_mnist_idx
+from conftest import run_cli, trains_a_model
+from oracles import read_csv
+from tiny_data import make_tiny_digits, write_mnist_idx
 
 import emnist_cnn  # noqa: F401  (selects the backend before keras is imported)
 import keras

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 import emnist_cnn  # noqa: F401  (selects the backend before keras is imported)
-from conftest import REFERENCE_MNIST_ERRORS, run_cli
+from conftest import run_cli
+from deps import REFERENCE_MNIST_ERRORS
 import keras
 from emnist_cnn.io import reference_weights as interop
 from emnist_cnn.io.datasets import load_dataset

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 from .. import __version__
 from ..errors import EmnistCnnError
+from ..io.rundir import RunDir
 from . import args as a
 from . import commands as c
 
@@ -76,6 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if isinstance(getattr(args, "run_dir", None), (str, os.PathLike)):
+        args.run_dir = RunDir.of(args.run_dir)  # one RunDir for the whole command: config.json is read once
     # This package's progress at INFO; other libraries' only from WARNING on (JAX says at INFO that it found
     # no TPU on every start): --verbose shows everyone's DEBUG.
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(message)s",

@@ -111,7 +111,7 @@ def evaluate_run(run_dir, *, dropouts=None, epoch="latest", split: str = "test",
     if split not in ("test", "val"):
         raise ConfigError(f"--split must be test or val, got {split!r}")
     if data is None or config is None:
-        config, data = load_run_data(run.path, data_dir)
+        config, data = load_run_data(run, data_dir)
     rates = list(config.dropouts) if dropouts is None else [config.find_dropout(d) for d in dropouts]
     x, y = (data.x_test, data.y_test) if split == "test" else (data.x_val, data.y_val)
     if len(y) == 0:

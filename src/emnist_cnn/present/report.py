@@ -291,7 +291,7 @@ def render_report(run_dir, images: Mapping | None = None, *, captions: Mapping[s
     """The report page as one HTML string (see `write_report`)."""
     run = RunDir.of(run_dir)
     saved = run.read_record()
-    results = load_results(run.path)
+    results = load_results(run)
     title = f"emnist-cnn report: {run.path.resolve().name}"
     headline = _headline(results, {r["dropout"]: run.read_errors(r["dropout"]) for r in results}, reference)
     summary = _run_rows(run, saved)

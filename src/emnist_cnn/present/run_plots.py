@@ -87,7 +87,7 @@ def _image_figures(run: RunDir, config: TrainConfig, errors: Mapping, data, data
     """Misclassified, correct, confusion matrices (the chosen ensemble's last checkpoint) and augmentation."""
     if data is None:
         try:
-            _, data = load_run_data(run.path, data_dir)
+            _, data = load_run_data(run, data_dir)
         except EmnistCnnError as exc:
             log.warning("skipping the image plots (misclassified, confusion matrix, augmentation): %s", exc)
             return {}

@@ -546,7 +546,7 @@ def track_run(run_dir, tracking: TrackingConfig, *, data_dir=None) -> list[str]:
     try:
         with run.lock():
             try:
-                _, data = load_run_data(run.path, data_dir)
+                _, data = load_run_data(run, data_dir)
             except DataError as exc:
                 data = None
                 log.warning("tensorboard: image grids skipped, the run's data is not readable (%s)", exc)

@@ -71,7 +71,7 @@ def test_every_flag_of_every_command_documents_its_default():
 def test_flag_choices_match_the_engine():
     """The CLI spells out export formats and preprocessing styles so that --help never loads the engine."""
     from emnist_cnn.cli.args import EXPORT_FORMATS, PREPROCESSING_STYLES
-    from emnist_cnn.engine.export import FORMATS
+    from emnist_cnn.io.model_files import FORMATS
     from emnist_cnn.engine.predict import STYLES
 
     assert EXPORT_FORMATS == FORMATS and PREPROCESSING_STYLES == STYLES

@@ -18,7 +18,8 @@ from deps import REQUIRE_DEPS_ENV, optional_module, require_module
 import keras
 from emnist_cnn.errors import ConfigError
 from emnist_cnn.core.model import build_averaged_ensemble, build_model
-from emnist_cnn.engine.export import FORMATS, export_model, export_run
+from emnist_cnn.engine.export import export_run
+from emnist_cnn.io.model_files import FORMATS, export_model
 from emnist_cnn.io.rundir import RunDir
 from emnist_cnn.io.weights import load_checkpoint_model
 from emnist_cnn.training.prepare import load_run_data

@@ -492,7 +492,7 @@ _json_values = st.one_of(st.none(), st.booleans(), st.integers(-3, 1000), st.flo
 
 
 def load_keras_file(workdir: Path, content: bytes) -> str:
-    from emnist_cnn.engine.predict import load_predictor
+    from emnist_cnn.io.model_files import load_predictor
 
     path = write_in_fresh_dir(workdir, "model.keras", content)
     try:
@@ -670,7 +670,7 @@ class _Marker:
 def test_a_real_pickle_is_refused_everywhere_and_never_unpickled(workdir, tmp_path):
     from emnist_cnn.io.reference_weights import read_reference_weights
     from emnist_cnn.io.weights import load_weights_any
-    from emnist_cnn.engine.predict import load_predictor
+    from emnist_cnn.io.model_files import load_predictor
     from emnist_cnn.io.state import load_member_state, read_state_epoch
 
     marker = tmp_path / "unpickled"
@@ -764,7 +764,7 @@ def _lambda_model(marker: Path):
 def test_keras_files_with_code_are_refused_in_safe_mode(tmp_path):
     import keras
 
-    from emnist_cnn.engine.predict import load_predictor
+    from emnist_cnn.io.model_files import load_predictor
 
     marker = tmp_path / "code-ran"
     model = _lambda_model(marker)

@@ -13,12 +13,11 @@ from deps import optional_module
 import keras
 from emnist_cnn.config import TrainConfig
 from emnist_cnn.io.datasets import load_dataset
-from emnist_cnn.engine.export import export_model
+from emnist_cnn.io.model_files import export_model, load_predictor
 from emnist_cnn.core.model import build_model
 from emnist_cnn.engine.predict import (
     ImageError,
     load_image_for_emnist,
-    load_predictor,
     predict_files,
     read_grayscale,
 )

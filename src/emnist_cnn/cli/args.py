@@ -13,7 +13,7 @@ __all__ = ["EXPORT_FORMATS", "PREPROCESSING_STYLES", "Parser", "add_run_args", "
            "add_plot_args", "add_export_args", "add_predict_args", "add_import_reference_args", "add_download_args",
            "add_track_args", "add_compare_args"]
 
-# Kept in step with engine.export.FORMATS and engine.predict.STYLES (checked by the tests); spelled out
+# Kept in step with io.model_files.FORMATS and engine.predict.STYLES (checked by the tests); spelled out
 # here so that `--help` never imports the engine.
 EXPORT_FORMATS = ("json_h5", "keras", "saved_model", "onnx")
 PREPROCESSING_STYLES = ("auto", "emnist", "mnist")

@@ -164,7 +164,8 @@ def cmd_plot(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     """`export`: write the chosen model in every asked format and print where."""
     from ..core.metrics import ErrorRate
-    from ..engine.export import FORMATS, export_run
+    from ..engine.export import export_run
+    from ..io.model_files import FORMATS
 
     explicit = list(args.formats) != list(FORMATS)
     tracking = tracking_from_args(args)

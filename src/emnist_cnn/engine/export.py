@@ -1,7 +1,7 @@
 """Export a run's member or ensemble as deployable files, with a metadata.json.
 
-Formats, all of the same model (upright ``[0, 1]`` pixels ``(N, 28, 28, 1)`` in,
-softmax out, normalization inside):
+Formats (written by `io.model_files.export_model`), all of the same model (upright ``[0, 1]``
+pixels ``(N, 28, 28, 1)`` in, softmax out, normalization inside):
 
 - ``json_h5``: ``model.json`` + ``model.weights.h5``, loadable with plain Keras 3
   (``keras.models.model_from_json`` then ``load_weights``), no import of this package;
@@ -15,200 +15,23 @@ softmax outputs, so it deploys as one file.
 
 from __future__ import annotations
 
-import importlib
-import json
 import logging
-import os
-import shutil
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-import numpy as np
 
 from ..config import IMAGE_SIDE, TrainConfig
 from ..core.metrics import ErrorRate
 from ..core.selection import select_best_dropout, select_best_member
-from ..errors import ConfigError, EmnistCnnError, ExportError, RunDirError, format_one_line
-from ..io.files import atomic_write_json, atomic_write_text
+from ..errors import ConfigError, RunDirError
 from ..io.rundir import RunDir, choose_image_preprocessing, collect_versions, format_utc_now, parse_checkpoint_epoch
+from ..io.model_files import FORMATS, export_model
 from ..io.weights import load_checkpoint_model
 
-__all__ = ["FORMATS", "FILES", "Selection", "export_model", "export_run", "select_export"]
+__all__ = ["Selection", "export_run", "select_export"]
 
 log = logging.getLogger(__name__)
-
-FORMATS = ("json_h5", "keras", "saved_model", "onnx")
-FILES = {"json": "model.json", "weights": "model.weights.h5", "keras": "model.keras",
-         "saved_model": "saved_model", "onnx": "model.onnx"}
-
-
-# ----------------------------------------------------------------------------- writing the formats
-
-
-def export_model(model, out_dir, *, metadata: dict | None = None, formats: Sequence[str] = FORMATS,
-                 strict: bool = False) -> dict:
-    """Write ``model`` in every requested format into ``out_dir``, then ``metadata.json``.
-
-    A format this stack cannot produce (ONNX without its converter, SavedModel off the
-    TensorFlow backend) is skipped with a warning and recorded under
-    "skipped", unless ``strict``, where it is an :class:`ExportError`.
-    Returns the metadata written (with "files" and "skipped").
-    """
-    unknown = [f for f in formats if f not in FORMATS]
-    if unknown:
-        raise ConfigError(f"--formats: unknown format {unknown[0]!r}; choose from {', '.join(FORMATS)}")
-    out_dir = Path(out_dir)
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise RunDirError(f"{out_dir}: cannot create the export folder ({exc.strerror or exc})") from exc
-    files: dict[str, str] = {}
-    skipped: dict[str, str] = {}
-    for fmt in formats:
-        try:
-            if fmt == "json_h5":
-                _write_json_h5(model, out_dir)
-                files["json"], files["weights"] = FILES["json"], FILES["weights"]
-            elif fmt == "keras":
-                _replace_with(out_dir / FILES["keras"], lambda tmp: model.save(tmp))
-                files["keras"] = FILES["keras"]
-            elif fmt == "saved_model":
-                _write_saved_model(model, out_dir / FILES["saved_model"])
-                files["saved_model"] = FILES["saved_model"]
-            elif fmt == "onnx":
-                _write_onnx(model, out_dir / FILES["onnx"])
-                files["onnx"] = FILES["onnx"]
-        except _Unsupported as exc:
-            if strict:
-                raise ExportError(f"{out_dir}: cannot export {fmt}: {exc}") from exc
-            log.warning("skipping the %s format: %s", fmt, exc)
-            skipped[fmt] = str(exc)
-        except EmnistCnnError:
-            raise
-        except Exception as exc:  # Keras/TF/tf2onnx raise many types; one line for the user
-            why = f"{type(exc).__name__}: {format_one_line(exc)}"
-            raise ExportError(f"{out_dir}: exporting {fmt} failed ({why})") from exc
-    meta = dict(metadata or {})
-    meta["files"] = files
-    meta["skipped"] = skipped
-    atomic_write_json(out_dir / "metadata.json", meta)
-    return meta
-
-
-class _Unsupported(Exception):
-    """This stack cannot produce the format (a missing package or another backend)."""
-
-
-def _replace_with(path: Path, write) -> None:
-    """Let `write(tmp)` create a temporary file beside `path`, then rename it into place."""
-    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            if tmp.is_dir():
-                shutil.rmtree(tmp, ignore_errors=True)
-            else:
-                tmp.unlink()
-
-
-def _write_json_h5(model, out_dir: Path) -> None:
-    text = json.dumps(json.loads(model.to_json()), indent=1)
-    _replace_with(out_dir / FILES["weights"], lambda tmp: model.save_weights(tmp))
-    atomic_write_text(out_dir / FILES["json"], text + "\n")
-
-
-def _write_saved_model(model, path: Path) -> None:
-    import keras
-
-    if keras.backend.backend() != "tensorflow":
-        raise _Unsupported(f"a TensorFlow SavedModel needs the tensorflow backend, not {keras.backend.backend()}")
-    if path.exists() and not (path / "saved_model.pb").exists():
-        raise ExportError(f"{path}: exists and is not a SavedModel; refusing to replace it")
-
-    def write(tmp: Path) -> None:
-        tf_log = logging.getLogger("tensorflow")
-        level = tf_log.level
-        tf_log.setLevel(logging.WARNING)  # not "Assets written to: <temp name>"
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                model.export(str(tmp), format="tf_saved_model", verbose=False)
-        finally:
-            tf_log.setLevel(level)
-        if path.exists():
-            shutil.rmtree(path)
-
-    _replace_with(path, write)
-
-
-def _write_onnx(model, path: Path) -> None:
-    import keras
-
-    # Keras converts through tf2onnx on TensorFlow, jax2onnx on JAX and torch's own exporter on torch.
-    converter = {"tensorflow": "tf2onnx", "jax": "jax2onnx"}.get(keras.backend.backend())
-    try:
-        import onnx  # noqa: F401
-
-        if converter:
-            importlib.import_module(converter)
-    except ImportError as exc:
-        raise _Unsupported(f"{exc.name} is not installed (pip install onnx {converter or ''})".rstrip()) from exc
-    # Keras exports only a model that has been called; a model just loaded or built has not.
-    model(np.zeros((1, *model.inputs[0].shape[1:]), np.float32), training=False)
-    logging.getLogger("tf2onnx").setLevel(logging.ERROR)
-    # Keras' Normalization keeps mean and variance as eager tensors; tf2onnx turns such
-    # captured tensors into extra graph inputs. As numpy arrays they become constants.
-    norms = [layer for layer in _all_layers(model) if isinstance(layer, keras.layers.Normalization)]
-    saved = [(layer.mean, layer.variance) for layer in norms]
-    try:
-        for layer in norms:
-            layer.mean = keras.ops.convert_to_numpy(layer.mean)
-            layer.variance = keras.ops.convert_to_numpy(layer.variance)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            _replace_with(path, lambda tmp: model.export(str(tmp), format="onnx", verbose=False))
-    finally:
-        for layer, (mean, variance) in zip(norms, saved):
-            layer.mean, layer.variance = mean, variance
-    _finish_onnx(path)
-
-
-def _finish_onnx(path: Path) -> None:
-    """Check that the graph takes only the pixels, and name its output as the Keras model's: probabilities."""
-    import onnx
-
-    proto = onnx.load(str(path))
-    graph = proto.graph
-    initializers = {i.name for i in graph.initializer}
-    inputs = [i.name for i in graph.input if i.name not in initializers]
-    if len(inputs) != 1:
-        path.unlink(missing_ok=True)
-        raise ExportError(f"{path}: the ONNX graph has inputs {inputs}, expected only the pixels")
-    if len(graph.output) == 1 and graph.output[0].name != "probabilities":
-        old = graph.output[0].name
-        for node in graph.node:
-            node.output[:] = ["probabilities" if o == old else o for o in node.output]
-            node.input[:] = ["probabilities" if i == old else i for i in node.input]
-        graph.output[0].name = "probabilities"
-        onnx.checker.check_model(proto)
-        _replace_with(path, lambda tmp: onnx.save(proto, str(tmp)))
-
-
-def _all_layers(model) -> list:
-    out = []
-    for layer in model.layers:
-        out.append(layer)
-        if hasattr(layer, "layers"):
-            out += _all_layers(layer)
-    return out
-
-
-# ----------------------------------------------------------------------------- choosing from a run
-
 
 @dataclass
 class Selection:

@@ -43,6 +43,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 import emnist_cnn  # noqa: E402,F401  (selects the Keras backend before keras is imported)
+from emnist_cnn.demos import count_device_reads, synthetic_images  # noqa: E402
 
 log = logging.getLogger("bench")
 
@@ -180,16 +181,6 @@ def paired_ratio(num_units: float, num_times: list[float], den_units: float, den
     """Median over rounds of (rate of A / rate of B) from alternating repetitions: a burst of load
     from another process slows both members of a round, so their ratio survives it."""
     return statistics.median((num_units / a) / (den_units / b) for a, b in zip(num_times, den_times))
-
-
-def synthetic_images(n: int, seed: int = 0) -> np.ndarray:
-    """Sparse 0/255 strokes with roughly EMNIST Digits' ink fraction, uint8 (n, 28, 28)."""
-    rng = np.random.default_rng(seed)
-    out = np.empty((n, 28, 28), np.uint8)
-    for start in range(0, n, 50_000):
-        part = rng.integers(0, 256, (min(50_000, n - start), 28, 28), dtype=np.uint8)
-        out[start : start + len(part)] = (part > 212).astype(np.uint8) * 255
-    return out
 
 
 class Batches:
@@ -740,32 +731,6 @@ def bench_step(res: Results, s: Sizes, ctx: dict) -> None:
     reads = count_device_reads(loop)
     res.set("reads_per_step", reads / k, f"{reads} blocking device reads in an epoch of {k} steps (numpy(), "
             "float(), np.array of a tensor), all at its end")
-
-
-def count_device_reads(fn: Callable[[], None]) -> int:
-    """Conversions of TensorFlow tensors to host values while `fn` runs (tests/test_device.py counts the same)."""
-    import tensorflow as tf
-    from tensorflow.python.framework import ops as tf_ops
-
-    count = [0]
-    real_numpy, real_array, real_asarray = tf_ops._EagerTensorBase._numpy, np.array, np.asarray
-
-    def counting_numpy(self):
-        count[0] += 1
-        return real_numpy(self)
-
-    def counting(real):
-        def convert(obj, *args, **kwargs):
-            count[0] += isinstance(obj, tf.Tensor)
-            return real(obj, *args, **kwargs)
-        return convert
-
-    tf_ops._EagerTensorBase._numpy, np.array, np.asarray = counting_numpy, counting(real_array), counting(real_asarray)
-    try:
-        fn()
-    finally:
-        tf_ops._EagerTensorBase._numpy, np.array, np.asarray = real_numpy, real_array, real_asarray
-    return count[0]
 
 
 def build_fixed_work(members, calib, val, n_val: int, state_path: Path,

@@ -1,5 +1,6 @@
 """Shared pytest fixtures and the test tiers (`trains`). Helpers live by job: oracles.py (reading and comparing
-results), tiny_data.py (synthetic digits), console_lines.py (stderr), deps.py (optional dependencies)."""
+results), console_lines.py (stderr), deps.py (optional dependencies); the synthetic digits are the package's
+own (emnist_cnn.demos), shared with the benchmarks."""
 
 import os
 import socket
@@ -8,7 +9,7 @@ from pathlib import Path
 
 import pytest
 from localhttp import FakeServer, Handler, HTTPServer
-from tiny_data import make_tiny_digits, write_mnist_idx
+from emnist_cnn.demos import make_tiny_digits, write_mnist_idx
 
 from emnist_cnn.io.download import MIRROR_ENV
 

@@ -4,7 +4,7 @@ Layers, lowest first (a module may import its own layer or any below it):
 
     0  emnist_cnn (the package root), startup, config, errors
     1  core       pure computation
-    2  io         files
+    2  io         files; demos (synthetic digits and instruments for tests and benchmarks)
     3  training   a run's data, epoch loop, session, schedulers, tracking; this process's device and threads
     4  engine     what a command does besides training (evaluate, compare, export, predict, import)
     5  present    tables, figures, the report
@@ -28,8 +28,8 @@ import pytest
 import emnist_cnn
 
 PACKAGE_DIR = Path(emnist_cnn.__file__).parent
-LAYERS = {"startup": 0, "config": 0, "errors": 0, "core": 1, "io": 2, "training": 3, "engine": 4, "present": 5,
-          "cli": 6, "__main__": 7}
+LAYERS = {"startup": 0, "config": 0, "errors": 0, "core": 1, "io": 2, "demos": 2, "training": 3, "engine": 4,
+          "present": 5, "cli": 6, "__main__": 7}
 
 
 def module_names(package_dir: Path, package: str) -> dict[str, Path]:

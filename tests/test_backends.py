@@ -23,7 +23,7 @@ import pytest
 
 from deps import REQUIRE_DEPS_ENV, require_module
 from oracles import read_csv, read_tensorboard
-from tiny_data import make_tiny_digits, write_mnist_idx
+from emnist_cnn.demos import make_tiny_digits, write_mnist_idx
 
 pytestmark = pytest.mark.trains
 

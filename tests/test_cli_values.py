@@ -37,7 +37,7 @@ def assert_one_line(code: int, stderr: str, flag: str, allowed: str) -> str:
 @trains_a_model
 def trained(tmp_path_factory):
     """A tiny run: 1 member, 2 epochs, checkpoints at 1 and 2."""
-    from tiny_data import make_tiny_digits, write_mnist_idx
+    from emnist_cnn.demos import make_tiny_digits, write_mnist_idx
 
     root = tmp_path_factory.mktemp("values")
     data = write_mnist_idx(root / "data", *make_tiny_digits(n_train=200, n_test=60))

@@ -6,13 +6,10 @@ so the decisions and what is recorded are real, and the step then runs on the CP
 
 from __future__ import annotations
 
-import importlib.util
 import gc
 import json
 import logging
-import sys
 import weakref
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -23,6 +20,7 @@ import emnist_cnn  # noqa: F401  (selects the backend before keras is imported)
 import keras
 from emnist_cnn.config import AugmentConfig, DataSource, TrainConfig, TrainOptions
 from emnist_cnn.core import model as model_module
+from emnist_cnn.demos import count_device_reads
 from emnist_cnn.training import device
 from emnist_cnn.training.device import STEPS_PER_CALL_GPU, describe_runtime, format_runtime
 from emnist_cnn.core.model import (build_member_predictor, build_model, compile_model, copy_optimizer_state,
@@ -32,7 +30,6 @@ from emnist_cnn.training.train import train_and_evaluate
 from emnist_cnn.io.datasets import load_dataset
 from emnist_cnn.io.rundir import RunDir
 
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench.py"
 # TensorFlow's direct step loop runs several steps per call on a GPU.
 PER_CALL = f"; {STEPS_PER_CALL_GPU} steps per call" if keras.backend.backend() == "tensorflow" else ""
 T4 = {"name": "Tesla T4", "id": "/physical_device:GPU:0", "compute_capability": [7, 5]}
@@ -98,11 +95,7 @@ def test_a_run_says_and_records_where_it_trained(fake_gpu, tmp_path, tiny_mnist_
 
 def _count_device_reads(fn) -> int:
     """`make bench`'s counter of blocking device reads (numpy(), float(), bool(), np.array of a tensor)."""
-    spec = importlib.util.spec_from_file_location("bench_for_device_reads", BENCH)
-    bench = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = bench  # dataclasses look their module up there
-    spec.loader.exec_module(bench)
-    return bench.count_device_reads(fn)
+    return count_device_reads(fn)
 
 
 @pytest.mark.trains

@@ -185,7 +185,7 @@ def tta_model():
     import emnist_cnn  # noqa: F401  (selects the backend before keras is imported)
     import keras
 
-    from tiny_data import make_tiny_digits
+    from emnist_cnn.demos import make_tiny_digits
     from emnist_cnn.core.model import build_model
 
     keras.utils.set_random_seed(5)

@@ -11,7 +11,7 @@ import pytest
 
 from conftest import trains_a_model
 from oracles import arrays, assert_same_arrays
-from tiny_data import make_tiny_digits, write_mnist_idx
+from emnist_cnn.demos import make_tiny_digits, write_mnist_idx
 from emnist_cnn.cli import main
 from emnist_cnn.io.state import read_state_epoch
 

@@ -9,7 +9,7 @@ import pytest
 
 from conftest import run_cli, trains_a_model
 from oracles import assert_same_run, planned_steps
-from tiny_data import make_tiny_digits, write_mnist_idx
+from emnist_cnn.demos import make_tiny_digits, write_mnist_idx
 
 import emnist_cnn  # noqa: F401  (selects the backend before keras is imported)
 import keras

@@ -45,7 +45,7 @@ from pathlib import Path
 import pytest
 
 from oracles import arrays, assert_same_arrays, planned_steps, read_csv, read_tensorboard
-from tiny_data import make_tiny_digits, write_mnist_idx
+from emnist_cnn.demos import make_tiny_digits, write_mnist_idx
 from killtargets import EVALUATE, REPLACE, RUN_FILES, SAVE_STATE, SAVE_WEIGHTS, STEP, WRITE, WRITE_CSV
 
 pytestmark = [pytest.mark.trains, pytest.mark.cpu_facts]  # to the bit (and the CPU chosen): CPU facts

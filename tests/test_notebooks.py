@@ -53,7 +53,7 @@ def test_notebooks_are_committed_without_outputs():
 @trains_a_model
 def notebook_run(tmp_path_factory):
     """emnist.ipynb on tiny synthetic digits: train, continue at a fixed rate, evaluate, export."""
-    from tiny_data import make_tiny_digits, write_mnist_idx
+    from emnist_cnn.demos import make_tiny_digits, write_mnist_idx
 
     base = tmp_path_factory.mktemp("notebook")
     data = write_mnist_idx(base / "data", *make_tiny_digits())
@@ -104,7 +104,7 @@ def test_emnist_notebook_trains_evaluates_and_exports(notebook_run):
     import keras
     import numpy as np
 
-    from tiny_data import make_tiny_digits
+    from emnist_cnn.demos import make_tiny_digits
 
     model = keras.saving.load_model(run / "export_json_h5" / "model.keras")
     assert model.count_params() == 2 * 601_578

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import trains_a_model
-from tiny_data import make_tiny_digits, write_mnist_idx
+from emnist_cnn.demos import make_tiny_digits, write_mnist_idx
 
 from emnist_cnn.config import DataSource, TrainConfig, TrainOptions
 from emnist_cnn.core.metrics import ErrorRate
@@ -363,7 +363,7 @@ def test_plot_flags_parse_to_the_plot_handler():
 
 
 def test_sample_grid_and_class_balance():
-    from tiny_data import make_tiny_digits
+    from emnist_cnn.demos import make_tiny_digits
 
     from emnist_cnn.present.image_plots import plot_class_balance, plot_samples
 

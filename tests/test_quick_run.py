@@ -18,7 +18,7 @@ import pytest
 from conftest import run_cli
 from deps import optional_module
 from oracles import read_csv
-from tiny_data import make_tiny_digits
+from emnist_cnn.demos import make_tiny_digits
 from localhttp import make_zip, md5
 
 import emnist_cnn  # noqa: F401  (selects the backend before keras is imported)

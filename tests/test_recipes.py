@@ -14,7 +14,7 @@ import pytest
 
 from conftest import trains_a_model
 from oracles import planned_steps, read_csv
-from tiny_data import make_tiny_digits, write_mnist_idx
+from emnist_cnn.demos import make_tiny_digits, write_mnist_idx
 from emnist_cnn.config import RECIPES, DataSource, Recipe, TrainConfig, TrainOptions
 from emnist_cnn.core import trainer as trainer_module
 from emnist_cnn.core.schedule import WARMUP_START, build_epoch_rates, build_step_rates, learning_rate_at

@@ -17,7 +17,7 @@ import pytest
 
 from conftest import trains_a_model
 from oracles import arrays, assert_same_run, result_files, without_seconds
-from tiny_data import make_tiny_digits, write_mnist_idx
+from emnist_cnn.demos import make_tiny_digits, write_mnist_idx
 from emnist_cnn.cli import build_parser, config_from_args
 from emnist_cnn.config import AugmentConfig, ModelConfig, TrainConfig
 

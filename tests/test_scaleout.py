@@ -18,7 +18,7 @@ import pytest
 from conftest import trains_a_model
 from deps import require_module
 from oracles import assert_same_run
-from tiny_data import make_tiny_digits, write_mnist_idx
+from emnist_cnn.demos import make_tiny_digits, write_mnist_idx
 
 pytestmark = pytest.mark.cpu_facts  # to the bit (and the CPU chosen): CPU facts
 

@@ -24,7 +24,7 @@ import pytest
 
 from deps import require_module
 from oracles import read_csv, read_errors_csv, read_tensorboard
-from tiny_data import make_tiny_digits, write_mnist_idx
+from emnist_cnn.demos import make_tiny_digits, write_mnist_idx
 from killtargets import MLFLOW_SENT, TRACKER_SYNC
 
 pytestmark = pytest.mark.trains

@@ -279,6 +279,8 @@ def test_confusion_matrix_counts_and_normalized():
 
 
 def test_image_plots_read_the_checkpoints_recorded_mistakes_and_never_predict(tiny_run, tmp_path, caplog):
+    """Caught: plots reading the validation rows of the mistakes file, or predicting again from the weights
+    (absent in this copy)."""
     # A copy without weights: the grids must come from history/misclassified_epoch_NNN.csv alone.
     copy = tmp_path / "run"
     shutil.copytree(tiny_run, copy, ignore=shutil.ignore_patterns("weights", "state", "plot_history", "report.html"))

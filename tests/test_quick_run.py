@@ -200,7 +200,8 @@ def test_first_run_downloads_emnist_then_trains_evaluates_plots_and_reports(serv
 @pytest.mark.skipif(shutil.which("strace") is None, reason="counts the files a command opens with strace")
 def test_run_on_a_finished_run_reads_its_config_and_loads_its_data_once(tiny_run, tmp_path):
     """`run` with nothing left to train (evaluate, plot, report) opens config.json once and loads the dataset
-    once: one RunDir for the command, and the data training loaded handed on to evaluation and plots."""
+    once: one RunDir for the command, and the data training loaded handed on to evaluation and plots.
+    Caught: RunDir re-reading config.json on every read_record (11 opens), a RunDir built again from the path."""
     run = tmp_path / "run"
     shutil.copytree(tiny_run[0], run)
     ds = load_dataset("mnist", tiny_run[1])  # fills this test's decoded cache: a load is one read of its meta.json

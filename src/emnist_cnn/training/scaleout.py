@@ -22,15 +22,15 @@ import time
 from pathlib import Path
 
 from ..config import DataSource, ScaleOutConfig, TrainConfig, TrainOptions
-from .device import DEVICES, JIT_COMPILE, describe_runtime
-from .threads import build_thread_env, configure_threads
 from ..errors import ConfigError, EmnistCnnError, RunDirError, format_one_line
 from ..io.files import LockBusyError
 from ..io.rundir import ErrorRecord, RunDir, format_utc_now
 from ..io.state import read_state_epoch
+from .device import DEVICES, JIT_COMPILE, describe_runtime
 from .members import TrainContext, open_member, resolve_fused, sample_calibration_images, train_members_to
 from .prepare import PreparedData
 from .session import Session, TrainedRun, configure_process, load_training_data, log_checkpoint, open_session
+from .threads import build_thread_env, configure_threads
 from .train import evaluate_checkpoint, find_last_errors, record_checkpoint
 
 __all__ = ["TransientStorageError", "build_gpu_memory_env", "check_run_dir_shared", "check_ray_device", "import_ray",
@@ -342,7 +342,8 @@ def train_and_evaluate_on_ray(config: TrainConfig, run_dir, source: DataSource |
     docstring)."""
     options = options or TrainOptions()
     check_ray_device(options.device, options.jit_compile, options.scaleout)
-    run = RunDir.of(check_run_dir_shared(RunDir.of(run_dir).path))
+    run = RunDir.of(run_dir)  # the caller's, with config.json already read
+    check_run_dir_shared(run.path)
     import_ray()  # before loading data: a missing extra is a one-line error, not a late failure
     data = load_training_data(config, run, source or DataSource(), options.fixed_lr)
     errors = train_ensembles_on_ray(config, run, data, options)

@@ -141,6 +141,13 @@ def test_resume_with_changed_experiment_is_refused(tmp_path, tiny_mnist_dir, clo
     assert r.returncode == 2 and "Traceback" not in r.stderr
     line = read_one_error_line(r.stderr)
     assert "models" in line and "different experiment" in line
+    # Refused before the backend starts: TensorFlow's import alone takes 6 s here. Catches the check moved
+    # back after configure_process (which imports TensorFlow to set its threads and devices).
+    script = ("import sys; from emnist_cnn.cli import main; rc = main(sys.argv[1:]); "
+              "print(rc, 'tensorflow' in sys.modules, 'keras' in sys.modules)")
+    probe = subprocess.run([sys.executable, "-c", script, "train", "--run-dir", str(run), "--data-dir",
+                            str(tiny_mnist_dir), "--models", "3"], capture_output=True, text=True, timeout=120)
+    assert probe.stdout.split() == ["2", "False", "False"], probe.stdout + probe.stderr
     # Refused before any data is loaded: no download is attempted for the other dataset (a download would
     # create the data folder, then fail on the closed mirror with exit 1).
     r = cli("train", "--run-dir", run, "--dataset", "emnist-letters", "--data-dir", tmp_path / "nowhere",

@@ -10,7 +10,8 @@ import sys
 import numpy as np
 import pytest
 
-from emnist_cnn.core.metrics import confusion_matrix, ensemble_probabilities, evaluate_error, misclassified_rows
+from emnist_cnn.core.metrics import ErrorRate, confusion_matrix, ensemble_probabilities, evaluate_error, find_mistakes
+from emnist_cnn.core.results import EnsembleEvaluation
 from conftest import run_cli
 from deps import REFERENCE_MNIST_ERRORS
 from emnist_cnn.engine.evaluate import evaluate_ensemble, predict_with_tta
@@ -49,37 +50,46 @@ def test_best_member_and_best_k_are_chosen_on_validation_not_test():
     test = [with_errors(y, np.arange(2)), with_errors(y, np.arange(10, 16)), with_errors(y, np.arange(20, 30))]
     val = [with_errors(yv, np.arange(9)), with_errors(yv, np.arange(4)), with_errors(yv, np.arange(1))]
     r = evaluate_ensemble(test, y, ["0", "1", "2"], val, yv)
-    assert [m["n_errors"] for m in r["members"]] == [2, 6, 10]
-    assert [m["val_n_errors"] for m in r["members"]] == [9, 4, 1]
-    assert r["best_member"]["name"] == "2" and r["best_member"]["n_errors"] == 10
-    assert [k["members"] for k in r["best_k"]] == [["2"], ["2", "1"], ["2", "1", "0"]]
-    assert r["best_k"][0]["n_errors"] == 10
+    assert [m.error for m in r.members] == [ErrorRate(2, 100), ErrorRate(6, 100), ErrorRate(10, 100)]
+    assert [m.val for m in r.members] == [ErrorRate(9, 50), ErrorRate(4, 50), ErrorRate(1, 50)]
+    assert r.best_member.name == "2" and r.best_member.error.n_errors == 10
+    assert [k.members for k in r.best_k] == [("2",), ("2", "1"), ("2", "1", "0")]
+    assert r.best_k[0].error.n_errors == 10
     # k = N is the full ensemble.
-    assert r["best_k"][-1]["n_errors"] == r["ensemble"]["n_errors"]
-    assert r["best_k"][-1]["val_n_errors"] == r["ensemble"]["val_n_errors"]
+    assert (r.best_k[-1].error, r.best_k[-1].val) == (r.ensemble.error, r.ensemble.val)
     # Two members that disagree on their wrong samples: the pair's mean is right on all but ties.
     pair = evaluate_error(ensemble_probabilities([test[2], test[1]]), y)
-    assert r["best_k"][1]["n_errors"] == pair.n_errors
-    json.dumps(r)  # JSON-ready
+    assert r.best_k[1].error.n_errors == pair.n_errors
+    # evaluation.json's keys, and the same result read back from them.
+    saved = json.loads(json.dumps(r.to_json()))
+    assert [m["n_errors"] for m in saved["members"]] == [2, 6, 10]
+    assert [m["val_n_errors"] for m in saved["members"]] == [9, 4, 1]
+    assert saved["best_member"]["name"] == "2" and saved["best_member"]["n_errors"] == 10
+    assert [k["members"] for k in saved["best_k"]] == [["2"], ["2", "1"], ["2", "1", "0"]]
+    assert saved["best_k"][-1]["n_errors"] == saved["ensemble"]["n_errors"]
+    assert (saved["n"], saved["n_val"]) == (100, 50)
+    assert EnsembleEvaluation.from_json(saved) == r
 
 
 def test_without_validation_there_is_no_choice():
     y = np.array([0, 1, 2])
     r = evaluate_ensemble([onehot(y)], y, ["only"])
-    assert "best_member" not in r and "best_k" not in r
-    assert r["members"][0]["error_pct"] == 0.0
+    assert r.best_member is None and r.best_k == ()
+    saved = r.to_json()
+    assert "best_member" not in saved and "best_k" not in saved and "n_val" not in saved
+    assert saved["members"][0]["error_pct"] == 0.0
 
 
-def test_confusion_matrix_and_misclassified_rows():
+def test_confusion_matrix_and_find_mistakes():
     labels = np.array([0, 0, 1, 2, 2, 2])
     preds = np.array([0, 1, 1, 2, 0, 2])
     cm = confusion_matrix(labels, preds, 3)
     assert cm.tolist() == [[1, 1, 0], [0, 1, 0], [1, 0, 2]]
     assert cm.sum() == len(labels) and np.trace(cm) == 4
     probs = onehot(preds, p=0.7)
-    rows = misclassified_rows(probs, labels)
-    assert [(r["index"], r["label"], r["predicted"]) for r in rows] == [(1, 0, 1), (4, 2, 0)]
-    assert rows[0]["confidence"] == pytest.approx(0.7)
+    rows = find_mistakes(probs, labels)
+    assert [(r.index, r.label, r.predicted) for r in rows] == [(1, 0, 1), (4, 2, 0)]
+    assert rows[0].confidence == pytest.approx(0.7)
 
 
 def run_cli_subprocess(*args):
@@ -232,11 +242,11 @@ def test_test_time_augmentation_through_the_cli_repeats_and_is_recorded(tiny_run
     saved = json.loads((run / "dropout_0.2" / "evaluation" / "test_epoch_002_tta2" / "evaluation.json").read_text())
     assert saved["tta"] == 2 and saved["ensemble"] == out["ensembles"][0]["ensemble"]
     # Another process, the same seeds: the same numbers, member by member.
-    again = evaluate_run(run, tta=2, write=False)
+    again = evaluate_run(run, tta=2, write=False).to_json()
     assert again["members"] == out["members"] and again["ensemble"] == out["ensemble"]
     # Augmented copies of easy digits stay easy: at most 1 more error than without TTA (measured: 0 and 0).
     plain = evaluate_run(run, write=False)
-    assert out["ensemble"]["n_errors"] <= plain["ensemble"]["n_errors"] + 1
+    assert out["ensemble"]["n_errors"] <= plain.overall.ensemble.error.n_errors + 1
 
 
 def test_evaluate_the_reference_ensemble_through_the_cli(shared_dir):

@@ -93,7 +93,7 @@ def test_best_member_and_ensemble_round_trip_in_every_format(run_dir, tmp_path):
     member_val = [_n_errors(m.predict(_scaled(data.x_val), verbose=0), data.y_val) for m in members]
     best = min((0, 1), key=lambda i: (member_val[i], i))
 
-    meta = export_run(run_dir, model="best", out_dir=tmp_path / "best")
+    meta = export_run(run_dir, model="best", out_dir=tmp_path / "best").metadata
     assert meta["skipped"] == {} and set(meta["files"]) == {"json", "weights", "keras", "saved_model", "onnx"}
     assert (meta["model"], meta["members"], meta["epoch"], meta["dropout"]) == ("best", [best], 2, 0.2)
     assert meta["classes"] == list("0123456789")
@@ -102,7 +102,7 @@ def test_best_member_and_ensemble_round_trip_in_every_format(run_dir, tmp_path):
     assert meta["input"]["image_preprocessing"] == "mnist"  # a model trained on MNIST reads MNIST-style inputs
     assert json.loads((tmp_path / "best" / "metadata.json").read_text()) == json.loads(json.dumps(meta))
 
-    ens_meta = export_run(run_dir, model="ensemble", out_dir=tmp_path / "ensemble")
+    ens_meta = export_run(run_dir, model="ensemble", out_dir=tmp_path / "ensemble").metadata
     assert (ens_meta["model"], ens_meta["members"]) == ("ensemble", [0, 1])
 
     # Random inputs, then the run's test and validation images, through every exported file in a fresh process.
@@ -130,7 +130,7 @@ def test_member_metadata_scores_that_member_at_that_epoch(run_dir, tmp_path):
     _, data = load_run_data(run_dir)
     for member, epoch in ((1, 1), (0, 1)):
         out = tmp_path / f"m{member}e{epoch}"
-        meta = export_run(run_dir, model=str(member), epoch=epoch, out_dir=out, formats=["keras"])
+        meta = export_run(run_dir, model=str(member), epoch=epoch, out_dir=out, formats=["keras"]).metadata
         assert (meta["model"], meta["members"], meta["epoch"]) == ("member", [member], epoch)
         model = keras.saving.load_model(out / "model.keras")
         assert meta["test_error"]["n_errors"] == _n_errors(model.predict(_scaled(data.x_test), verbose=0),

@@ -499,9 +499,9 @@ def test_report_summarizes_the_run_and_its_fixed_lr_phase(report):
 def test_best_member_is_chosen_on_validation(report):
     run_dir, _ = report
     for item in load_results(run_dir):
-        val = {m["name"]: (m["val"].n_errors, int(m["name"])) for m in item["members"]}
-        assert item["best_member"] == str(min(val.values())[1])
-        assert item["epoch"] == 5 and item["ensemble"]["test"].n == 200
+        val = {m.name: (m.val.n_errors, int(m.name)) for m in item.members}
+        assert item.best_member == str(min(val.values())[1])
+        assert item.epoch == 5 and item.ensemble.error.n == 200
 
 
 def test_report_includes_best_k_rows_from_evaluation_json(report, tmp_path):

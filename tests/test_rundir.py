@@ -165,8 +165,13 @@ def test_latest_evaluation_is_the_newest_plain_test_one(tmp_path):
     for split, epoch, tta in (("test", 2, 0), ("test", 4, 0), ("test", 8, 4), ("val", 9, 0)):
         folder = run.evaluation_dir(0.2, split, epoch, tta)
         folder.mkdir(parents=True)
-        (folder / "evaluation.json").write_text(json.dumps({"epoch": epoch}))
-    assert run.latest_evaluation(0.2)["epoch"] == 4
+        (folder / "evaluation.json").write_text(json.dumps({"epoch": epoch, "n": 200, "ensemble": {"n_errors": epoch}}))
+    latest = run.latest_evaluation(0.2)
+    assert latest.epoch == 4 and latest.ensemble.error == ErrorRate(4, 200)
+    # A damaged file is one clear error naming it.
+    (run.evaluation_dir(0.2, "test", 4, 0) / "evaluation.json").write_text(json.dumps({"epoch": 4}))
+    with pytest.raises(RunDirError, match=r"test_epoch_004/evaluation\.json: unreadable evaluation \(no 'n' entry\)"):
+        run.latest_evaluation(0.2)
 
 
 def test_a_member_lock_waits_for_its_holder_then_refuses_after_the_timeout(tmp_path):

@@ -63,7 +63,7 @@ def test_evaluation_tests_the_ensemble_against_its_best_member_on_the_same_image
         probs.append(one_hot(pred))
     val_labels = np.zeros(4, int)
     val = [one_hot([0, 0, 0, 0]), one_hot([1, 0, 0, 0]), one_hot([1, 1, 0, 0])]
-    result = evaluate_ensemble(probs, labels, ["0", "1", "2"], val, val_labels)
+    result = evaluate_ensemble(probs, labels, ["0", "1", "2"], val, val_labels).to_json()
     assert result["best_member"]["name"] == "0"
     assert result["ensemble"]["n_errors"] == 4
     t = result["ensemble_vs_best_member"]

@@ -144,7 +144,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     else:
         result = evaluate_weights(args.weights, dataset=args.dataset, data_dir=args.data_dir, split=args.split,
                                   tta=args.tta, out_dir=args.out)
-    print(json.dumps(result, indent=2) if args.json else format_evaluation(result))
+    print(json.dumps(result.to_json(), indent=2) if args.json else format_evaluation(result))
     return 0
 
 
@@ -163,7 +163,6 @@ def cmd_plot(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     """`export`: write the chosen model in every asked format and print where."""
-    from ..core.metrics import ErrorRate
     from ..engine.export import export_run
     from ..io.model_files import FORMATS
 
@@ -171,26 +170,23 @@ def cmd_export(args: argparse.Namespace) -> int:
     tracking = tracking_from_args(args)
     if tracking.mlflow_uri is not None and "keras" not in args.formats:
         raise ConfigError("--mlflow logs the exported model.keras: add keras to --formats")
-    meta = export_run(args.run_dir, dropout=args.dropout, epoch=args.epoch, model=args.model, out_dir=args.out,
-                      formats=args.formats, strict=explicit)
-    out = Path(args.out) if args.out is not None else RunDir.of(args.run_dir).export_dir
-    what = {"best": f"member {meta['members'][0]} (best on validation)", "ensemble":
-            f"ensemble of {len(meta['members'])} members", "member": f"member {meta['members'][0]}"}[meta["model"]]
-
-    def err(e):
-        return "-" if e is None else str(ErrorRate(e["n_errors"], e["n"]))
-
-    print(f"exported dropout {meta['dropout']:g}, epoch {meta['epoch']}, {what}: "
-          f"validation error {err(meta['validation_error'])}, test error {err(meta['test_error'])}")
-    for key, name in meta["files"].items():
+    exported = export_run(args.run_dir, dropout=args.dropout, epoch=args.epoch, model=args.model, out_dir=args.out,
+                          formats=args.formats, strict=explicit)
+    sel, out = exported.selection, exported.out_dir
+    what = {"best": f"member {sel.members[0]} (best on validation)", "ensemble":
+            f"ensemble of {len(sel.members)} members", "member": f"member {sel.members[0]}"}[sel.kind]
+    print(f"exported dropout {sel.dropout:g}, epoch {sel.epoch}, {what}: "
+          f"validation error {sel.val or '-'}, test error {sel.test or '-'}")
+    for key, name in exported.files.items():
         print(f"  {key:12s} {out / name}")
-    for key, why in meta["skipped"].items():
+    for key, why in exported.skipped.items():
         print(f"  {key:12s} skipped: {why}")
     print(f"  {'metadata':12s} {out / 'metadata.json'}")
     if tracking.mlflow_uri is not None:
         from ..training.tracking import log_export
 
-        print(f"  {'mlflow':12s} {log_export(args.run_dir, tracking, out, meta)} at {tracking.mlflow_uri}")
+        print(f"  {'mlflow':12s} {log_export(args.run_dir, tracking, out, exported.metadata)} at "
+              f"{tracking.mlflow_uri}")
     return 0
 
 
@@ -200,14 +196,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from ..present.tables import format_comparison
 
     result = compare_runs(*args.run_dir)
-    if args.json:
-        runs = [{**r, "error_pct": r["error"].pct, "n_errors": r["error"].n_errors,
-                 "error_ci_pct": list(r["error"].interval_pct)} for r in result["runs"]]
-        for r in runs:
-            del r["error"]
-        print(json.dumps({**result, "runs": runs}, indent=2))
-        return 0
-    print(format_comparison(result))
+    print(json.dumps(result.to_json(), indent=2) if args.json else format_comparison(result))
     return 0
 
 

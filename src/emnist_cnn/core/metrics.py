@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 
 from .stats import CONFIDENCE, wilson_interval
 
-__all__ = ["ErrorRate", "evaluate_error", "evaluate_loss", "ensemble_probabilities", "confusion_matrix",
-           "misclassified_rows"]
+__all__ = ["ErrorRate", "Mistake", "evaluate_error", "evaluate_loss", "ensemble_probabilities", "confusion_matrix",
+           "find_mistakes"]
 
 
 @dataclass(frozen=True)
@@ -66,9 +67,19 @@ def confusion_matrix(labels: np.ndarray, predictions: np.ndarray, num_classes: i
     return cm
 
 
-def misclassified_rows(probabilities: np.ndarray, labels: np.ndarray) -> list[dict]:
-    """One row per wrong prediction: index, true label, predicted label, its probability."""
+class Mistake(NamedTuple):
+    """One wrong prediction: the image's index in its split, its label, the predicted class, and the
+    probability given to that class (nan where a file made before it was recorded lacks it)."""
+
+    index: int
+    label: int
+    predicted: int
+    confidence: float
+
+
+def find_mistakes(probabilities: np.ndarray, labels: np.ndarray) -> list[Mistake]:
+    """Every wrong top-1 prediction of (N, C) probabilities, in image order."""
+    labels = np.asarray(labels)
     pred = np.argmax(probabilities, axis=1)
-    wrong = np.flatnonzero(pred != labels)
-    return [{"index": int(i), "label": int(labels[i]), "predicted": int(pred[i]),
-             "confidence": float(probabilities[i, pred[i]])} for i in wrong]
+    return [Mistake(int(i), int(labels[i]), int(pred[i]), float(probabilities[i, pred[i]]))
+            for i in np.flatnonzero(pred != labels)]

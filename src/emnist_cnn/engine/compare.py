@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..core.metrics import ErrorRate
+from ..core.results import ChosenEnsemble, Comparison
 from ..core.selection import find_last_epoch, select_dropout
 from ..core.stats import mcnemar_exact
 from ..errors import ConfigError, RunDirError
@@ -18,32 +18,26 @@ from ..io.rundir import RunDir
 __all__ = ["compare_runs"]
 
 
-def compare_runs(run_a, run_b) -> dict:
-    """{"n", "runs": [A, B], "paired": {only_a_wrong, only_b_wrong, p_value}} on the test split.
+def compare_runs(run_a, run_b) -> Comparison:
+    """Each run's chosen ensemble on the test split, and McNemar's exact test between them.
 
-    A and B: run, dataset, recipe, dropout, epoch, error (ErrorRate). Refuses runs
-    whose test images differ (another dataset or other files).
+    Refuses runs whose test images differ (another dataset or other files).
     """
     runs = [RunDir.of(r) for r in (run_a, run_b)]
-    chosen = [_chosen_ensemble(r) for r in runs]
-    a, b = chosen
-    if a["fingerprint"] != b["fingerprint"]:
-        raise ConfigError(f"{runs[0]} and {runs[1]} were tested on different images ({a['dataset']} "
-                          f"{a['fingerprint'][:12]} vs {b['dataset']} {b['fingerprint'][:12]}): a paired test "
+    (a, wrong_a), (b, wrong_b) = (_chosen_ensemble(r) for r in runs)
+    if a.fingerprint != b.fingerprint:
+        raise ConfigError(f"{runs[0]} and {runs[1]} were tested on different images ({a.dataset} "
+                          f"{a.fingerprint[:12]} vs {b.dataset} {b.fingerprint[:12]}): a paired test "
                           "needs the same test set")
-    n = a["error"].n
     flags = []
-    for c in chosen:
-        wrong = np.zeros(n, bool)
-        wrong[c.pop("wrong")] = True
-        flags.append(wrong)
-    test = mcnemar_exact(*flags)
-    return {"n": n, "runs": chosen,
-            "paired": {"only_a_wrong": test.only_a, "only_b_wrong": test.only_b, "p_value": test.p_value}}
+    for wrong in (wrong_a, wrong_b):
+        flags.append(np.zeros(a.error.n, bool))
+        flags[-1][wrong] = True
+    return Comparison(a, b, mcnemar_exact(*flags))
 
 
-def _chosen_ensemble(run: RunDir) -> dict:
-    """The run's ensemble chosen on validation at its last checkpoint, with its wrong test images."""
+def _chosen_ensemble(run: RunDir) -> tuple[ChosenEnsemble, list[int]]:
+    """The run's ensemble chosen on validation at its last checkpoint, and the indices of its wrong test images."""
     if not run.exists():
         raise RunDirError(f"{run}: not a run directory (no config.json)")
     config = run.read_config()
@@ -54,10 +48,10 @@ def _chosen_ensemble(run: RunDir) -> dict:
         raise RunDirError(f"{run}: no evaluated checkpoint yet; train first")
     epoch = find_last_epoch(errors[d])
     error = next(r.rate for r in errors[d] if r.is_ensemble and r.split == "test" and r.epoch == epoch)
-    wrong = [i for i, _, _ in run.read_checkpoint_misclassified(d, epoch, "test")]
+    wrong = [m.index for m in run.read_checkpoint_misclassified(d, epoch, "test")]
     if len(wrong) != error.n_errors:
         raise RunDirError(f"{run.checkpoint_misclassified_path(d, epoch)}: holds {len(wrong)} wrong test images, "
                           f"errors.csv counts {error.n_errors}; the run's per-image record is missing or damaged")
-    return {"run": str(run.path), "dataset": record.get("name", config.dataset), "fingerprint": record["fingerprint"],
-            "recipe": config.recipe, "dropout": d, "epoch": epoch, "error": ErrorRate(error.n_errors, error.n),
-            "wrong": wrong}
+    chosen = ChosenEnsemble(str(run.path), record.get("name", config.dataset), record["fingerprint"], config.recipe,
+                            d, epoch, error)
+    return chosen, wrong

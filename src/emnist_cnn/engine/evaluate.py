@@ -10,18 +10,20 @@ from __future__ import annotations
 import csv
 import io
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 
 from ..config import DEFAULT_DATASET, EMNIST_DIGITS_MEAN, EMNIST_DIGITS_STD, AugmentConfig
-from ..core.metrics import confusion_matrix, ensemble_probabilities, evaluate_error, misclassified_rows
+from ..core.metrics import confusion_matrix, ensemble_probabilities, evaluate_error, find_mistakes
+from ..core.results import BestK, EnsembleEvaluation, Evaluation, ModelErrors
 from ..core.selection import rank_on_validation
 from ..core.stats import mcnemar_exact
 from ..errors import ConfigError, DataError
 from ..io.download import load_or_download
 from ..io.files import atomic_write_text
-from ..io.rundir import EVALUATION_FILES, RunDir, dropout_dirname
+from ..io.rundir import EVALUATION_FILES, RunDir, dropout_dirname, write_mistakes
 from ..io.weights import load_checkpoint_model, load_member_model
 from ..training.prepare import load_run_data
 
@@ -34,49 +36,37 @@ def evaluate_ensemble(
     names: list[str],
     val_probabilities: list[np.ndarray] | None = None,
     val_labels: np.ndarray | None = None,
-) -> dict:
+) -> EnsembleEvaluation:
     """Errors of each member and of their mean, and the choices made on validation.
 
     With validation outputs, `best_member` is the member with the lowest
     validation error (ties: first), and `best_k[k-1]` is the ensemble of the k
     members ranked best on validation, for k = 1..N. The evaluated split never
-    drives a choice. Returns a JSON-ready dict.
+    drives a choice.
     """
     has_val = val_probabilities is not None and val_labels is not None and len(val_labels) > 0
-    members = []
-    val_errors = []
-    for i, (name, p) in enumerate(zip(names, member_probabilities)):
-        err = evaluate_error(p, labels)
-        row = {"name": name, "error_pct": err.pct, "n_errors": err.n_errors, "error_ci_pct": list(err.interval_pct)}
-        if has_val:
-            v = evaluate_error(val_probabilities[i], val_labels)
-            row.update(val_error_pct=v.pct, val_n_errors=v.n_errors)
-            val_errors.append(v)
-        members.append(row)
-    ens_probs = ensemble_probabilities(member_probabilities)
-    ens = evaluate_error(ens_probs, labels)
-    result = {"n": int(len(labels)), "members": members,
-              "ensemble": {"error_pct": ens.pct, "n_errors": ens.n_errors, "error_ci_pct": list(ens.interval_pct)}}
-    if has_val:
-        v = evaluate_error(ensemble_probabilities(val_probabilities), val_labels)
-        result["ensemble"].update(val_error_pct=v.pct, val_n_errors=v.n_errors)
-        result["n_val"] = int(len(val_labels))
-        order = rank_on_validation(dict(enumerate(val_errors)))
-        result["best_member"] = dict(members[order[0]])
-        # Paired on the same images: is the ensemble really better than the member one would pick alone?
-        best_wrong = np.argmax(member_probabilities[order[0]], axis=1) != labels
-        test = mcnemar_exact(np.argmax(ens_probs, axis=1) != labels, best_wrong)
-        result["ensemble_vs_best_member"] = {"only_ensemble_wrong": test.only_a, "only_member_wrong": test.only_b,
-                                             "p_value": test.p_value}
-        best_k = []
-        for k in range(1, len(order) + 1):
-            chosen = order[:k]
-            e = evaluate_error(ensemble_probabilities([member_probabilities[i] for i in chosen]), labels)
-            ve = evaluate_error(ensemble_probabilities([val_probabilities[i] for i in chosen]), val_labels)
-            best_k.append({"k": k, "members": [names[i] for i in chosen], "val_error_pct": ve.pct,
-                           "val_n_errors": ve.n_errors, "error_pct": e.pct, "n_errors": e.n_errors})
-        result["best_k"] = best_k
-    return result
+
+    def errors(name, chosen) -> ModelErrors:
+        test = evaluate_error(ensemble_probabilities([member_probabilities[i] for i in chosen]), labels)
+        if not has_val:
+            return ModelErrors(name, test)
+        return ModelErrors(name, test, evaluate_error(ensemble_probabilities([val_probabilities[i] for i in chosen]),
+                                                      val_labels))
+
+    members = tuple(errors(name, [i]) for i, name in enumerate(names))
+    ensemble = errors("ensemble", range(len(names)))
+    if not has_val:
+        return EnsembleEvaluation(members, ensemble)
+    order = rank_on_validation({i: m.val for i, m in enumerate(members)})
+    # Paired on the same images: is the ensemble really better than the member one would pick alone?
+    ens_wrong = np.argmax(ensemble_probabilities(member_probabilities), axis=1) != labels
+    versus = mcnemar_exact(ens_wrong, np.argmax(member_probabilities[order[0]], axis=1) != labels)
+    best_k = []
+    for k in range(1, len(order) + 1):
+        chosen = order[:k]
+        e = errors("", chosen)
+        best_k.append(BestK(k, tuple(names[i] for i in chosen), e.val, e.error))
+    return EnsembleEvaluation(members, ensemble, members[order[0]], versus, tuple(best_k))
 
 
 def predict_with_tta(model, images: np.ndarray, tta: int, augment_cfg, seed: int = 0) -> np.ndarray:
@@ -99,13 +89,13 @@ def predict_with_tta(model, images: np.ndarray, tta: int, augment_cfg, seed: int
 
 
 def evaluate_run(run_dir, *, dropouts=None, epoch="latest", split: str = "test", tta: int = 0,
-                 data_dir=None, data=None, config=None, write: bool = True) -> dict:
+                 data_dir=None, data=None, config=None, write: bool = True) -> Evaluation:
     """Evaluate a run's ensembles at one checkpoint and write the tables next to it.
 
     Per dropout rate: every member, the ensemble (mean softmax), the best member
     and the best-k ensembles chosen on the validation split. Writes
     `RUN/dropout_X/evaluation/<split>_epoch_NNN/{evaluation.json,
-    confusion_matrix.csv, misclassified.csv}`. Returns a JSON-ready dict.
+    confusion_matrix.csv, misclassified.csv}`.
     """
     run = RunDir.of(run_dir)
     if split not in ("test", "val"):
@@ -121,17 +111,15 @@ def evaluate_run(run_dir, *, dropouts=None, epoch="latest", split: str = "test",
         e = _checkpoint_epoch(run, config.models, d, epoch)
         probs, val_probs = _predict_checkpoint(run, config, data, d, e, x, split, tta)
         names = [str(i) for i in range(config.models)]
-        result = {"dropout": d, "epoch": e, "tta": tta,
-                  **evaluate_ensemble(probs, y, names, val_probs or None, data.y_val if val_probs else None)}
+        result = replace(evaluate_ensemble(probs, y, names, val_probs or None, data.y_val if val_probs else None),
+                         dropout=d, epoch=e, tta=tta)
         if write:
-            result["files"] = _write_evaluation(run.evaluation_dir(d, split, e, tta), result,
-                                                ensemble_probabilities(probs), y, data.classes)
+            result = _write_evaluation(run.evaluation_dir(d, split, e, tta), result, ensemble_probabilities(probs),
+                                       y, split, data.classes)
         ensembles.append(result)
         all_probs += probs
         all_names += [f"{dropout_dirname(d)}/model_{n}" for n in names]
-    overall = evaluate_ensemble(all_probs, y, all_names)
-    return {"dataset": data.name, "split": split, "n": int(len(y)), "tta": tta,
-            "members": overall["members"], "ensemble": overall["ensemble"], "ensembles": ensembles}
+    return Evaluation(data.name, split, tta, evaluate_ensemble(all_probs, y, all_names), tuple(ensembles))
 
 
 def _checkpoint_epoch(run: RunDir, models: int, dropout: float, epoch) -> int:
@@ -166,7 +154,7 @@ def _predict_checkpoint(run: RunDir, config, data, dropout: float, epoch: int, x
 
 
 def evaluate_weights(paths, *, dataset: str = DEFAULT_DATASET, data_dir=None, split: str = "test",
-                     tta: int = 0, out_dir=None) -> dict:
+                     tta: int = 0, out_dir=None) -> Evaluation:
     """Evaluate weight files outside a run as one ensemble (ours, or the reference's Keras 2 files).
 
     Normalization statistics come from the run each file belongs to when it
@@ -192,10 +180,10 @@ def evaluate_weights(paths, *, dataset: str = DEFAULT_DATASET, data_dir=None, sp
     else:
         probs = list(predict_members(models, x))  # every file's model in one pass over the images
     y = np.asarray(ds.y_test)
-    result = {"dataset": ds.name, "split": split, "tta": tta, **evaluate_ensemble(probs, y, names)}
+    result = evaluate_ensemble(probs, y, names)
     if out_dir is not None:
-        result["files"] = _write_evaluation(Path(out_dir), result, ensemble_probabilities(probs), y, ds.classes)
-    return result
+        result = _write_evaluation(Path(out_dir), result, ensemble_probabilities(probs), y, split, ds.classes)
+    return Evaluation(ds.name, split, tta, result)
 
 
 def _file_normalization(path: Path) -> tuple[float, float]:
@@ -207,7 +195,9 @@ def _file_normalization(path: Path) -> tuple[float, float]:
     return mean, std
 
 
-def _write_evaluation(folder: Path, result: dict, ens_probs: np.ndarray, labels: np.ndarray, classes) -> dict:
+def _write_evaluation(folder: Path, result: EnsembleEvaluation, ens_probs: np.ndarray, labels: np.ndarray,
+                      split: str, classes) -> EnsembleEvaluation:
+    """Write evaluation.json, confusion_matrix.csv and misclassified.csv; the result with their paths."""
     cm = confusion_matrix(labels, np.argmax(ens_probs, axis=1), len(classes))
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
@@ -215,12 +205,7 @@ def _write_evaluation(folder: Path, result: dict, ens_probs: np.ndarray, labels:
     for c, row in zip(classes, cm):
         w.writerow([c, *row.tolist()])
     atomic_write_text(folder / EVALUATION_FILES["confusion_matrix"], buf.getvalue())
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=["index", "label", "predicted", "confidence"], lineterminator="\n")
-    w.writeheader()
-    for row in misclassified_rows(ens_probs, labels):
-        w.writerow({**row, "confidence": f"{row['confidence']:.6f}"})
-    atomic_write_text(folder / EVALUATION_FILES["misclassified"], buf.getvalue())
-    files = {key: str(folder / name) for key, name in EVALUATION_FILES.items()}
-    atomic_write_text(folder / EVALUATION_FILES["evaluation"], json.dumps({**result, "files": files}, indent=2) + "\n")
-    return files
+    write_mistakes(folder / EVALUATION_FILES["misclassified"], {split: find_mistakes(ens_probs, labels)})
+    result = replace(result, files={key: str(folder / name) for key, name in EVALUATION_FILES.items()})
+    atomic_write_text(folder / EVALUATION_FILES["evaluation"], json.dumps(result.to_json(), indent=2) + "\n")
+    return result

@@ -29,7 +29,7 @@ from ..io.rundir import RunDir, choose_image_preprocessing, collect_versions, fo
 from ..io.model_files import FORMATS, export_model
 from ..io.weights import load_checkpoint_model
 
-__all__ = ["Selection", "export_run", "select_export"]
+__all__ = ["Selection", "Exported", "export_run", "select_export"]
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +44,25 @@ class Selection:
     val: ErrorRate | None = None  # errors.csv entry of the exported model (member or "ensemble")
     test: ErrorRate | None = None
     notes: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Exported:
+    """What `export_run` wrote: the selection, where, and `metadata` (the contents of metadata.json)."""
+
+    selection: Selection
+    out_dir: Path
+    metadata: dict
+
+    @property
+    def files(self) -> dict[str, str]:
+        """Format key -> file name in `out_dir`."""
+        return self.metadata["files"]
+
+    @property
+    def skipped(self) -> dict[str, str]:
+        """Format key -> why this stack could not write it."""
+        return self.metadata["skipped"]
 
 
 def _parse_model(model) -> str | int:
@@ -120,12 +139,13 @@ def _select_one(run: RunDir, config: TrainConfig, dropout: float, epoch, which) 
 
 
 def _error_dict(rate: ErrorRate | None) -> dict | None:
+    """metadata.json's shape of an error (export format 1, read by deployments): pct, n_errors, n."""
     return None if rate is None else {"pct": rate.pct, "n_errors": rate.n_errors, "n": rate.n}
 
 
 def export_run(run_dir, *, dropout: float | None = None, epoch="latest", model="best", out_dir=None,
-               formats: Sequence[str] = FORMATS, strict: bool = False) -> dict:
-    """Export a run's best member, ensemble, or member I; returns the metadata written."""
+               formats: Sequence[str] = FORMATS, strict: bool = False) -> Exported:
+    """Export a run's best member, ensemble, or member I into `out_dir` (default: the run's export folder)."""
     from ..core.model import build_averaged_ensemble
 
     run = RunDir.of(run_dir)
@@ -140,7 +160,7 @@ def export_run(run_dir, *, dropout: float | None = None, epoch="latest", model="
     log.info("exporting dropout %g epoch %d %s (members %s) to %s", sel.dropout, sel.epoch, sel.kind,
              sel.members, out)
     meta = _export_metadata(run, config, saved, sel, int(exported.count_params()))
-    return export_model(exported, out, metadata=meta, formats=formats, strict=strict)
+    return Exported(sel, out, export_model(exported, out, metadata=meta, formats=formats, strict=strict))
 
 
 def _export_metadata(run: RunDir, config: TrainConfig, saved: dict, sel: Selection, parameters: int) -> dict:

@@ -25,6 +25,7 @@ import logging
 import os
 import platform
 import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -33,14 +34,15 @@ import numpy as np
 
 from .. import __version__
 from ..config import TrainConfig
-from ..core.metrics import ErrorRate
-from ..errors import ConfigError, RunDirError
+from ..core.metrics import ErrorRate, Mistake
+from ..core.results import EnsembleEvaluation
+from ..errors import ConfigError, RunDirError, format_one_line
 from .files import RunLock, atomic_write_json, atomic_write_text, read_csv_rows, write_csv_rows
 from .state import read_state_epoch
 
 __all__ = ["HISTORY_COLUMNS", "ERRORS_COLUMNS", "EVALUATION_FILES", "ErrorRecord", "RunDir", "dropout_dirname",
            "make_history_row", "parse_checkpoint_epoch", "choose_image_preprocessing", "collect_versions",
-           "format_utc_now"]
+           "format_utc_now", "MISCLASSIFIED_COLUMNS", "write_mistakes", "read_mistakes"]
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +51,8 @@ HISTORY_COLUMNS = ("epoch", "loss", "accuracy", "val_loss", "val_accuracy", "lea
 EVALUATION_FILES = {"confusion_matrix": "confusion_matrix.csv", "misclassified": "misclassified.csv",
                     "evaluation": "evaluation.json"}
 ERRORS_COLUMNS = ("epoch", "model", "split", "error_pct", "n_errors", "n")
-MISCLASSIFIED_COLUMNS = ("split", "index", "label", "predicted")
+# Both mistake files: history/misclassified_epoch_NNN.csv and evaluate's misclassified.csv.
+MISCLASSIFIED_COLUMNS = ("split", "index", "label", "predicted", "confidence")
 _WEIGHTS_RE = re.compile(r"^(\d+)epochs_weights_model_(\d+)\.weights\.h5$")
 
 
@@ -66,8 +69,8 @@ class ErrorRecord:
     model: str
     split: str
     rate: ErrorRate
-    # The ensemble's wrong predictions, (image index in the split, label, predicted); not in errors.csv.
-    wrong: tuple[tuple[int, int, int], ...] = field(default=(), compare=False, repr=False)
+    # The ensemble's wrong predictions; not in errors.csv (history/misclassified_epoch_NNN.csv holds them).
+    wrong: tuple[Mistake, ...] = field(default=(), compare=False, repr=False)
 
     @property
     def is_ensemble(self) -> bool:
@@ -116,7 +119,7 @@ class RunDir:
     def __str__(self) -> str:
         return str(self.path)
 
-    # ------------------------------------------------------------------ paths
+    # ---- the layout: where each file lives
 
     @property
     def config_path(self) -> Path:
@@ -138,6 +141,10 @@ class RunDir:
     def export_dir(self) -> Path:
         return self.path / "export_json_h5"  # named after the reference's json_h5_export
 
+    @property
+    def tensorboard_dir(self) -> Path:
+        return self.path / "tensorboard"
+
     def dropout_dir(self, dropout: float) -> Path:
         return self.path / dropout_dirname(dropout)
 
@@ -150,84 +157,27 @@ class RunDir:
     def history_path(self, dropout: float, index: int) -> Path:
         return self.dropout_dir(dropout) / "history" / f"model_{index}.csv"
 
+    def segments_path(self, dropout: float, index: int) -> Path:
+        """Where scale-out tasks log each training segment they start (node, process, epochs)."""
+        return self.dropout_dir(dropout) / "history" / f"segments_model_{index}.jsonl"
+
     def errors_path(self, dropout: float) -> Path:
         return self.dropout_dir(dropout) / "history" / "errors.csv"
 
     def text_table_path(self, dropout: float, epoch: int) -> Path:
         return self.dropout_dir(dropout) / "history" / f"test_errors_epoch_{epoch:03d}.txt"
 
-    def evaluation_dir(self, dropout: float, split: str, epoch: int, tta: int = 0) -> Path:
-        return self.dropout_dir(dropout) / "evaluation" / (f"{split}_epoch_{epoch:03d}" + (f"_tta{tta}" if tta else ""))
-
     def checkpoint_misclassified_path(self, dropout: float, epoch: int) -> Path:
         return self.dropout_dir(dropout) / "history" / f"misclassified_epoch_{epoch:03d}.csv"
 
-    def write_checkpoint_misclassified(self, dropout: float, epoch: int, records: list[ErrorRecord]) -> None:
-        """The ensemble's wrong predictions at a checkpoint, from its records' `wrong` lists."""
-        rows = [{"split": r.split, "index": i, "label": y, "predicted": p}
-                for r in records if r.is_ensemble for i, y, p in r.wrong]
-        write_csv_rows(self.checkpoint_misclassified_path(dropout, epoch), MISCLASSIFIED_COLUMNS, rows)
-
-    def read_checkpoint_misclassified(self, dropout: float, epoch: int, split: str) -> list[tuple[int, int, int]]:
-        """(index, label, predicted) of the ensemble's wrong predictions on `split` at a checkpoint ([] if none)."""
-        path = self.checkpoint_misclassified_path(dropout, epoch)
-        out = []
-        for k, row in enumerate(read_csv_rows(path), start=2):
-            try:
-                if row["split"] == split:
-                    out.append((int(row["index"]), int(row["label"]), int(row["predicted"])))
-            except (KeyError, TypeError, ValueError) as exc:
-                raise RunDirError(f"{path}:{k}: malformed row ({exc})") from exc
-        return out
-
-    @property
-    def tensorboard_dir(self) -> Path:
-        return self.path / "tensorboard"
+    def evaluation_dir(self, dropout: float, split: str, epoch: int, tta: int = 0) -> Path:
+        return self.dropout_dir(dropout) / "evaluation" / (f"{split}_epoch_{epoch:03d}" + (f"_tta{tta}" if tta else ""))
 
     def tracking_path(self, sink: str) -> Path:
         """What a tracking sink ("mlflow") has received, so a later process sends only the rest."""
         return self.path / "tracking" / f"{sink}.json"
 
-    def read_tracking(self, sink: str) -> dict:
-        path = self.tracking_path(sink)
-        if not path.is_file():
-            return {}
-        try:
-            return json.loads(path.read_text())
-        except (OSError, ValueError) as exc:
-            raise RunDirError(f"{path}: unreadable tracking record ({exc})") from exc
-
-    def write_tracking(self, sink: str, record: dict) -> None:
-        atomic_write_json(self.tracking_path(sink), record)
-
-    def tracking_lock(self, sink: str, timeout: float) -> RunLock:
-        """Held while a process sends to a tracking sink, so that two never send the same epochs."""
-        return RunLock(self.path, f".locks/tracking_{sink}.lock", timeout=timeout,
-                       busy=f"{self.path}: another process is sending this run to {sink}")
-
-    def lock(self) -> RunLock:
-        """The exclusive lock a process holds while it writes to this run."""
-        return RunLock(self.path)
-
-    def member_lock(self, dropout: float, indices: tuple[int, ...], timeout: float) -> RunLock:
-        """The lock a scale-out task holds while it trains these members (waits up to `timeout` seconds)."""
-        name = f".locks/{dropout_dirname(dropout)}_model_{'_'.join(str(i) for i in indices)}.lock"
-        return RunLock(self.path, name, busy=f"{self.path}: dropout {dropout:g} member(s) "
-                       f"{', '.join(str(i) for i in indices)} still locked by another process after {timeout:g} s",
-                       timeout=timeout)
-
-    def segments_path(self, dropout: float, index: int) -> Path:
-        """Where scale-out tasks log each training segment they start (node, process, epochs)."""
-        return self.dropout_dir(dropout) / "history" / f"segments_model_{index}.jsonl"
-
-    def append_segment(self, dropout: float, index: int, record: dict) -> None:
-        _append_json_line(self.segments_path(dropout, index), record)
-
-    def read_segments(self, dropout: float, index: int) -> list[dict]:
-        """Every segment started for a member, oldest first (unreadable lines are skipped)."""
-        return _read_json_lines(self.segments_path(dropout, index))
-
-    # ------------------------------------------------------------------ config.json and invocations
+    # ---- config.json and the invocation log
 
     def exists(self) -> bool:
         """True when config.json is there: a run was started here."""
@@ -264,6 +214,10 @@ class RunDir:
             raise RunDirError(f"{path}: unreadable run configuration (no data record)")
         return saved
 
+    def read_config(self) -> TrainConfig:
+        """The run's experiment, as recorded in config.json."""
+        return TrainConfig.from_dict(self.read_record()["config"])
+
     def read_normalization(self) -> tuple[str, float, float]:
         """(classes, mean, std) the run's models were built with, from config.json's data record."""
         data = self.read_record()["data"]
@@ -271,10 +225,6 @@ class RunDir:
             return str(data["classes"]), float(data["mean"]), float(data["std"])
         except (KeyError, TypeError, ValueError) as exc:
             raise RunDirError(f"{self.config_path}: unreadable run configuration (data {exc})") from exc
-
-    def read_config(self) -> TrainConfig:
-        """The run's experiment, as recorded in config.json."""
-        return TrainConfig.from_dict(self.read_record()["config"])
 
     def write_record(self, saved: dict) -> None:
         self._record = None
@@ -299,7 +249,32 @@ class RunDir:
                 return int(record["epochs"])
         return default
 
-    # ------------------------------------------------------------------ histories
+    # ---- locks and interrupted writes
+
+    def lock(self) -> RunLock:
+        """The exclusive lock a process holds while it writes to this run."""
+        return RunLock(self.path)
+
+    def member_lock(self, dropout: float, indices: tuple[int, ...], timeout: float) -> RunLock:
+        """The lock a scale-out task holds while it trains these members (waits up to `timeout` seconds)."""
+        name = f".locks/{dropout_dirname(dropout)}_model_{'_'.join(str(i) for i in indices)}.lock"
+        return RunLock(self.path, name, busy=f"{self.path}: dropout {dropout:g} member(s) "
+                       f"{', '.join(str(i) for i in indices)} still locked by another process after {timeout:g} s",
+                       timeout=timeout)
+
+    def tracking_lock(self, sink: str, timeout: float) -> RunLock:
+        """Held while a process sends to a tracking sink, so that two never send the same epochs."""
+        return RunLock(self.path, f".locks/tracking_{sink}.lock", timeout=timeout,
+                       busy=f"{self.path}: another process is sending this run to {sink}")
+
+    def remove_stale_temporaries(self) -> None:
+        """Delete temp files a killed process left mid-write (call it holding the lock: none is live)."""
+        for pattern in (".tmp-*", ".*.tmp"):
+            for path in self.path.rglob(pattern):
+                log.debug("removing %s, left by an interrupted write", path)
+                path.unlink(missing_ok=True)
+
+    # ---- per-member histories and scale-out segments
 
     def read_history_rows(self, dropout: float, index: int) -> list[dict[str, str]]:
         """history/model_i.csv as written (text cells), for appending to it."""
@@ -321,7 +296,14 @@ class RunDir:
                 raise RunDirError(f"{self.history_path(dropout, i)}: malformed value ({exc})") from exc
         return out
 
-    # ------------------------------------------------------------------ error tables
+    def append_segment(self, dropout: float, index: int, record: dict) -> None:
+        _append_json_line(self.segments_path(dropout, index), record)
+
+    def read_segments(self, dropout: float, index: int) -> list[dict]:
+        """Every segment started for a member, oldest first (unreadable lines are skipped)."""
+        return _read_json_lines(self.segments_path(dropout, index))
+
+    # ---- results: error tables, each checkpoint's mistakes, evaluations
 
     def read_errors(self, dropout: float) -> list[ErrorRecord]:
         """errors.csv of one dropout rate, typed; the percentages are recomputed from the counts."""
@@ -354,7 +336,16 @@ class RunDir:
         """Checkpoint epochs whose ensemble evaluation is recorded in errors.csv."""
         return {r.epoch for r in self.read_errors(dropout) if r.is_ensemble}
 
-    def latest_evaluation(self, dropout: float) -> dict | None:
+    def write_checkpoint_misclassified(self, dropout: float, epoch: int, records: list[ErrorRecord]) -> None:
+        """The ensemble's wrong predictions at a checkpoint, from its records' `wrong` lists."""
+        write_mistakes(self.checkpoint_misclassified_path(dropout, epoch),
+                       {r.split: r.wrong for r in records if r.is_ensemble})
+
+    def read_checkpoint_misclassified(self, dropout: float, epoch: int, split: str) -> list[Mistake]:
+        """The ensemble's wrong predictions on `split` at a checkpoint ([] if none)."""
+        return read_mistakes(self.checkpoint_misclassified_path(dropout, epoch), split)
+
+    def latest_evaluation(self, dropout: float) -> EnsembleEvaluation | None:
         """The newest plain `emnist-cnn evaluate` result on the test split (any epoch), or None."""
         found = []
         for path in (self.dropout_dir(dropout) / "evaluation").glob(f"test_epoch_*/{EVALUATION_FILES['evaluation']}"):
@@ -365,13 +356,13 @@ class RunDir:
             return None
         _, path = max(found)
         try:
-            result = json.loads(path.read_text())
-        except (OSError, ValueError) as exc:
-            raise RunDirError(f"{path}: unreadable evaluation ({exc})") from exc
-        result["path"] = str(path)
-        return result
+            return EnsembleEvaluation.from_json(json.loads(path.read_text()))
+        except KeyError as exc:
+            raise RunDirError(f"{path}: unreadable evaluation (no {exc.args[0]!r} entry)") from exc
+        except (OSError, ValueError, TypeError, AttributeError) as exc:
+            raise RunDirError(f"{path}: unreadable evaluation ({format_one_line(exc)})") from exc
 
-    # ------------------------------------------------------------------ checkpoints and states
+    # ---- checkpoints and member states: which epochs exist, which one to use
 
     def checkpoints(self, dropout: float) -> dict[int, set[int]]:
         """{epoch: member indices with a weights file} of one dropout rate."""
@@ -409,12 +400,39 @@ class RunDir:
         """The most epochs any member of `config` has a state for."""
         return max((self.state_epoch(d, i) for d in config.dropouts for i in range(config.models)), default=0)
 
-    def remove_stale_temporaries(self) -> None:
-        """Delete temp files a killed process left mid-write (call it holding the lock: none is live)."""
-        for pattern in (".tmp-*", ".*.tmp"):
-            for path in self.path.rglob(pattern):
-                log.debug("removing %s, left by an interrupted write", path)
-                path.unlink(missing_ok=True)
+    # ---- what tracking sinks have received
+
+    def read_tracking(self, sink: str) -> dict:
+        path = self.tracking_path(sink)
+        if not path.is_file():
+            return {}
+        try:
+            return json.loads(path.read_text())
+        except (OSError, ValueError) as exc:
+            raise RunDirError(f"{path}: unreadable tracking record ({exc})") from exc
+
+    def write_tracking(self, sink: str, record: dict) -> None:
+        atomic_write_json(self.tracking_path(sink), record)
+
+
+def write_mistakes(path: Path, mistakes: Mapping[str, Sequence[Mistake]]) -> None:
+    """A mistakes file (MISCLASSIFIED_COLUMNS): split -> its wrong predictions, in that order."""
+    rows = [{"split": split, **m._asdict(), "confidence": f"{m.confidence:.6f}"}
+            for split, found in mistakes.items() for m in found]
+    write_csv_rows(path, MISCLASSIFIED_COLUMNS, rows)
+
+
+def read_mistakes(path: Path, split: str) -> list[Mistake]:
+    """The wrong predictions on `split` in a mistakes file ([] if none; confidence nan in files without it)."""
+    out = []
+    for k, row in enumerate(read_csv_rows(path), start=2):
+        try:
+            if row["split"] == split:
+                out.append(Mistake(int(row["index"]), int(row["label"]), int(row["predicted"]),
+                                   float(row.get("confidence") or "nan")))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise RunDirError(f"{path}:{k}: malformed row ({exc})") from exc
+    return out
 
 
 def _append_json_line(path: Path, record: dict) -> None:

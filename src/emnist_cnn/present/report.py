@@ -22,7 +22,7 @@ from ..io.files import atomic_write_text
 from ..io.rundir import RunDir, format_utc_now
 from .reference_history import reference_best_ensemble
 from ..core.selection import select_dropout
-from .summary import find_fixed_lr_phase, load_recipe_rates, load_results
+from .summary import CheckpointResults, find_fixed_lr_phase, load_recipe_rates, load_results
 
 __all__ = ["caption_for", "render_report", "write_report"]
 
@@ -120,51 +120,46 @@ def _table(headers: list[str], rows: list[list[str]], row_classes: list[str] | N
     return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
 
 
-def _results_html(results: list[dict]) -> str:
+def _results_html(results: list[CheckpointResults]) -> str:
     parts = []
     summary = []
     for r in results:
-        if r["epoch"] is None:
-            summary.append([_e(f"{r['dropout']:g}"), "-", "no checkpoint evaluated yet", "", "", ""])
+        if r.epoch is None:
+            summary.append([_e(f"{r.dropout:g}"), "-", "no checkpoint evaluated yet", "", "", ""])
             continue
-        best = r["best_member"]
-        best_row = next((m for m in r["members"] if m["name"] == best), None)
-        summary.append([_e(f"{r['dropout']:g}"), _e(r["epoch"]), _e(_cell(r["ensemble"].get("val"))),
-                        _e(_cell(r["ensemble"].get("test"))), _e(f"model {best}" if best is not None else "-"),
-                        _e(_cell(best_row["test"]) if best_row else "-")])
+        best = next((m for m in r.members if m.name == r.best_member), None)
+        summary.append([_e(f"{r.dropout:g}"), _e(r.epoch), _e(_cell(r.ensemble.val)), _e(_cell(r.ensemble.error)),
+                        _e(f"model {best.name}" if best is not None else "-"),
+                        _e(_cell(best.error) if best is not None else "-")])
     parts.append("<h3>At the last checkpoint</h3>")
     parts.append(_table(["dropout", "epoch", "ensemble val error", "ensemble test error",
                          "best member (on val)", "its test error"], summary, left=1))
     parts.append(_noise_html(results))
     for r in results:
-        if r["epoch"] is None:
+        if r.epoch is None:
             continue
-        rate = f"{r['dropout']:g}"
-        parts.append(f'<h3 id="dropout-{_e(rate)}">Dropout {_e(rate)}, epoch {_e(r["epoch"])}</h3>')
+        rate = f"{r.dropout:g}"
+        parts.append(f'<h3 id="dropout-{_e(rate)}">Dropout {_e(rate)}, epoch {_e(r.epoch)}</h3>')
         rows, classes = [], []
-        for m in r["members"]:
-            star = " (best on val)" if m["name"] == r["best_member"] else ""
-            rows.append([_e(f"model {m['name']}{star}"), _e(_cell(m["val"])), _e(_cell(m["test"]))])
+        for m in r.members:
+            star = " (best on val)" if m.name == r.best_member else ""
+            rows.append([_e(f"model {m.name}{star}"), _e(_cell(m.val)), _e(_cell(m.error))])
             classes.append("best" if star else "")
-        rows.append(["ensemble", _e(_cell(r["ensemble"].get("val"))), _e(_cell(r["ensemble"].get("test")))])
+        rows.append(["ensemble", _e(_cell(r.ensemble.val)), _e(_cell(r.ensemble.error))])
         classes.append("ensemble")
         parts.append(_table(["member", "val error", "test error"], rows, classes))
-        ev = r["evaluation"]
-        if ev and ev.get("best_k"):
-            n, n_val = ev.get("n"), ev.get("n_val")
-            parts.append(f"<p>Best-k ensembles at epoch {_e(ev.get('epoch', '?'))} (from <code>emnist-cnn "
-                         "evaluate</code>): the k members ranked best on validation, averaged.</p>")
-            krows = []
-            for b in ev["best_k"]:
-                val, test = _cell(ErrorRate(b["val_n_errors"], n_val or 0)), _cell(ErrorRate(b["n_errors"], n or 0))
-                krows.append([_e(b["k"]), _e(" ".join(str(x) for x in b.get("members", []))), _e(val), _e(test)])
+        ev = r.evaluation
+        if ev is not None and ev.best_k:
+            parts.append(f"<p>Best-k ensembles at epoch {_e(ev.epoch if ev.epoch is not None else '?')} (from "
+                         "<code>emnist-cnn evaluate</code>): the k members ranked best on validation, averaged.</p>")
+            krows = [[_e(b.k), _e(" ".join(b.members)), _e(_cell(b.val)), _e(_cell(b.error))] for b in ev.best_k]
             parts.append(_table(["k", "members", "val error", "test error"], krows, left=2))
     return "\n".join(parts)
 
 
-def _noise_html(results: list[dict]) -> str:
+def _noise_html(results: list[CheckpointResults]) -> str:
     """How many images one standard error is at these error rates: what a difference between two models needs."""
-    rates = [r["ensemble"]["test"] for r in results if r["epoch"] is not None and r["ensemble"].get("test")]
+    rates = [r.ensemble.error for r in results if r.epoch is not None and r.ensemble.error is not None]
     text = ("<p>Each error is given with its 95% interval (Wilson), the range the true error rate lies in given "
             "this many test images.")
     if rates:
@@ -239,16 +234,15 @@ def _settings_html(saved: dict, run: RunDir) -> str:
     return "\n".join(parts)
 
 
-def _headline(results: list[dict], errors: Mapping, reference: Mapping | None) -> str:
+def _headline(results: list[CheckpointResults], errors: Mapping, reference: Mapping | None) -> str:
     """The chosen ensemble's test and validation error (chosen on validation), and the reference's best."""
     chosen = select_dropout(errors)
     if chosen is None:
         return "No checkpoint has been evaluated yet."
-    r = next(x for x in results if x["dropout"] == chosen)
-    how = "lowest validation error" if r["ensemble"].get("val") else "first rate (no validation split)"
-    headline = (f"Ensemble of dropout {chosen:g} ({how}) at epoch {r['epoch']}: test error "
-                f"<b>{_e(_cell(r['ensemble'].get('test')))}</b>, validation error "
-                f"{_e(_cell(r['ensemble'].get('val')))}.")
+    r = next(x for x in results if x.dropout == chosen)
+    how = "lowest validation error" if r.ensemble.val is not None else "first rate (no validation split)"
+    headline = (f"Ensemble of dropout {chosen:g} ({how}) at epoch {r.epoch}: test error "
+                f"<b>{_e(_cell(r.ensemble.error))}</b>, validation error {_e(_cell(r.ensemble.val))}.")
     best = reference_best_ensemble(reference) if reference else None
     if best is not None:
         headline += f" The reference's best published ensemble: {best[0]:.3f}% (epoch {best[1]})."
@@ -293,7 +287,7 @@ def render_report(run_dir, images: Mapping | None = None, *, captions: Mapping[s
     saved = run.read_record()
     results = load_results(run)
     title = f"emnist-cnn report: {run.path.resolve().name}"
-    headline = _headline(results, {r["dropout"]: run.read_errors(r["dropout"]) for r in results}, reference)
+    headline = _headline(results, {r.dropout: run.read_errors(r.dropout) for r in results}, reference)
     summary = _run_rows(run, saved)
 
     figures = []

@@ -133,7 +133,7 @@ def _checkpoint_predictions(run: RunDir, data, dropout: float, epoch: int) -> np
         return None
     y = np.asarray(data.y_test)
     preds = y.copy()
-    for i, label, pred in run.read_checkpoint_misclassified(dropout, epoch, "test"):
+    for i, label, pred, _ in run.read_checkpoint_misclassified(dropout, epoch, "test"):
         if not 0 <= i < len(y) or y[i] != label or not 0 <= pred < len(data.classes):
             raise RunDirError(f"{path}: misclassified index {i} or label {label} does not match this run's test set")
         preds[i] = pred

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 
 import numpy as np
 
+from ..core.results import EnsembleEvaluation, ModelErrors
 from ..core.schedule import build_epoch_rates
 from ..core.selection import find_last_epoch, select_best_member
 from ..io.rundir import RunDir
 
-__all__ = ["load_recipe_rates", "find_fixed_lr_phase", "load_results"]
+__all__ = ["CheckpointResults", "load_recipe_rates", "find_fixed_lr_phase", "load_results"]
 
 # A run's own learning rate: a number, or epoch -> rate for a scheduled recipe.
 Rates = float | Callable[[int], float]
@@ -44,27 +46,38 @@ def find_fixed_lr_phase(history: Mapping[int, Mapping[str, np.ndarray]], base_lr
     return min(fixed_epochs) - 1, last, sorted(rates)
 
 
-def load_results(run_dir) -> list[dict]:
-    """Per dropout rate, the last checkpoint's errors and the choices made on validation.
+@dataclass(frozen=True)
+class CheckpointResults:
+    """One dropout rate's results at its last evaluated checkpoint (`epoch` None: none yet).
 
-    Each item: dropout, epoch, members ([{name, val, test}] with ErrorRates or
-    None), ensemble ({val, test}), best_member (name chosen on validation, or
-    None without a validation split), evaluation (the newest
-    `emnist-cnn evaluate` result on the test split at any epoch, or None).
+    `members` and `ensemble` hold test errors (`error`) and validation errors (`val`,
+    None without a validation split); `best_member` is the member chosen on validation;
+    `evaluation`, the newest `emnist-cnn evaluate` result on the test split at any epoch.
     """
+
+    dropout: float
+    epoch: int | None = None
+    members: tuple[ModelErrors, ...] = ()
+    ensemble: ModelErrors | None = None
+    best_member: str | None = None
+    evaluation: EnsembleEvaluation | None = None
+
+
+def load_results(run_dir) -> list[CheckpointResults]:
+    """Per dropout rate, the last checkpoint's errors and the choices made on validation."""
     run = RunDir.of(run_dir)
     out = []
     for d in run.read_config().dropouts:
         rows = run.read_errors(d)
         epoch = find_last_epoch(rows)
-        item = {"dropout": d, "epoch": epoch, "members": [], "ensemble": {}, "best_member": None,
-                "evaluation": run.latest_evaluation(d)}
-        if epoch is not None:
-            by = {(r.model, r.split): r.rate for r in rows if r.epoch == epoch}
-            names = sorted({m for m, _ in by if m != "ensemble"}, key=int)
-            item["members"] = [{"name": m, "val": by.get((m, "val")), "test": by.get((m, "test"))} for m in names]
-            item["ensemble"] = {"val": by.get(("ensemble", "val")), "test": by.get(("ensemble", "test"))}
-            best = select_best_member({int(m): by.get((m, "val")) for m in names})
-            item["best_member"] = None if best is None else str(best)
-        out.append(item)
+        if epoch is None:
+            out.append(CheckpointResults(d, evaluation=run.latest_evaluation(d)))
+            continue
+        by = {(r.model, r.split): r.rate for r in rows if r.epoch == epoch}
+        names = sorted({m for m, _ in by if m != "ensemble"}, key=int)
+        best = select_best_member({int(m): by.get((m, "val")) for m in names})
+        out.append(CheckpointResults(
+            d, epoch, tuple(ModelErrors(m, by.get((m, "test")), by.get((m, "val"))) for m in names),
+            ModelErrors("ensemble", by.get(("ensemble", "test")), by.get(("ensemble", "val"))),
+            None if best is None else str(best), run.latest_evaluation(d)))
     return out

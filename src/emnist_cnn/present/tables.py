@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
-from ..core.metrics import ErrorRate
+from ..core.results import Comparison, Evaluation
 from ..core.selection import select_best_member
 from ..io.rundir import ErrorRecord
 
@@ -46,60 +46,52 @@ def format_results(errors: Mapping[float, Sequence[ErrorRecord]]) -> str:
     return "\n".join(out).rstrip()
 
 
-def format_evaluation(result: dict) -> str:
+def format_evaluation(result: Evaluation) -> str:
     """Human-readable tables for `evaluate_run` / `evaluate_weights` results."""
-    split = result["split"]
-    blocks = result.get("ensembles") or [result]
-    out = [f"{result['dataset']}, {split} split, {result['n']} images"
-           + (f", test-time augmentation x{result['tta']}" if result.get("tta") else "")]
+    split = result.split
+    blocks = result.ensembles or (result.overall,)
+    out = [f"{result.dataset}, {split} split, {result.n} images"
+           + (f", test-time augmentation x{result.tta}" if result.tta else "")]
     for b in blocks:
-        n, n_val = b.get("n", result["n"]), b.get("n_val", 0)
-        has_val = "best_member" in b
+        has_val = b.best_member is not None
         head = ["member"] + (["val error"] if has_val else []) + [f"{split} error"]
         rows = []
-        for m in b["members"] + [{"name": "ensemble", **b["ensemble"]}]:
-            row = [m["name"] if m["name"] == "ensemble" else f"model {m['name']}"]
+        for m in (*b.members, b.ensemble):
+            row = [m.name if m is b.ensemble else f"model {m.name}"]
             if has_val:
-                row.append(str(ErrorRate(m["val_n_errors"], n_val)))
-            row.append(str(ErrorRate(m["n_errors"], n)))
+                row.append(str(m.val))
+            row.append(str(m.error))
             rows.append(row)
-        if "dropout" in b:
-            out.append(f"\ndropout {b['dropout']:g}, epoch {b['epoch']}:")
+        if b.dropout is not None:
+            out.append(f"\ndropout {b.dropout:g}, epoch {b.epoch}:")
         out.append(format_table(head, rows))
         if has_val:
-            best = b["best_member"]
-            out.append(f"best member on validation: model {best['name']}, {split} error "
-                       f"{ErrorRate(best['n_errors'], n)}")
-            if "ensemble_vs_best_member" in b:
-                t = b["ensemble_vs_best_member"]
-                out.append(f"ensemble vs that member, on the same {n} images: {t['only_ensemble_wrong']} wrong only "
-                           f"in the ensemble, {t['only_member_wrong']} only in the member; McNemar exact "
-                           f"p = {t['p_value']:.3g}")
+            out.append(f"best member on validation: model {b.best_member.name}, {split} error {b.best_member.error}")
+            if b.versus_best_member is not None:
+                t = b.versus_best_member
+                out.append(f"ensemble vs that member, on the same {b.n} images: {t.only_a} wrong only "
+                           f"in the ensemble, {t.only_b} only in the member; McNemar exact p = {t.p_value:.3g}")
             out.append("best-k ensembles (members ranked on validation):")
             out.append(format_table(["k", "val error", f"{split} error", "members"], [
-                [str(r["k"]), str(ErrorRate(r["val_n_errors"], n_val)), str(ErrorRate(r["n_errors"], n)),
-                 " ".join(r["members"])] for r in b["best_k"]]))
-        if b.get("files"):
-            out.append("wrote " + ", ".join(b["files"].values()))
+                [str(r.k), str(r.val), str(r.error), " ".join(r.members)] for r in b.best_k]))
+        if b.files:
+            out.append("wrote " + ", ".join(b.files.values()))
     if len(blocks) > 1:
-        e = result["ensemble"]
-        out.append(f"\nall {len(result['members'])} members together: {split} error "
-                   f"{ErrorRate(e['n_errors'], result['n'])}")
+        out.append(f"\nall {len(result.overall.members)} members together: {split} error "
+                   f"{result.overall.ensemble.error}")
     return "\n".join(out)
 
 
-def format_comparison(result: dict) -> str:
+def format_comparison(result: Comparison) -> str:
     """Two runs' chosen ensembles (`engine.compare.compare_runs`) and the paired test between them."""
-    a, b = result["runs"]
-    rows = [[label, r["run"], r["recipe"], f"{r['dropout']:g}", str(r["epoch"]), str(r["error"])]
-            for label, r in (("A", a), ("B", b))]
-    t = result["paired"]
+    a, b, t = result.a, result.b, result.paired
+    rows = [[label, r.run, r.recipe, f"{r.dropout:g}", str(r.epoch), str(r.error)] for label, r in (("A", a), ("B", b))]
     return "\n".join([
-        f"{a['dataset']}, test split, {result['n']} images; each run's ensemble chosen on validation",
+        f"{a.dataset}, test split, {result.n} images; each run's ensemble chosen on validation",
         "",
         format_table(["", "run", "recipe", "dropout", "epoch", "ensemble test error"], rows),
         "",
-        f"paired on the same {result['n']} images: {t['only_a_wrong']} wrong only in A, {t['only_b_wrong']} only "
-        f"in B; McNemar exact p = {t['p_value']:.3g}"
-        + (" (a real difference at the 5% level)" if t["p_value"] < 0.05 else " (not shown to differ)"),
+        f"paired on the same {result.n} images: {t.only_a} wrong only in A, {t.only_b} only "
+        f"in B; McNemar exact p = {t.p_value:.3g}"
+        + (" (a real difference at the 5% level)" if t.p_value < 0.05 else " (not shown to differ)"),
     ])

@@ -119,8 +119,8 @@ def build_checkpoint_images(run: RunDir, config: TrainConfig, data: PreparedData
     for split, x in (("val", data.x_val), ("test", data.x_test)):
         wrong = run.read_checkpoint_misclassified(dropout, epoch, split)[:64]
         if wrong and len(x):
-            captions = [f"{data.classes[y]}>{data.classes[p]}" for _, y, p in wrong]
-            images[f"images/misclassified_{split}"] = _tile(x[[i for i, _, _ in wrong]], columns=8,
+            captions = [f"{data.classes[m.label]}>{data.classes[m.predicted]}" for m in wrong]
+            images[f"images/misclassified_{split}"] = _tile(x[[m.index for m in wrong]], columns=8,
                                                              captions=captions)
     return images
 

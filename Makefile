@@ -53,9 +53,10 @@ test-fast: $(TEST_STAMP)
 
 # Throughput, efficiency and memory figures (about 3 minutes on 2 idle cores); ARGS="--quick", "--json PATH", "--only KEY".
 # BENCH=recipes compares the training recipes on the real MNIST digits in ../shared (benchmarks/recipes.py).
+# Each writes its figures to a dated JSON file under benchmarks/results/ (the files the README quotes).
 BENCH ?= bench
 bench: $(STAMP)
-	$(BIN)/python benchmarks/$(BENCH).py $(ARGS)
+	$(BIN)/python -m benchmarks.$(BENCH) $(ARGS)
 
 # The wheels benchmarks/gpu_check.sh carries to a GPU machine that has JAX but no Keras (README, "GPU check"):
 # Keras as installed here and the two of its dependencies such a machine lacks, for Python 3.12.

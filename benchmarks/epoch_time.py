@@ -6,28 +6,24 @@ augmentation, optimizer steps, BatchNormalization recalibration, validation,
 checkpoint state. By default it times `--steps` optimizer steps and scales to a
 full epoch; `--full` times a whole epoch.
 
-    .venv/bin/python benchmarks/epoch_time.py [--steps 60] [--full] [--batch-size 512]
+    .venv/bin/python -m benchmarks.epoch_time [--steps 60] [--full] [--batch-size 512]
 """
 
 from __future__ import annotations
 
 import argparse
 import math
-import sys
 import tempfile
 import time
-from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-
-import emnist_cnn  # noqa: E402,F401  (selects the backend)
-from emnist_cnn.core.augment import augment_batch  # noqa: E402
-from emnist_cnn.config import AugmentConfig, TrainConfig  # noqa: E402
-from emnist_cnn.training.members import TrainContext, open_member, train_members_to  # noqa: E402
-from emnist_cnn.training.prepare import PreparedData  # noqa: E402
-from emnist_cnn.io.rundir import RunDir  # noqa: E402
+import emnist_cnn  # noqa: F401  (selects the backend)
+from emnist_cnn.config import AugmentConfig, TrainConfig
+from emnist_cnn.core.augment import augment_batch
+from emnist_cnn.io.rundir import RunDir
+from emnist_cnn.training.members import TrainContext, open_member, train_members_to
+from emnist_cnn.training.prepare import PreparedData
 
 
 def synthetic_data(n_train: int, n_val: int, n_test: int, seed: int = 0) -> PreparedData:

@@ -39,7 +39,6 @@ from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
 DROPOUT = 0.3
 SIZES = {  # images, members and epochs per device; the GPU's: EMNIST Digits' sizes, 10 members
     "gpu": dict(train=240_000, test=40_000, models=10, unfused_models=2, epochs=2, calibration=10_000),
@@ -267,7 +266,7 @@ class Check:
         return figures
 
     def fixed(self) -> dict:
-        argv = [sys.executable, str(Path(__file__).resolve()), "--fixed-work", "--device", self.args.device,
+        argv = [sys.executable, "-m", "benchmarks.gpu_check", "--fixed-work", "--device", self.args.device,
                 "--work", str(self.work), "--out", str(self.out), "--models", str(self.sizes["models"]),
                 "--calibration", str(self.sizes["calibration"]), "--train", str(self.sizes["train"])]
         done = subprocess.run(argv, capture_output=True, text=True, timeout=max(self.left(), 1), cwd=self.work)
@@ -304,14 +303,10 @@ def compare_runs(a: Path, b: Path, models: int, epoch: int) -> dict:
 
 def measure_fixed_work(args: argparse.Namespace) -> dict:
     """A member-epoch's fixed work as training does it, for a fused group (`make bench`'s definition,
-    benchmarks/bench.py `build_fixed_work`); blocking calls counted at the one door every inference call
-    goes through."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("bench", REPO / "benchmarks" / "bench.py")
-    bench = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = bench  # dataclasses look their module up there
-    spec.loader.exec_module(bench)
+    benchmarks/figures/fixed_work.py); blocking calls counted at the one door every inference call goes
+    through."""
+    from benchmarks.figures.fixed_work import build_fixed_work
+    from benchmarks.harness import alternate, new_member
     from emnist_cnn.core import model as model_mod
     from emnist_cnn.training.device import describe_runtime
     from emnist_cnn.core.model import upload_images
@@ -320,8 +315,8 @@ def measure_fixed_work(args: argparse.Namespace) -> dict:
     model_mod.use_jit_compile(runtime["xla"])
     rng = np.random.default_rng(0)
     n_val = round(args.train * 0.1)
-    members = [bench.new_member(i) for i in range(args.models)]
-    parts = bench.build_fixed_work(
+    members = [new_member(i) for i in range(args.models)]
+    parts = build_fixed_work(
         members, upload_images(rng.integers(0, 256, (args.calibration, 28, 28), dtype=np.uint8), batch_size=None),
         upload_images(rng.integers(0, 256, (n_val, 28, 28), dtype=np.uint8)), n_val,
         Path(args.work) / "fixed-state" / "model_0.npz")
@@ -339,7 +334,7 @@ def measure_fixed_work(args: argparse.Namespace) -> dict:
 
     model_mod.predict_batch = counted
     reps = 3
-    times = bench.alternate(parts, reps)  # one more warm-up call each, then `reps` timed rounds
+    times = alternate(parts, reps)  # one more warm-up call each, then `reps` timed rounds
     per_member = {name: 1000 * statistics.median(v) / args.models for name, v in times.items()}
     return {"members": args.models, "calibration_images": args.calibration, "val_images": n_val,
             "calls_per_member_epoch": calls[0] / (reps + 1) / args.models,
@@ -367,7 +362,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--fixed-work", action="store_true", help=argparse.SUPPRESS)  # the fixed phase's own process
     args = p.parse_args(argv)
     if args.fixed_work:
-        sys.path.insert(0, str(REPO / "src"))
         print(json.dumps(measure_fixed_work(args), default=str))
         return 0
     if args.work is None:
@@ -375,9 +369,6 @@ def main(argv: list[str] | None = None) -> int:
 
         args.work = tempfile.mkdtemp(prefix="gpu-check-")
     Path(args.work).mkdir(parents=True, exist_ok=True)
-    # The phases' processes import the package from this checkout, installed or not.
-    sys.path.insert(0, str(REPO / "src"))
-    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO / "src"), os.environ.get("PYTHONPATH")]))
     results = Check(args).run()
     print((Path(args.out) / "gpu_check.txt").read_text(), end="")
     failed = [name for name, f in results["phases"].items() if "error" in f or f.get("rc") not in (0, None)]

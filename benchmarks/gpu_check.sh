@@ -10,6 +10,8 @@ OUT=${OUT:-gpu-check}
 DEVICE=${DEVICE:-gpu}
 mkdir -p "$OUT"
 export KERAS_BACKEND=${KERAS_BACKEND:-jax}
+# This checkout's package and benchmarks, installed or not, for this process and the phases it starts.
+export PYTHONPATH="$PWD/src:$PWD${PYTHONPATH:+:$PYTHONPATH}"
 PYTHON=${PYTHON:-$(command -v python3)}
 # The carried wheels only where Keras is missing (a checkout that holds them still runs the dry run anywhere).
 if ! "$PYTHON" -c 'import keras' 2>/dev/null && compgen -G ".whl/*.whl" >/dev/null; then
@@ -23,4 +25,4 @@ fi
     "$PYTHON" -c 'import sys, keras; print("python", sys.version.split()[0], "keras", keras.__version__,
         "backend", keras.backend.backend())'
 } | tee "$OUT/machine.txt"
-exec "$PYTHON" benchmarks/gpu_check.py --device "$DEVICE" --out "$OUT" "$@"
+exec "$PYTHON" -m benchmarks.gpu_check --device "$DEVICE" --out "$OUT" "$@"

@@ -1,8 +1,8 @@
 """Recipes side by side: error against wall time and member-images, with seeds, intervals and paired tests.
 
-    .venv/bin/python benchmarks/recipes.py [--seeds 0 1 2] [--fast-epochs 1 2 4] [--reference-epochs 4 12]
+    .venv/bin/python -m benchmarks.recipes [--seeds 0 1 2] [--fast-epochs 1 2 4] [--reference-epochs 4 12]
                                            [--json PATH]
-    .venv/bin/python benchmarks/recipes.py --ingredients [--seeds 0 1] [--candidates NAME ...]
+    .venv/bin/python -m benchmarks.recipes --ingredients [--seeds 0 1] [--candidates NAME ...]
                                                       # how `fast` was chosen (validation only)
 
 Trains the quick preset (2 members, the recipe's batch size: 128 for the
@@ -24,7 +24,6 @@ the test set is not read for that choice.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import math
 import os
@@ -35,6 +34,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+from .harness import dated_results_path, save_results
 
 ROOT = Path(__file__).resolve().parents[1]
 MNIST = ROOT.parent / "shared" / "data" / "mnist"
@@ -236,7 +237,9 @@ def main(argv=None) -> int:
                    help="rank candidate recipes on the validation split instead (default: off)")
     p.add_argument("--candidates", nargs="+", choices=sorted(CANDIDATES), default=None,
                    help="with --ingredients: only these candidates (default: all)")
-    p.add_argument("--json", type=Path, default=None, help="also write the figures here (default: none)")
+    p.add_argument("--json", type=Path, default=None,
+                   help="write the figures here "
+                        "(default: benchmarks/results/DATE-recipes[-ingredients]-ISA-Ncores.json)")
     args = p.parse_args(argv)
     if not MNIST.is_dir():
         print(f"recipes.py: error: the real MNIST digits are not at {MNIST}", file=sys.stderr)
@@ -245,9 +248,9 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory(prefix="emnist-cnn-recipes-") as tmp:
         os.environ.setdefault("EMNIST_CNN_CACHE", str(Path(tmp) / "cache"))
         result = run_ingredients(args, Path(tmp)) if args.ingredients else run_comparison(args, Path(tmp))
-    if args.json:
-        args.json.write_text(json.dumps(result, indent=2))
-        print(f"\nwrote {args.json}")
+    path = save_results(args.json or dated_results_path("recipes-ingredients" if args.ingredients else "recipes"),
+                        result)
+    print(f"\nwrote {path}")
     return 0
 
 

@@ -1,6 +1,6 @@
 """What training a sweep's members as Ray tasks costs, against the same work in one local process.
 
-    .venv/bin/python benchmarks/scaleout.py [--members 2] [--epochs 3] [--images 1200] [--gpu-img-s 20000]
+    .venv/bin/python -m benchmarks.scaleout [--members 2] [--epochs 3] [--images 1200] [--gpu-img-s 20000]
 
 Trains the same tiny sweep (synthetic digits, one dropout rate, a checkpoint
 every epoch, 1 thread per training process) twice through the command line:

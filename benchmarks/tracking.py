@@ -1,6 +1,6 @@
 """What live tracking costs: TensorBoard event files and an MLflow server, against the training they follow.
 
-    .venv/bin/python benchmarks/tracking.py [--members 2] [--epochs 4] [--images 6000] [--gpu-img-s 20000]
+    .venv/bin/python -m benchmarks.tracking [--members 2] [--epochs 4] [--images 6000] [--gpu-img-s 20000]
                                             [--json PATH]
 
 Starts `mlflow server` (sqlite backend) on 127.0.0.1, trains a small sweep on
@@ -15,7 +15,6 @@ extra.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import re
@@ -27,9 +26,10 @@ import time
 import urllib.request
 from pathlib import Path
 
+from .harness import dated_results_path, save_results
+from .scaleout import write_digits  # the same synthetic digits
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "benchmarks"))
-from scaleout import write_digits  # noqa: E402  (the same synthetic digits)
 
 MNIST = ROOT.parent / "shared" / "data" / "mnist"
 EMNIST_TRAIN_IMAGES = 216_000  # EMNIST Digits' training set less the 10% validation split
@@ -76,7 +76,8 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=6000, help="training images, before the split (default: 6000)")
     ap.add_argument("--gpu-img-s", type=float, default=20_000,
                     help="assumed training speed of one member on a GPU, images/s (default: 20000)")
-    ap.add_argument("--json", type=Path, default=None, help="also write the figures here (default: off)")
+    ap.add_argument("--json", type=Path, default=None,
+                    help="write the figures here (default: benchmarks/results/DATE-tracking-ISA-Ncores.json)")
     args = ap.parse_args()
 
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
@@ -128,8 +129,7 @@ def main() -> None:
     print(f"a member-epoch call against a member-epoch: {figures['epoch_call_share_here_pct']:.2f}% here "
           f"({member_epoch_s:.1f} s), {figures['epoch_call_share_gpu_pct']:.2f}% on EMNIST Digits at an assumed "
           f"{args.gpu_img_s:,.0f} img/s per GPU ({gpu_epoch_s:.1f} s)")
-    if args.json:
-        args.json.write_text(json.dumps(figures, indent=2) + "\n")
+    print(f"wrote {save_results(args.json or dated_results_path('tracking'), figures)}")
 
 
 if __name__ == "__main__":

@@ -178,3 +178,18 @@ def test_ruff_finds_nothing():
     r = subprocess.run([sys.executable, "-m", "ruff", "check", "src", "tests", "benchmarks"], cwd=root,
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_no_code_edits_the_import_path():
+    """The package is installed (make setup), the benchmarks run as `python -m benchmarks.NAME` and the tests
+    get the repository root from pyproject.toml: no module reaches another by editing sys.path. Catches:
+    `sys.path.insert(0, ...)` in a benchmark or test (what bench.py and tracking.py did)."""
+    root = PACKAGE_DIR.parents[1]
+    found = []
+    for folder in ("src", "benchmarks", "tests"):
+        for path in sorted((root / folder).rglob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text(), str(path))):
+                if (isinstance(node, ast.Attribute) and node.attr == "path" and isinstance(node.value, ast.Name)
+                        and node.value.id == "sys"):
+                    found.append(f"{path.relative_to(root)}:{node.lineno}")
+    assert found == []

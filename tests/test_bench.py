@@ -1,4 +1,4 @@
-"""`make bench`: benchmarks/bench.py --quick runs end to end and reports every figure."""
+"""`make bench`: python -m benchmarks.bench --quick runs end to end and reports every figure."""
 
 import importlib.util
 import json
@@ -12,16 +12,13 @@ from pathlib import Path
 import pytest
 from conftest import trains_a_model
 
+from benchmarks import bench
+from benchmarks.baselines import k208_random_transform, reference_augment_batch
+from benchmarks.harness import RESULTS_DIR, dated_results_path
+from benchmarks.keys import KEYS, TARGETS
+
 ROOT = Path(__file__).resolve().parents[1]
-BENCH = ROOT / "benchmarks" / "bench.py"
-
-
-def _bench_module():
-    spec = importlib.util.spec_from_file_location("bench_under_test", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+BENCH = [sys.executable, "-m", "benchmarks.bench"]  # run from the repository root, as `make bench` does
 
 
 def _fused_api_available() -> bool:
@@ -34,16 +31,15 @@ def _fused_api_available() -> bool:
 @trains_a_model
 def quick_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench") / "bench.json"
-    proc = subprocess.run([sys.executable, str(BENCH), "--quick", "--json", str(out)], capture_output=True,
-                          text=True, timeout=600, cwd=ROOT)
+    proc = subprocess.run([*BENCH, "--quick", "--json", str(out)], capture_output=True, text=True, timeout=600,
+                          cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return proc.stdout, json.loads(out.read_text())
 
 
 def test_quick_bench_reports_every_key(quick_run):
     stdout, figures = quick_run
-    bench = _bench_module()
-    keys = list(bench.KEYS)
+    keys = list(KEYS)
     assert len(keys) >= 20
     # Figures that may be missing for a stated reason, and only then.
     may_be_null = set()
@@ -68,13 +64,13 @@ def test_quick_bench_reports_every_key(quick_run):
         else:
             assert isinstance(value, (int, float)) and math.isfinite(value), (key, value)
             assert value > 0 or (value == 0 and key in may_be_zero), (key, value)
-        assert figures["units"][key] == bench.KEYS[key][0]
+        assert figures["units"][key] == KEYS[key][0]
     # Every target is judged on its figure: met exactly when the figure passes the threshold, and the
     # printed verdict says the same.
-    assert set(figures["targets"]) == set(bench.TARGETS)
+    assert set(figures["targets"]) == set(TARGETS)
     printed_targets = stdout.split("\ntargets:")[1]
     for key, target in figures["targets"].items():
-        op, threshold, _ = bench.TARGETS[key]
+        op, threshold, _ = TARGETS[key]
         assert target["target"] == f"{op} {threshold:g}"
         value = figures[key]
         expected = None if value is None else value >= threshold if op == ">=" else value < threshold
@@ -98,7 +94,6 @@ def test_quick_bench_reports_every_key(quick_run):
 
 
 def test_only_selects_keys_and_dependencies():
-    bench = _bench_module()
     groups, wanted = bench.selected_groups("peak_fraction,aug_img_s")
     assert wanted == ["peak_fraction", "aug_img_s"]
     assert groups == ["aug", "train", "flops"]  # gflops_achieved needs train_noaug_img_s
@@ -109,12 +104,12 @@ def test_only_selects_keys_and_dependencies():
 def test_every_flag_states_its_default():
     import argparse
 
-    parser = _bench_module().build_parser()
+    parser = bench.build_parser()
     shown = [a for a in parser._actions if a.help not in (None, argparse.SUPPRESS) and a.dest != "help"]
     assert {"quick", "only", "json", "reps", "members", "predict_images"} <= {a.dest for a in shown}
     for action in shown:
         assert "(default: " in action.help, f"{action.option_strings}: help does not state its default"
-    proc = subprocess.run([sys.executable, str(BENCH), "--help"], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run([*BENCH, "--help"], capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert proc.returncode == 0 and "--only KEY[,KEY]" in proc.stdout
 
 
@@ -125,11 +120,10 @@ def test_reference_augmentation_matches_keras_208_geometry():
 
     from emnist_cnn.config import AugmentConfig
 
-    bench = _bench_module()
     img = np.zeros((1, 28, 28), np.float32)
     img[0, 10:18, 12:14] = 1.0
     still = AugmentConfig(rotation_deg=0, shift_frac=0, shear_rad=0, zoom_min=1, zoom_max=1)
-    out = bench.k208_random_transform(img, np.random.RandomState(0), still)
+    out = k208_random_transform(img, np.random.RandomState(0), still)
     np.testing.assert_array_equal(out, img)
 
     # A pure shift: Keras 2.0.8 draws theta, then tx (rows, height_shift_range), ty (columns), shear, zoom;
@@ -144,13 +138,29 @@ def test_reference_augmentation_matches_keras_208_geometry():
         source_r = np.clip(np.rint(rows + tx).astype(int), 0, 27)  # fill_mode "nearest" repeats the edge
         source_c = np.clip(np.rint(cols + ty).astype(int), 0, 27)
         want = img[0][source_r, source_c]
-        out = bench.k208_random_transform(img, np.random.RandomState(seed), shift_only)
+        out = k208_random_transform(img, np.random.RandomState(seed), shift_only)
         np.testing.assert_array_equal(out[0], want, err_msg=f"seed {seed}: shift ({tx:.2f}, {ty:.2f})")
         moved.add((int(np.rint(tx)), int(np.rint(ty))))
     assert len(moved) >= 4  # the seeds drew different shifts, of several pixels
     assert max(abs(v) for shift in moved for v in shift) >= 3
 
     batch = (np.random.default_rng(0).random((4, 28, 28)) > 0.8).astype(np.uint8) * 255
-    aug = bench.reference_augment_batch(batch, np.random.RandomState(0), AugmentConfig())
+    aug = reference_augment_batch(batch, np.random.RandomState(0), AugmentConfig())
     assert aug.shape == (4, 28, 28, 1) and aug.dtype == np.float32
     assert 0.0 <= aug.min() and aug.max() <= 1.0
+
+
+def test_results_are_kept_in_dated_files_named_after_the_benchmark_and_machine():
+    """`make bench` keeps its figures in benchmarks/results/DATE-bench-ISA-Ncores.json (the files the README
+    quotes). Catches: a name without the day (a later run overwrites the figures a document quotes) or the
+    machine kind (an AVX2 run overwrites an AVX-512 one), a folder elsewhere."""
+    import time
+
+    path = dated_results_path("bench")
+    assert path.parent == RESULTS_DIR == ROOT / "benchmarks" / "results"
+    day = time.strftime("%Y-%m-%d", time.gmtime())
+    assert re.fullmatch(rf"{day}-bench-(avx512f|avx2|sse)-{len(os.sched_getaffinity(0))}cores\.json", path.name)
+    # The committed results files parse and name the figures they hold.
+    for kept in RESULTS_DIR.glob("*-bench-*.json"):
+        figures = json.loads(kept.read_text())
+        assert set(figures["units"]) <= set(KEYS) and figures["quick"] is False, kept.name

@@ -97,9 +97,18 @@ def run_cli_subprocess(*args):
                           timeout=600, env=dict(os.environ))
 
 
-def test_evaluate_json_schema_and_files(tiny_run):
+def evaluate_in_process(capsys, *args) -> subprocess.CompletedProcess:
+    """`emnist-cnn evaluate ARGS` in this process (TensorFlow's 6 s start-up paid once per test process): its
+    exit code, stdout and stderr. The console's cleanliness in a process of its own is test_cli's job."""
+    capsys.readouterr()
+    code = run_cli(["evaluate", *args])
+    out = capsys.readouterr()
+    return subprocess.CompletedProcess(["evaluate", *args], code, out.out, out.err)
+
+
+def test_evaluate_json_schema_and_files(tiny_run, capsys):
     run, _ = tiny_run
-    r = run_cli_subprocess("evaluate", "--run-dir", run, "--json")
+    r = evaluate_in_process(capsys, "--run-dir", run, "--json")
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)  # exactly one JSON object on stdout
     assert out["dataset"] == "mnist" and out["split"] == "test" and out["n"] == 200
@@ -141,9 +150,9 @@ def test_evaluate_json_schema_and_files(tiny_run):
     assert json.loads((folder / "evaluation.json").read_text())["epoch"] == 2
 
 
-def test_evaluate_tables_epochs_and_errors(tiny_run):
+def test_evaluate_tables_epochs_and_errors(tiny_run, capsys):
     run, _ = tiny_run
-    r = run_cli_subprocess("evaluate", "--run-dir", run, "--epoch", "1", "--split", "val")
+    r = evaluate_in_process(capsys, "--run-dir", run, "--epoch", "1", "--split", "val")
     assert r.returncode == 0, r.stderr
     assert r.stdout.startswith("mnist, val split, 120 images\n")
     assert "dropout 0.2, epoch 1:" in r.stdout and "best-k ensembles" in r.stdout
@@ -159,9 +168,9 @@ def test_evaluate_tables_epochs_and_errors(tiny_run):
         if m:
             printed[m.group(1).removeprefix("model ")] = (int(m.group(2)), int(m.group(3)))
     assert printed == {k: (v, v) for k, v in val.items()}  # with --split val both columns are validation
-    r = run_cli_subprocess("evaluate", "--run-dir", run, "--epoch", "7")
+    r = evaluate_in_process(capsys, "--run-dir", run, "--epoch", "7")
     assert r.returncode == 2 and "available: 1, 2" in r.stderr and "Traceback" not in r.stderr
-    r = run_cli_subprocess("evaluate", "--run-dir", run, "--dropout", "0.5")
+    r = evaluate_in_process(capsys, "--run-dir", run, "--dropout", "0.5")
     assert r.returncode == 2 and "not in this run" in r.stderr
 
 
@@ -175,11 +184,11 @@ def test_a_run_record_without_its_data_fingerprint_is_one_clear_error(tiny_run, 
     assert err[-1].endswith("config.json: unreadable run configuration (no data fingerprint)"), err
 
 
-def test_evaluate_our_weight_files_outside_the_run(tiny_run, tmp_path):
+def test_evaluate_our_weight_files_outside_the_run(tiny_run, tmp_path, capsys):
     run, data = tiny_run
     files = sorted((run / "dropout_0.2" / "weights").glob("002epochs_*"))
-    r = run_cli_subprocess("evaluate", "--weights", *files, "--dataset", "mnist", "--data-dir", data, "--json",
-                "--out", tmp_path / "out")
+    r = evaluate_in_process(capsys, "--weights", *files, "--dataset", "mnist", "--data-dir", data, "--json",
+                            "--out", tmp_path / "out")
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
     with open(run / "dropout_0.2" / "history" / "errors.csv", newline="") as f:
@@ -249,7 +258,7 @@ def test_test_time_augmentation_through_the_cli_repeats_and_is_recorded(tiny_run
     assert out["ensemble"]["n_errors"] <= plain.overall.ensemble.error.n_errors + 1
 
 
-def test_evaluate_the_reference_ensemble_through_the_cli(shared_dir):
+def test_evaluate_the_reference_ensemble_through_the_cli(shared_dir, capsys):
     """The issue's command: the reference's Keras 2 files, evaluated on the real MNIST test set.
 
     Members 5-9 (5 of 10 keep CI short: prediction is most of the time; tests/test_reference_weights.py imports 0-2).
@@ -257,8 +266,8 @@ def test_evaluate_the_reference_ensemble_through_the_cli(shared_dir):
     """
     weights = sorted((shared_dir / "reference" / "dropout_0.2" / "weights").glob("267epochs_weights_model_*.pkl"))
     assert len(weights) == 10
-    r = run_cli_subprocess("evaluate", "--weights", *weights[5:], "--dataset", "mnist", "--data-dir",
-                           shared_dir / "data" / "mnist", "--json")
+    r = evaluate_in_process(capsys, "--weights", *weights[5:], "--dataset", "mnist", "--data-dir",
+                            shared_dir / "data" / "mnist", "--json")
     assert r.returncode == 0, r.stderr[-2000:]
     out = json.loads(r.stdout)
     print(f"reference members 5-9 on MNIST test: {out['ensemble']['error_pct']:.2f}% ({out['ensemble']['n_errors']})")

@@ -91,7 +91,7 @@ def train_one(recipe: str, seed: int, lengths: list[int], root: Path) -> dict[in
             "ensemble": {s: [by[("ensemble", s)].n_errors, by[("ensemble", s)].n] for s in ("val", "test")},
             "members": {s: [[r.n_errors, r.n] for (m, sp), r in sorted(by.items()) if m != "ensemble" and sp == s]
                         for s in ("val", "test")},
-            "test_wrong": sorted(int(k) for k, _, _ in run.read_checkpoint_misclassified(d, length, "test")),
+            "test_wrong": sorted(m.index for m in run.read_checkpoint_misclassified(d, length, "test")),
         }
     return out
 

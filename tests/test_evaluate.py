@@ -196,6 +196,9 @@ def test_evaluate_our_weight_files_outside_the_run(tiny_run, tmp_path, capsys):
                    if row["epoch"] == "2" and row["split"] == "test" and row["model"] == "ensemble")
     assert out["ensemble"]["n_errors"] == int(ens["n_errors"])  # normalization found via the run's config
     assert (tmp_path / "out" / "misclassified.csv").exists()
+    # The file holds what --json printed, what was evaluated included. Catches the dataset, split and tta
+    # keys left out of the file (the typed result's first version wrote the ensemble's block only).
+    assert json.loads((tmp_path / "out" / "evaluation.json").read_text()) == out
 
 
 @pytest.fixture(scope="module")

@@ -180,10 +180,12 @@ def evaluate_weights(paths, *, dataset: str = DEFAULT_DATASET, data_dir=None, sp
     else:
         probs = list(predict_members(models, x))  # every file's model in one pass over the images
     y = np.asarray(ds.y_test)
-    result = evaluate_ensemble(probs, y, names)
+    evaluation = Evaluation(ds.name, split, tta, evaluate_ensemble(probs, y, names))
     if out_dir is not None:
-        result = _write_evaluation(Path(out_dir), result, ensemble_probabilities(probs), y, split, ds.classes)
-    return Evaluation(ds.name, split, tta, result)
+        evaluation = replace(evaluation, overall=_write_evaluation(
+            Path(out_dir), evaluation.overall, ensemble_probabilities(probs), y, split, ds.classes,
+            header={"dataset": ds.name, "split": split, "tta": tta}))
+    return evaluation
 
 
 def _file_normalization(path: Path) -> tuple[float, float]:
@@ -196,8 +198,9 @@ def _file_normalization(path: Path) -> tuple[float, float]:
 
 
 def _write_evaluation(folder: Path, result: EnsembleEvaluation, ens_probs: np.ndarray, labels: np.ndarray,
-                      split: str, classes) -> EnsembleEvaluation:
-    """Write evaluation.json, confusion_matrix.csv and misclassified.csv; the result with their paths."""
+                      split: str, classes, header: dict | None = None) -> EnsembleEvaluation:
+    """Write evaluation.json (`header`'s keys first), confusion_matrix.csv and misclassified.csv; the result
+    with their paths."""
     cm = confusion_matrix(labels, np.argmax(ens_probs, axis=1), len(classes))
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
@@ -207,5 +210,6 @@ def _write_evaluation(folder: Path, result: EnsembleEvaluation, ens_probs: np.nd
     atomic_write_text(folder / EVALUATION_FILES["confusion_matrix"], buf.getvalue())
     write_mistakes(folder / EVALUATION_FILES["misclassified"], {split: find_mistakes(ens_probs, labels)})
     result = replace(result, files={key: str(folder / name) for key, name in EVALUATION_FILES.items()})
-    atomic_write_text(folder / EVALUATION_FILES["evaluation"], json.dumps(result.to_json(), indent=2) + "\n")
+    atomic_write_text(folder / EVALUATION_FILES["evaluation"],
+                      json.dumps({**(header or {}), **result.to_json()}, indent=2) + "\n")
     return result

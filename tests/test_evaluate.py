@@ -60,7 +60,8 @@ def test_best_member_and_best_k_are_chosen_on_validation_not_test():
     # Two members that disagree on their wrong samples: the pair's mean is right on all but ties.
     pair = evaluate_error(ensemble_probabilities([test[2], test[1]]), y)
     assert r.best_k[1].error.n_errors == pair.n_errors
-    # evaluation.json's keys, and the same result read back from them.
+    # evaluation.json's keys, and the same result read back from them. Catches: from_json scoring validation
+    # errors against the evaluated split's count.
     saved = json.loads(json.dumps(r.to_json()))
     assert [m["n_errors"] for m in saved["members"]] == [2, 6, 10]
     assert [m["val_n_errors"] for m in saved["members"]] == [9, 4, 1]

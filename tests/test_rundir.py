@@ -168,7 +168,7 @@ def test_latest_evaluation_is_the_newest_plain_test_one(tmp_path):
         (folder / "evaluation.json").write_text(json.dumps({"epoch": epoch, "n": 200, "ensemble": {"n_errors": epoch}}))
     latest = run.latest_evaluation(0.2)
     assert latest.epoch == 4 and latest.ensemble.error == ErrorRate(4, 200)
-    # A damaged file is one clear error naming it.
+    # A damaged file is one clear error naming it. Catches: a KeyError left uncaught (a traceback).
     (run.evaluation_dir(0.2, "test", 4, 0) / "evaluation.json").write_text(json.dumps({"epoch": 4}))
     with pytest.raises(RunDirError, match=r"test_epoch_004/evaluation\.json: unreadable evaluation \(no 'n' entry\)"):
         run.latest_evaluation(0.2)

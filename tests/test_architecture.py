@@ -183,7 +183,8 @@ def test_ruff_finds_nothing():
 def test_no_code_edits_the_import_path():
     """The package is installed (make setup), the benchmarks run as `python -m benchmarks.NAME` and the tests
     get the repository root from pyproject.toml: no module reaches another by editing sys.path. Catches:
-    `sys.path.insert(0, ...)` in a benchmark or test (what bench.py and tracking.py did)."""
+    `sys.path.insert(0, ...)` in a benchmark or test (what bench.py and tracking.py did). The one exception:
+    tests/warmstart.py gives a forked child the sys.path[0] Python gives the command it runs."""
     root = PACKAGE_DIR.parents[1]
     found = []
     for folder in ("src", "benchmarks", "tests"):
@@ -192,4 +193,5 @@ def test_no_code_edits_the_import_path():
                 if (isinstance(node, ast.Attribute) and node.attr == "path" and isinstance(node.value, ast.Name)
                         and node.value.id == "sys"):
                     found.append(f"{path.relative_to(root)}:{node.lineno}")
-    assert found == []
+    assert [f for f in found if not f.startswith("tests/warmstart.py:")] == []
+    assert len(found) == 1, found

@@ -20,6 +20,7 @@ import textwrap
 
 import numpy as np
 import pytest
+import warmstart
 
 from deps import REQUIRE_DEPS_ENV, require_module
 from oracles import read_csv, read_tensorboard
@@ -63,8 +64,11 @@ def test_backend_train_resume_evaluate_export(backend, tmp_path):
                    JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
 
     def run(*args, cli=True) -> str:
+        # On JAX, the commands in warm processes of a server started on it (tests/warmstart.py). Not on torch:
+        # forked after its import, it trained slower than a new process (85 s against 70 s for this test).
         cmd = [sys.executable, *(["-m", "emnist_cnn"] if cli else []), *map(str, args)]
-        r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+        r = (warmstart.run if backend == "jax" else subprocess.run)(cmd, capture_output=True, text=True,
+                                                                      timeout=600, env=env)
         what = f"emnist-cnn {args[0]}" if cli else "loading the .keras file"
         assert r.returncode == 0, f"{what} failed on {backend}:\n{r.stderr[-4000:]}"
         return r.stdout
@@ -137,8 +141,8 @@ def test_backend_train_resume_evaluate_export(backend, tmp_path):
 
     formats = ["keras", "onnx"] if backend == "torch" else ["keras"]
     if backend == "jax":  # Keras converts JAX models with jax2onnx, not installed: asked for, it is one clear error
-        r = subprocess.run([sys.executable, "-m", "emnist_cnn", "export", "--run-dir", str(run_dir),
-                            "--formats", "onnx"], capture_output=True, text=True, timeout=600, env=env)
+        r = warmstart.run([sys.executable, "-m", "emnist_cnn", "export", "--run-dir", str(run_dir),
+                           "--formats", "onnx"], capture_output=True, text=True, timeout=600, env=env)
         assert r.returncode == 1 and r.stderr.splitlines()[-1].endswith(
             "cannot export onnx: jax2onnx is not installed (pip install onnx jax2onnx)"), r.stderr[-2000:]
     run("export", "--run-dir", run_dir, "--model", "ensemble", "--formats", *formats)

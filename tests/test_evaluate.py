@@ -2,13 +2,13 @@
 
 import csv
 import json
-import os
 import re
 import subprocess
 import sys
 
 import numpy as np
 import pytest
+import warmstart
 
 from emnist_cnn.core.metrics import ErrorRate, confusion_matrix, ensemble_probabilities, evaluate_error, find_mistakes
 from emnist_cnn.core.results import EnsembleEvaluation
@@ -94,8 +94,9 @@ def test_confusion_matrix_and_find_mistakes():
 
 
 def run_cli_subprocess(*args):
-    return subprocess.run([sys.executable, "-m", "emnist_cnn", *map(str, args)], capture_output=True, text=True,
-                          timeout=600, env=dict(os.environ))
+    """The CLI in a (warm) process of its own: tests/warmstart.py."""
+    return warmstart.run([sys.executable, "-m", "emnist_cnn", *map(str, args)], capture_output=True, text=True,
+                         timeout=600)
 
 
 def evaluate_in_process(capsys, *args) -> subprocess.CompletedProcess:

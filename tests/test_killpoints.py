@@ -43,6 +43,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import warmstart
 
 from oracles import arrays, assert_same_arrays, planned_steps, read_csv, read_tensorboard
 from emnist_cnn.demos import make_tiny_digits, write_mnist_idx
@@ -153,17 +154,10 @@ def _env(cache: Path, **extra) -> dict:
     return env
 
 
-def default_sigint() -> None:
-    """Give the child Python's Ctrl-C handling even when this process was started with SIGINT ignored
-    (a background job of a non-interactive shell is), since an ignored SIGINT is inherited across exec."""
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-
-
 def run_wrapped(harness: dict, args, spec: dict, *, timeout=300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(harness["wrapper"]), *map(str, args)], capture_output=True,
-                          preexec_fn=default_sigint,
-                          text=True, timeout=timeout,
-                          env=_env(harness["cache"], EMNIST_CNN_KILL_SPEC=json.dumps(spec)))
+    """The wrapped CLI in a warm process of its own (tests/warmstart.py), with Python's Ctrl-C handling."""
+    return warmstart.run([sys.executable, str(harness["wrapper"]), *map(str, args)], capture_output=True,
+                         text=True, timeout=timeout, env=_env(harness["cache"], EMNIST_CNN_KILL_SPEC=json.dumps(spec)))
 
 
 def start_harness(root: Path, run_args: list[str]) -> dict:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import warmstart
 
 from conftest import trains_a_model
 from oracles import arrays, assert_same_run, result_files, without_seconds
@@ -25,18 +26,19 @@ ARGS = ["--dataset", "mnist", "--dropout", "0.2", "--models", "2", "--epochs", "
         "--batch-size", "32", "--val-fraction", "0.2", "--bn-recalibration", "100", "--seed", "3", "--quiet"]
 
 
-def cli(argv: list[str], cache: Path) -> subprocess.CompletedProcess:
+def cli(argv: list[str], cache: Path, warm: bool = True) -> subprocess.CompletedProcess:
+    """The CLI in a process of its own: warm (tests/warmstart.py), or one started by Python from nothing."""
     # A module fixture runs outside conftest's per-test cache folder: never the user's ~/.cache.
     env = dict(os.environ, EMNIST_CNN_CACHE=str(cache))
-    r = subprocess.run([sys.executable, "-m", "emnist_cnn", *argv], capture_output=True, text=True, timeout=600,
-                       env=env)
+    r = (warmstart.run if warm else subprocess.run)([sys.executable, "-m", "emnist_cnn", *argv], capture_output=True,
+                                                    text=True, timeout=600, env=env)
     assert r.returncode == 0, r.stderr[-3000:]
     return r
 
 
-def train(run_dir: Path, data: Path, *extra) -> subprocess.CompletedProcess:
+def train(run_dir: Path, data: Path, *extra, warm: bool = True) -> subprocess.CompletedProcess:
     return cli(["train", "--run-dir", str(run_dir), "--data-dir", str(data), *ARGS, *extra],
-               data.parent / "decoded-cache")
+               data.parent / "decoded-cache", warm)
 
 
 def command_from_record(run: Path, new_run: Path) -> list[str]:
@@ -64,7 +66,8 @@ def command_from_record(run: Path, new_run: Path) -> list[str]:
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("reproducible")
     data = write_mnist_idx(root / "data", *make_tiny_digits(n_train=200, n_test=60))
-    train(root / "a", data)
+    # a in a process Python starts, b in a warm one: equal bits also show that a warm process trains as a new one.
+    train(root / "a", data, warm=False)
     cli(command_from_record(root / "a", root / "b"), root / "decoded-cache")  # b: a rerun from a's record
     train(root / "other_seed", data, "--seed", "4", "--models", "1")  # model 0 is all the next test compares
     return root, data

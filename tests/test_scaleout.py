@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+import warmstart
 
 from conftest import trains_a_model
 from deps import require_module
@@ -29,8 +30,9 @@ MEMBERS = [(d, i) for d in ("0.2", "0.3") for i in (0, 1)]
 
 
 def cli(*argv, timeout=600) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "emnist_cnn", *map(str, argv)], capture_output=True, text=True,
-                          timeout=timeout)
+    """The driver, in a warm process (tests/warmstart.py); the cluster's workers are Ray's own."""
+    return warmstart.run([sys.executable, "-m", "emnist_cnn", *map(str, argv)], capture_output=True, text=True,
+                         timeout=timeout)
 
 
 @pytest.fixture(scope="module")
@@ -139,9 +141,9 @@ def test_a_killed_worker_and_a_dead_node_are_retried_and_the_result_stays_identi
     the cluster: it leaves the head node alone.)"""
     cluster, worker_node = cluster
     run = tmp_path / "ray-run"
-    driver = subprocess.Popen([sys.executable, "-m", "emnist_cnn", "train", "--run-dir", str(run), "--data-dir",
-                               str(data), *ARGS, "--epochs", "2", "--ray", cluster.address],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    driver = warmstart.start([sys.executable, "-m", "emnist_cnn", "train", "--run-dir", str(run), "--data-dir",
+                              str(data), *ARGS, "--epochs", "2", "--ray", cluster.address],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         # A segment record names the node and process training it; each node's first segment then still
         # has to import Keras, build the model and train, so both kills land mid-segment.

@@ -21,6 +21,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+import warmstart
 
 from deps import require_module
 from oracles import read_csv, read_errors_csv, read_tensorboard
@@ -106,7 +107,8 @@ class MlflowServer:
              "--artifacts-destination", str(self.root / "artifacts"), "--host", "127.0.0.1",
              "--port", str(self.port), "--workers", "1"],
             stdout=open(log_path, "ab"), stderr=subprocess.STDOUT, start_new_session=True,
-            env={**os.environ, **ENV})
+            # Without MLflow's job runner (9 more Python processes at each start; runs are logged without it).
+            env={**os.environ, **ENV, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
             log = log_path.read_bytes()[offset:].decode(errors="replace")
@@ -167,7 +169,7 @@ def data_dir(tmp_path_factory) -> Path:
 
 
 def emnist_cnn(args, *, kill: dict | None = None, cache: Path, timeout=300) -> subprocess.CompletedProcess:
-    """The CLI in a child process; with `kill`, through tests/killwrap.py (see its docstring)."""
+    """The CLI in a warm child process (tests/warmstart.py); with `kill`, through tests/killwrap.py."""
     env = {**os.environ, **ENV, "EMNIST_CNN_CACHE": str(cache)}
     env.pop("MLFLOW_TRACKING_URI", None)
     if kill is None:
@@ -176,7 +178,7 @@ def emnist_cnn(args, *, kill: dict | None = None, cache: Path, timeout=300) -> s
         cmd = [sys.executable, str(WRAPPER)]
         env["EMNIST_CNN_KILL_SPEC"] = json.dumps({"targets": [kill["target"]], "fired_file": kill["fired_file"],
                                                   **kill})
-    return subprocess.run([*cmd, *map(str, args)], capture_output=True, text=True, timeout=timeout, env=env)
+    return warmstart.run([*cmd, *map(str, args)], capture_output=True, text=True, timeout=timeout, env=env)
 
 
 def the_run(server: MlflowServer, experiment: str) -> dict:
@@ -234,8 +236,8 @@ def test_kills_and_a_server_outage_neither_lose_nor_double_an_epoch(mlflow_serve
     assert json.loads((run_dir / "tracking" / "mlflow.json").read_text())[mlflow_server.url]["pending"]
 
     env = {**os.environ, **ENV, "EMNIST_CNN_CACHE": str(cache)}
-    proc = subprocess.Popen([sys.executable, "-m", "emnist_cnn", *map(str, args)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env)
+    proc = warmstart.start([sys.executable, "-m", "emnist_cnn", *map(str, args)], stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True, env=env)
     try:
         wait_for_metric(mlflow_server, exp, "dropout_0.2/model_0/epoch/loss", 2, proc)
         mlflow_server.stop()  # the server dies mid-run

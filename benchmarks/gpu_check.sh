@@ -14,7 +14,9 @@ export KERAS_BACKEND=${KERAS_BACKEND:-jax}
 export PYTHONPATH="$PWD/src:$PWD${PYTHONPATH:+:$PYTHONPATH}"
 PYTHON=${PYTHON:-$(command -v python3)}
 # The carried wheels only where Keras is missing (a checkout that holds them still runs the dry run anywhere).
-if ! "$PYTHON" -c 'import keras' 2>/dev/null && compgen -G ".whl/*.whl" >/dev/null; then
+# (Found, not imported: importing Keras and its backend takes seconds of the budget.)
+if ! "$PYTHON" -c 'import importlib.util as u, sys; sys.exit(u.find_spec("keras") is None)' &&
+        compgen -G ".whl/*.whl" >/dev/null; then
     "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
     export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
@@ -22,7 +24,7 @@ fi
     echo "date $(date -u +%FT%TZ)"
     command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,driver_version,memory.total,compute_cap \
         --format=csv,noheader || echo "no nvidia-smi"
-    "$PYTHON" -c 'import sys, keras; print("python", sys.version.split()[0], "keras", keras.__version__,
-        "backend", keras.backend.backend())'
+    "$PYTHON" -c 'import importlib.metadata as m, os, sys; print("python", sys.version.split()[0], "keras",
+        m.version("keras"), "backend", os.environ["KERAS_BACKEND"])'
 } | tee "$OUT/machine.txt"
 exec "$PYTHON" -m benchmarks.gpu_check --device "$DEVICE" --out "$OUT" "$@"

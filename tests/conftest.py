@@ -132,26 +132,26 @@ def offline_network(monkeypatch):
 
 # CI's wall time is the busier worker's: with `--dist loadfile --no-loadscope-reorder` (Makefile) xdist hands
 # out whole files in collection order, so the longest files go first and the short ones fill the gaps at the
-# end. Longest first, by their seconds in `make test` on 2 cores (--durations=0, 2026-12-07); a file not
-# listed runs after these, in name order.
+# end. Longest first, by their seconds in `make test` on 2 cores (--durations=0, 2026-12-07, with the warm
+# CLI processes of tests/warmstart.py); a file not listed runs after these, in name order.
 LONGEST_FILES_FIRST = (
-    "test_scaleout.py",  # 195 s
-    "test_backends.py",  # 192 s
-    "test_tracking.py",  # 145 s
-    "test_killpoints.py",  # 128 s
-    "test_fused.py",  # 109 s
-    "test_cli.py",  # 97 s
-    "test_device.py",  # 93 s
-    "test_gpu_check.py",  # 91 s
-    "test_compile.py",  # 80 s
-    "test_bench.py",  # 66 s
-    "test_evaluate.py",  # 64 s
-    "test_train.py",  # 59 s
-    "test_plots.py",  # 58 s
-    "test_reproducible.py",  # 41 s
-    "test_reference_weights.py",  # 38 s
-    "test_faults.py",  # 38 s
-    "test_notebooks.py",  # 35 s
+    "test_scaleout.py",  # 255 s
+    "test_backends.py",  # 218 s
+    "test_gpu_check.py",  # 144 s
+    "test_fused.py",  # 130 s
+    "test_device.py",  # 122 s
+    "test_cli.py",  # 101 s
+    "test_tracking.py",  # 94 s
+    "test_bench.py",  # 91 s
+    "test_plots.py",  # 84 s
+    "test_killpoints.py",  # 77 s
+    "test_train.py",  # 74 s
+    "test_compile.py",  # 66 s
+    "test_faults.py",  # 59 s
+    "test_reference_weights.py",  # 48 s
+    "test_reproducible.py",  # 48 s
+    "test_notebooks.py",  # 45 s
+    "test_quick_run.py",  # 41 s
 )
 
 def _uses_a_training_fixture(item) -> bool:

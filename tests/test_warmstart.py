@@ -53,7 +53,8 @@ def both(argv, cwd, **env):
 
 def test_a_warm_child_runs_the_script_as_python_would(script, tmp_path):
     """Catches: the server's argv, path, folder, environment or Ctrl-C handling leaking into the child, an
-    exit that skips atexit or the threads still running, a lost exit status."""
+    exit that skips atexit or the threads still running, a lost exit status. Seen failing with the child's
+    atexit call removed, and with its Ctrl-C handler left as the server's (ignored)."""
     real, warm = both([sys.executable, str(script), "ok", "--flag"], cwd=tmp_path)
     assert real.returncode == warm.returncode == 3
     assert warm.stdout == real.stdout and warm.stderr == real.stderr == "to stderr\n"
@@ -72,7 +73,8 @@ def test_a_failing_child_prints_its_traceback_and_exits_1(script, tmp_path):
 @pytest.mark.parametrize("sig, code", [(signal.SIGKILL, -signal.SIGKILL), (signal.SIGINT, -signal.SIGINT)])
 def test_a_signal_reaches_the_child_and_its_status_comes_back(script, tmp_path, sig, code):
     """SIGKILL ends it at once; Ctrl-C raises KeyboardInterrupt, which, uncaught, ends it by SIGINT (Python's
-    own exit status for it)."""
+    own exit status for it). Seen failing with an uncaught KeyboardInterrupt made exit status 1, and with the
+    server's ignored SIGINT left to the child."""
     proc = warmstart.start([sys.executable, str(script), "wait"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                            text=True, cwd=tmp_path)
     assert isinstance(proc, warmstart.Popen)
@@ -88,7 +90,8 @@ def test_a_signal_reaches_the_child_and_its_status_comes_back(script, tmp_path, 
 
 
 def test_a_start_up_setting_gets_a_server_started_with_it(script, tmp_path):
-    """What TensorFlow or Python read at start-up comes from the server's own start."""
+    """What TensorFlow or Python read at start-up comes from the server's own start. Seen failing with every
+    environment given the one server (`start_up_key` returning ())."""
     argv = [sys.executable, str(script), "ok"]
     plain = warmstart.start(argv, stdout=subprocess.PIPE, text=True)
     other = warmstart.start(argv, stdout=subprocess.PIPE, text=True, env=dict(os.environ, TF_ENABLE_ONEDNN_OPTS="0"))
@@ -101,3 +104,12 @@ def test_a_start_up_setting_gets_a_server_started_with_it(script, tmp_path):
     # Any other command line gets a process Python starts: only `python -m emnist_cnn` and `python SCRIPT.py`
     # are served warm.
     assert isinstance(warmstart.start([sys.executable, "-c", "pass"]), subprocess.Popen)
+
+
+def test_output_not_redirected_goes_where_this_process_writes(script, tmp_path, capfd):
+    """stdout=None and stderr=None: the child writes to this process's own stdout and stderr, as subprocess
+    leaves them. Seen failing when None gave the child /dev/null (a failing command's traceback was lost)."""
+    proc = warmstart.start([sys.executable, str(script), "ok"], cwd=tmp_path)
+    assert isinstance(proc, warmstart.Popen) and proc.wait(60) == 3
+    out, err = capfd.readouterr()
+    assert "ctrl-c True" in out and err == "to stderr\n"

@@ -8,7 +8,8 @@ Why: each command's own process spends about 6.5 s of CPU importing TensorFlow, 
 imported them is the process a user would start, to the bit (tests/test_reproducible.py), a few seconds
 sooner. The child runs the module or script as `python` does: its own argv, sys.path[0], cwd, environment,
 stdio and Ctrl-C handler, exit status (or the signal that ended it), non-daemon threads and atexit handlers at
-exit (tests/test_warmstart.py). What differs: the modules in PRELOAD are already imported.
+exit (tests/test_warmstart.py). What differs: the modules in PRELOAD are already imported, and the children
+of one server share its seed for str hashes (a new process draws its own unless PYTHONHASHSEED is set).
 
 What a process reads when it starts (`TF_*`, `XLA_*`, `KERAS_*`, `PYTHON*`, ...: START_UP_ENV) is the server's:
 one server per such environment, started on first use, so a command with another backend or another start-up
@@ -25,6 +26,7 @@ import atexit
 import json
 import os
 import select
+import shutil
 import signal
 import socket
 import struct
@@ -54,9 +56,11 @@ class _Server:
     def __init__(self, env: dict[str, str]) -> None:
         self.folder = tempfile.mkdtemp(prefix="warmstart-")
         self.path = os.path.join(self.folder, "socket")
+        self.log = os.path.join(self.folder, "server.log")
         # -P: not this folder first on sys.path; each child puts its own there, as Python would.
-        self.proc = subprocess.Popen([sys.executable, "-P", __file__, "--serve", self.path], stdin=PIPE,
-                                     stdout=DEVNULL, stderr=DEVNULL, env=env, start_new_session=True)
+        with open(self.log, "wb") as log:
+            self.proc = subprocess.Popen([sys.executable, "-P", __file__, "--serve", self.path], stdin=PIPE,
+                                         stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
         atexit.register(self.stop)
 
     def connect(self, timeout: float = 120.0) -> socket.socket:
@@ -69,7 +73,9 @@ class _Server:
             except (FileNotFoundError, ConnectionRefusedError):
                 s.close()
                 if self.proc.poll() is not None:
-                    raise RuntimeError(f"the warm-start server exited with {self.proc.returncode}") from None
+                    with open(self.log, errors="replace") as log:
+                        tail = log.read()[-3000:]
+                    raise RuntimeError(f"the warm-start server exited with {self.proc.returncode}:\n{tail}") from None
                 if time.monotonic() > deadline:
                     raise TimeoutError("the warm-start server did not start") from None
                 time.sleep(0.05)
@@ -81,11 +87,7 @@ class _Server:
                 self.proc.wait(10)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
-        try:
-            os.unlink(self.path)
-            os.rmdir(self.folder)
-        except OSError:
-            pass
+        shutil.rmtree(self.folder, ignore_errors=True)
 
 
 def start_up_key(env: dict[str, str]) -> tuple:
@@ -103,6 +105,8 @@ def _get_server(env: dict[str, str]) -> _Server:
     with _servers_lock:
         server = _servers.pop(key, None)
         if server is None or server.proc.poll() is not None:
+            if server is not None:
+                server.stop()
             server = _Server(env)
         _servers[key] = server
         while len(_servers) > MAX_SERVERS:
@@ -116,19 +120,21 @@ def _served(argv: list[str]) -> bool:
         argv[1:3] == ["-m", "emnist_cnn"] or (not argv[1].startswith("-") and argv[1].endswith(".py")))
 
 
-def _fd_for(spec, mode: str) -> tuple[int, int | None]:
-    """(the fd the child gets, our end of a pipe or None) for a subprocess-style stdio argument."""
+def _output_fds(spec, ours: int) -> tuple[int, int | None]:
+    """(the fd the child writes to, our end of a pipe or None) for subprocess's stdout or stderr argument;
+    None: this process's own fd `ours`, as subprocess would leave it."""
     if spec == PIPE:
         r, w = os.pipe()
-        return (w, r) if mode == "w" else (r, w)
-    if spec is None or spec == DEVNULL:
-        return os.open(os.devnull, os.O_RDWR), None
-    return os.dup(spec if isinstance(spec, int) else spec.fileno()), None
+        return w, r
+    if spec == DEVNULL:
+        return os.open(os.devnull, os.O_WRONLY), None
+    return os.dup(ours if spec is None else spec if isinstance(spec, int) else spec.fileno()), None
 
 
 class Popen:
     """`subprocess.Popen` for a warm child: args, pid, returncode, stdout, stderr, poll, wait, communicate,
-    send_signal, terminate, kill (stdin is /dev/null)."""
+    send_signal, terminate, kill (stdin is /dev/null; stdout and stderr: PIPE, DEVNULL, STDOUT for stderr, a
+    file, or None for this process's own)."""
 
     def __init__(self, args, *, stdout=None, stderr=None, text: bool = False, env=None, cwd=None) -> None:
         self.args = [str(a) for a in args]
@@ -136,42 +142,48 @@ class Popen:
         self._text = text
         env = dict(os.environ if env is None else env)
         self.server = server = _get_server(env)
-        child_out, out = _fd_for(stdout, "w")
-        child_err, err = (child_out, None) if stderr == subprocess.STDOUT else _fd_for(stderr, "w")
-        child_in = os.open(os.devnull, os.O_RDONLY)
         request = json.dumps({"argv": self.args[1:], "env": env, "cwd": str(cwd or os.getcwd())}).encode()
         self._sock = server.connect()
+        self._received = b""  # the server's lines (the pid, then the exit status) may arrive in one read
+        child_out, out = _output_fds(stdout, 1)
+        child_err, err = (child_out, None) if stderr == subprocess.STDOUT else _output_fds(stderr, 2)
+        child_in = os.open(os.devnull, os.O_RDONLY)
         try:
             socket.send_fds(self._sock, [struct.pack("!I", len(request)) + request],
                             [child_in, child_out, child_err])
+            self.pid = self._read_message()["pid"]
+        except BaseException:
+            self._sock.close()
+            for fd in (out, err):
+                if fd is not None:
+                    os.close(fd)
+            raise
         finally:
             for fd in {child_in, child_out, child_err}:
                 os.close(fd)
-        self.pid = json.loads(self._readline())["pid"]
         self.stdout = os.fdopen(out, "r" if text else "rb") if out is not None else None
         self.stderr = os.fdopen(err, "r" if text else "rb") if err is not None else None
 
-    def _readline(self, timeout: float | None = None) -> str:
+    def _read_message(self, timeout: float | None = None) -> dict:
+        """The server's next line, as JSON."""
         self._sock.settimeout(timeout)
-        data = b""
-        while not data.endswith(b"\n"):
+        while b"\n" not in self._received:
             chunk = self._sock.recv(4096)
             if not chunk:
                 raise RuntimeError("the warm-start server went away")
-            data += chunk
-        return data.decode()
+            self._received += chunk
+        line, self._received = self._received.split(b"\n", 1)
+        return json.loads(line)
 
     def poll(self) -> int | None:
-        if self.returncode is None:
-            ready, _, _ = select.select([self._sock], [], [], 0)
-            if ready:
-                self.wait()
+        if self.returncode is None and (b"\n" in self._received or select.select([self._sock], [], [], 0)[0]):
+            self.wait()
         return self.returncode
 
     def wait(self, timeout: float | None = None) -> int:
         if self.returncode is None:
             try:
-                self.returncode = json.loads(self._readline(timeout))["returncode"]
+                self.returncode = self._read_message(timeout)["returncode"]
             except (socket.timeout, TimeoutError):
                 raise subprocess.TimeoutExpired(self.args, timeout) from None
             self._sock.close()

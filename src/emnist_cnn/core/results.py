@@ -18,10 +18,11 @@ __all__ = ["ModelErrors", "BestK", "EnsembleEvaluation", "Evaluation", "ChosenEn
 
 
 def rate_to_json(rate: ErrorRate, prefix: str = "", interval: bool = True) -> dict:
-    """An error rate's JSON keys: `<prefix>error_pct`, `<prefix>n_errors` and, with `interval`, `error_ci_pct`."""
+    """An error rate's JSON keys: `<prefix>error_pct`, `<prefix>n_errors` and, with `interval`,
+    `<prefix>error_ci_pct`."""
     out = {f"{prefix}error_pct": rate.pct, f"{prefix}n_errors": rate.n_errors}
     if interval:
-        out["error_ci_pct"] = list(rate.interval_pct)
+        out[f"{prefix}error_ci_pct"] = list(rate.interval_pct)
     return out
 
 

@@ -29,7 +29,8 @@ from ..io.state import read_state_epoch
 from .device import DEVICES, JIT_COMPILE, describe_runtime
 from .members import TrainContext, open_member, resolve_fused, sample_calibration_images, train_members_to
 from .prepare import PreparedData
-from .session import Session, TrainedRun, configure_process, load_training_data, log_checkpoint, open_session
+from .session import (Session, TrainedRun, check_compatible, configure_process, load_training_data, log_checkpoint,
+                      open_session)
 from .threads import build_thread_env, configure_threads
 from .train import evaluate_checkpoint, find_last_errors, record_checkpoint
 
@@ -344,7 +345,8 @@ def train_and_evaluate_on_ray(config: TrainConfig, run_dir, source: DataSource |
     check_ray_device(options.device, options.jit_compile, options.scaleout)
     run = RunDir.of(run_dir)  # the caller's, with config.json already read
     check_run_dir_shared(run.path)
+    check_compatible(run, config, options.fixed_lr)
     import_ray()  # before loading data: a missing extra is a one-line error, not a late failure
-    data = load_training_data(config, run, source or DataSource(), options.fixed_lr)
+    data = load_training_data(config, source or DataSource())
     errors = train_ensembles_on_ray(config, run, data, options)
     return TrainedRun(run, run.read_config(), data, errors)

@@ -182,11 +182,9 @@ def tracker_closed_on_exit(tracker: Tracker):
     tracker.close("FINISHED")
 
 
-def load_training_data(config: TrainConfig, run: RunDir, source: DataSource,
-                       fixed_lr: float | None = None) -> PreparedData:
-    """Check `run` can take `config` (trained at `fixed_lr`, if given), then load (or download) and split the
-    data it trains on."""
-    check_compatible(run, config, fixed_lr)  # before a download or a long parse, not after
+def load_training_data(config: TrainConfig, source: DataSource) -> PreparedData:
+    """Load (or download) and split the data `config` trains on. Callers check the run can take `config`
+    (`check_compatible`) first: before a download or a long parse, not after."""
     dataset, data_dir = source.dataset, source.data_dir
     if dataset is None:
         dataset, data_dir = load_or_download(config.dataset, data_dir, mirror=source.mirror,

@@ -152,6 +152,6 @@ def train_and_evaluate(config: TrainConfig, run_dir, source: DataSource | None =
     # --device gpu without a GPU still before any data is read.
     check_compatible(run, config, options.fixed_lr)
     configure_process(options, options.scaleout.threads)
-    data = load_training_data(config, run, source or DataSource(), options.fixed_lr)
+    data = load_training_data(config, source or DataSource())
     errors = train_ensembles(config, run, data, options)
     return TrainedRun(run, run.read_config(), data, errors)

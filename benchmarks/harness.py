@@ -17,6 +17,7 @@ from typing import Callable
 import numpy as np
 
 import emnist_cnn  # noqa: F401  (selects the Keras backend before keras is imported)
+from emnist_cnn.io.files import atomic_write_text
 
 from .keys import KEYS, TARGETS
 
@@ -188,7 +189,7 @@ def environment() -> dict:
     env = {
         "cpu": cpu["model"], "vendor": cpu["vendor"], "cores": cpu["cores"], "cpu_count": os.cpu_count(),
         "mhz": cpu["mhz"],
-        "isa": "avx512f" if "avx512f" in cpu["flags"] else "avx2" if "avx2" in cpu["flags"] else "sse",
+        "isa": isa_name(cpu["flags"]),
         "avx512_bf16": "avx512_bf16" in cpu["flags"],
         "python": platform.python_version(), "numpy": np.__version__, "scipy": scipy.__version__,
         "tensorflow": tf.__version__, "keras": keras.__version__, "backend": keras.backend.backend(),
@@ -306,17 +307,22 @@ def print_table(res: Results) -> None:
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 
+def isa_name(flags) -> str:
+    """The widest vector instruction set among a CPU's flags, as the results name it."""
+    return "avx512f" if "avx512f" in flags else "avx2" if "avx2" in flags else "sse"
+
+
 def dated_results_path(name: str) -> Path:
     """benchmarks/results/<UTC date>-<name>-<isa>-<cores>cores.json: one file per benchmark, machine kind and day."""
     cpu = cpu_info()
-    isa = "avx512f" if "avx512f" in cpu["flags"] else "avx2" if "avx2" in cpu["flags"] else "sse"
-    return RESULTS_DIR / f"{time.strftime('%Y-%m-%d', time.gmtime())}-{name}-{isa}-{cpu['cores']}cores.json"
+    day = time.strftime("%Y-%m-%d", time.gmtime())
+    return RESULTS_DIR / f"{day}-{name}-{isa_name(cpu['flags'])}-{cpu['cores']}cores.json"
 
 
 def save_results(path: Path, results: dict) -> Path:
     """Write a benchmark's figures (with their units, notes and environment) as one JSON object."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(results, indent=1) + "\n")
+    atomic_write_text(path, json.dumps(results, indent=1) + "\n")
     log.info("wrote %s", path)
     return path

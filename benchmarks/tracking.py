@@ -26,7 +26,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from .harness import dated_results_path, save_results
+from .harness import GPU_IMG_S, dated_results_path, save_results
 from .scaleout import write_digits  # the same synthetic digits
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -74,8 +74,8 @@ def main() -> None:
     ap.add_argument("--members", type=int, default=2, help="members of the one dropout rate (default: 2)")
     ap.add_argument("--epochs", type=int, default=4, help="epochs per member, a checkpoint every 2 (default: 4)")
     ap.add_argument("--images", type=int, default=6000, help="training images, before the split (default: 6000)")
-    ap.add_argument("--gpu-img-s", type=float, default=20_000,
-                    help="assumed training speed of one member on a GPU, images/s (default: 20000)")
+    ap.add_argument("--gpu-img-s", type=float, default=GPU_IMG_S,
+                    help=f"assumed training speed of one member on a GPU, images/s (default: {GPU_IMG_S})")
     ap.add_argument("--json", type=Path, default=None,
                     help="write the figures here (default: benchmarks/results/DATE-tracking-ISA-Ncores.json)")
     args = ap.parse_args()

@@ -8,8 +8,8 @@ class, jittered), each in a process of its own, as a user would run it:
   fused    float32, every member in one step: the start-up line, the training step's compile time,
            XLA compilations, steady img/s (epochs after the first), GPU utilisation from nvidia-smi
   unfused  the same, one member at a time
-  fixed    a member-epoch's work besides training (recalibration, validation, state) at these sizes:
-           blocking calls and milliseconds
+  fixed    a member-epoch's work besides training (recalibration, validation, the state's snapshot and
+           write) at these sizes: blocking calls and milliseconds, and validation with the write overlapped
   bf16     the fused run with --precision mixed_bfloat16: img/s and validation error against float32
   resume   the fused run killed (SIGKILL) once every member has finished epoch 1, then resumed: its
            final weights and validation error against the uninterrupted fused run
@@ -305,7 +305,7 @@ def measure_fixed_work(args: argparse.Namespace) -> dict:
     """A member-epoch's fixed work as training does it, for a fused group (`make bench`'s definition,
     benchmarks/figures/fixed_work.py); blocking calls counted at the one door every inference call goes
     through."""
-    from benchmarks.figures.fixed_work import build_fixed_work
+    from benchmarks.figures.fixed_work import build_fixed_work, build_overlapped
     from benchmarks.harness import alternate, new_member
     from emnist_cnn.core import model as model_mod
     from emnist_cnn.training.device import describe_runtime
@@ -336,10 +336,14 @@ def measure_fixed_work(args: argparse.Namespace) -> dict:
     reps = 3
     times = alternate(parts, reps)  # one more warm-up call each, then `reps` timed rounds
     per_member = {name: 1000 * statistics.median(v) / args.models for name, v in times.items()}
+    calls_per_member_epoch = calls[0] / (reps + 1) / args.models
+    # As training runs them: the state's write in the background while the members are validated.
+    overlapped = alternate({"validate_while_writing": build_overlapped(parts)}, reps)["validate_while_writing"]
     return {"members": args.models, "calibration_images": args.calibration, "val_images": n_val,
-            "calls_per_member_epoch": calls[0] / (reps + 1) / args.models,
+            "calls_per_member_epoch": calls_per_member_epoch,
             **{f"{name}_ms_per_member": round(v, 2) for name, v in per_member.items()},
             "total_ms_per_member": round(sum(per_member.values()), 2),
+            "validate_while_writing_ms_per_member": round(1000 * statistics.median(overlapped) / args.models, 2),
             "first_call_s": {k: round(v, 2) for k, v in first.items()}, "runtime": runtime}
 
 

@@ -4,16 +4,17 @@ the one list of kill targets (tests/test_killpoints.py, tests/test_tracking.py).
 import importlib
 
 REPLACE = "os.replace"  # every file of the run is put in place by a rename
-WRITE = "emnist_cnn.io.files.atomic_write_bytes"  # a file's bytes, before its rename
+WRITE = "emnist_cnn.io.files.atomic_write_bytes"  # a file's bytes, before its rename (not the states': WRITE_STATE)
 STEP = "emnist_cnn.core.trainer.train_step"  # one training step (of a member, or of fused members)
 EVALUATE = "emnist_cnn.training.train.evaluate_checkpoint"  # a checkpoint's ensemble evaluation
-SAVE_STATE = "emnist_cnn.training.members.save_member_state"  # a member's resumable state
+SAVE_STATE = "emnist_cnn.training.members.put_member_state"  # a member's resumable state, put in place
+WRITE_STATE = "emnist_cnn.training.members.write_temp_file"  # a state's bytes, in a writer thread
 SAVE_WEIGHTS = "emnist_cnn.training.members.save_weights_atomic"  # a member's checkpoint weights
 WRITE_CSV = "emnist_cnn.io.rundir.write_csv_rows"  # a table of the run (errors, mistakes)
 TRACKER_SYNC = "emnist_cnn.training.tracking.Tracker.sync"  # the tracker catching up with the run's records
 MLFLOW_SENT = "emnist_cnn.training.tracking._MlflowSink._mark_sent"  # what MLflow has, recorded as sent
 
-RUN_FILES = (REPLACE, WRITE, STEP, EVALUATE, SAVE_STATE, SAVE_WEIGHTS, WRITE_CSV)  # the kill-point sweep's
+RUN_FILES = (REPLACE, WRITE, STEP, EVALUATE, SAVE_STATE, WRITE_STATE, SAVE_WEIGHTS, WRITE_CSV)  # the kill-point sweep's
 ALL = (*RUN_FILES, TRACKER_SYNC, MLFLOW_SENT)
 
 

@@ -246,6 +246,34 @@ def test_a_member_epochs_fixed_work_reads_back_once_per_member_and_validation_ba
         np.testing.assert_allclose(probs["p"][i], predict_probabilities(m, val), atol=1e-6)
 
 
+@pytest.mark.skipif(keras.backend.backend() != "tensorflow", reason="counts TensorFlow's reads")
+def test_a_members_state_is_read_from_the_device_in_one_read_per_dtype(tmp_path, caplog):
+    """The state file's snapshot (78 weight and optimizer variables and the dropout RNG) reads float32 and int64
+    in one read each (one per variable before: 79), and the file it makes restores every value exactly; a
+    group of 6 members shares one trace, so TensorFlow warns of no retracing. Caught: `read_variables` reading
+    variable by variable, packing them in another order, or a tf.function per model (the warning)."""
+    from emnist_cnn.io.state import encode_member_state, load_member_state, snapshot_member_state
+
+    rng = np.random.default_rng(4)
+    [a] = _members_like(1)
+    [b] = _members_like(1, seed=9)
+    for v in list(a.weights) + list(a.optimizer.variables):
+        if "float" in str(v.dtype) and v.shape:
+            v.assign(rng.normal(0, 1, v.shape).astype(np.float32))
+    a.optimizer.iterations.assign(1234)
+    snapshot_member_state(a, 3)  # traces
+    arrays = {}
+    assert _count_device_reads(lambda: arrays.update(snapshot_member_state(a, 3))) == 2
+    (tmp_path / "model_0.npz").write_bytes(encode_member_state(arrays))
+    assert load_member_state(tmp_path / "model_0.npz", b)["epoch"] == 3
+    for va, vb in zip(list(a.weights) + list(a.optimizer.variables), list(b.weights) + list(b.optimizer.variables)):
+        np.testing.assert_array_equal(keras.ops.convert_to_numpy(va), keras.ops.convert_to_numpy(vb), err_msg=va.path)
+    with caplog.at_level(logging.WARNING):
+        for m in _members_like(6, seed=11):
+            snapshot_member_state(m, 1)
+    assert "retracing" not in caplog.text
+
+
 @pytest.mark.trains
 @pytest.mark.cpu_facts
 @pytest.mark.skipif(keras.backend.backend() != "tensorflow", reason="the direct step loop is TensorFlow's")

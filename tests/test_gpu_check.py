@@ -47,6 +47,9 @@ def test_the_gpu_check_runs_every_phase_on_the_cpu_and_reports_each(tmp_path):
     assert resume["val_error_pct_resumed"] == resume["val_error_pct_uninterrupted"]
     assert fixed["calls_per_member_epoch"] == 1 + 1 / 2
     assert fixed["total_ms_per_member"] > 0 and fixed["runtime"]["device"] == "CPU"
+    # Each part as training does it, and validation with the state's write overlapped, as training runs them.
+    assert all(fixed[f"{part}_ms_per_member"] > 0 for part in ("recalibrate", "validate", "snapshot", "write",
+                                                               "validate_while_writing"))
     assert results["backend_imported_here"] is False
     text = (out / "gpu_check.txt").read_text().splitlines()
     assert [line.split(":")[0] for line in text[1:]] == PHASES

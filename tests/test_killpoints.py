@@ -12,8 +12,10 @@ and `except BaseException` on the way up runs). Patched functions:
 - `emnist_cnn.io.files.atomic_write_bytes`: the same at the level of one whole table or state file;
 - `emnist_cnn.core.trainer.train_step`: mid-epoch;
 - `emnist_cnn.training.train.evaluate_checkpoint`: while the ensemble is evaluated at a checkpoint;
-- `emnist_cnn.training.members.save_member_state` and `save_weights_atomic`, `emnist_cnn.io.rundir.write_csv_rows`:
-  around whole saves.
+- `emnist_cnn.training.members.put_member_state` and `save_weights_atomic`, `emnist_cnn.io.rundir.write_csv_rows`:
+  around whole saves;
+- `emnist_cnn.training.members.write_temp_file`: a state's bytes, written in a background thread while the
+  members are validated (SIGKILL only: a Ctrl-C always lands in the main thread).
 
 After the kill, the same command runs once and must succeed, training no more than what the kill left
 undone: its training steps (`emnist_cnn.core.trainer.train_step` calls, counted by the wrapper) are at most the
@@ -26,7 +28,7 @@ state, dropout RNG, metadata) must be identical to the bit; no temporary file ma
 
 The run uses the fast recipe, whose learning rate changes at every step. CI runs 5 kill points: renames
 and whole-file writes with both signals, and Ctrl-C mid-epoch (about 4 minutes on 2 busy cores).
-`EMNIST_CNN_KILL_POINTS=all` sweeps every call of every patched function instead (147 points, about 40
+`EMNIST_CNN_KILL_POINTS=all` sweeps every call of every patched function instead (155 points, about 42
 minutes). Kill points are chosen on the uninterrupted run's calls (by file name or position), so they keep
 their meaning if training reorders its work.
 
@@ -47,7 +49,8 @@ import warmstart
 
 from oracles import arrays, assert_same_arrays, planned_steps, read_csv, read_tensorboard
 from emnist_cnn.demos import make_tiny_digits, write_mnist_idx
-from killtargets import EVALUATE, REPLACE, RUN_FILES, SAVE_STATE, SAVE_WEIGHTS, STEP, WRITE, WRITE_CSV
+from killtargets import (EVALUATE, REPLACE, RUN_FILES, SAVE_STATE, SAVE_WEIGHTS, STEP, WRITE, WRITE_CSV,
+                         WRITE_STATE)
 
 pytestmark = [pytest.mark.trains, pytest.mark.cpu_facts]  # to the bit (and the CPU chosen): CPU facts
 
@@ -136,6 +139,8 @@ def sweep_points() -> list[KillPoint]:
                    KillPoint(SAVE_WEIGHTS, "after", "SIGKILL", n=n)]
     for n in range(1, 9):
         points.append(KillPoint(WRITE_CSV, "after", "SIGKILL", n=n))
+    for n in range(1, 5):
+        points += [KillPoint(WRITE_STATE, "before", "SIGKILL", n=n), KillPoint(WRITE_STATE, "after", "SIGKILL", n=n)]
     return points
 
 
@@ -236,7 +241,7 @@ def test_every_ci_kill_point_is_reached_by_an_uninterrupted_run(harness):
     for point in CI_POINTS:
         assert point.resolve(harness["calls"].get(point.target, [])) is not None, (point, harness["counts"])
     assert harness["counts"][EVALUATE] == 2
-    assert harness["counts"][SAVE_STATE] == 4
+    assert harness["counts"][SAVE_STATE] == harness["counts"][WRITE_STATE] == 4
     # Every planned step, and no more: 2 members x 2 epochs x ceil(160 / 32) = 20.
     assert harness["counts"][STEP] == planned_steps(harness["baseline"])[1] == 20
 

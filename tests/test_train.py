@@ -491,3 +491,84 @@ def test_what_each_epoch_trains_on_and_how(tmp_path, monkeypatch, tiny_mnist_dir
     assert not np.array_equal(orders[0][0], orders[1][0])
     assert keys == [augment_key(seed, 1), augment_key(seed, 2)] and keys[0] != keys[1]
     assert dtypes == [{"bfloat16", "float32"}] * 2
+
+
+def _train_args(run: Path, data: Path, epochs: int) -> list:
+    return ["train", "--run-dir", run, "--data-dir", data, "--dataset", "mnist", "--no-download", "--dropout", "0.2",
+            "--models", "2", "--fused", "--epochs", epochs, "--checkpoint-every", "1", "--batch-size", "64",
+            "--val-fraction", "0.2", "--bn-recalibration", "100", "--quiet"]
+
+
+@pytest.mark.trains
+def test_state_files_are_written_while_validating_and_put_in_place_after_the_history_row(tmp_path, monkeypatch,
+                                                                                          tiny_mnist_dir):
+    """2 fused members, 2 epochs, watched where the states are written and put in place: each state's bytes
+    are written by a thread other than the main one, and still being written when validation starts (the
+    write waits for validation to begin); each is put in place after its member's history has the epoch's
+    row; no temp file is left. Caught: the write made synchronous again (before validation: it never sees
+    validation start; after it: in the main thread), and a state put in place before its history row."""
+    import threading
+
+    from emnist_cnn.core import model as model_module
+    from emnist_cnn.training import members as members_module
+
+    run = tmp_path / "run"
+    validating = threading.Event()
+    writes, puts = [], []
+    real_write, real_put, real_predict = (members_module.write_temp_file, members_module.put_member_state,
+                                          model_module.predict_members)
+
+    def write(path, data):
+        writes.append((Path(path).name, threading.current_thread() is threading.main_thread(),
+                       validating.wait(timeout=15)))
+        return real_write(path, data)
+
+    def predict(*args, **kwargs):
+        validating.set()
+        return real_predict(*args, **kwargs)
+
+    def put(path, tmp):
+        name = Path(path).stem
+        rows = read_csv(run / "dropout_0.2" / "history" / f"{name}.csv")
+        puts.append((name, [int(r["epoch"]) for r in rows], tmp.exists()))
+        validating.clear()  # the next epoch's writes wait for the next epoch's validation
+        return real_put(path, tmp)
+
+    monkeypatch.setattr(members_module, "write_temp_file", write)
+    monkeypatch.setattr(members_module, "put_member_state", put)
+    monkeypatch.setattr(model_module, "predict_members", predict)
+    assert run_cli(_train_args(run, tiny_mnist_dir, 2)) == 0
+    assert sorted(writes) == [("model_0.npz", False, True)] * 2 + [("model_1.npz", False, True)] * 2
+    assert puts == [("model_0", [1], True), ("model_1", [1], True), ("model_0", [1, 2], True),
+                    ("model_1", [1, 2], True)]
+    assert not list(run.rglob("*.tmp"))
+    for i in (0, 1):
+        with np.load(run / "dropout_0.2" / "state" / f"model_{i}.npz") as z:
+            assert json.loads(bytes(z["meta"]).decode())["epoch"] == 2
+
+
+@pytest.mark.trains
+def test_a_failed_validation_leaves_the_states_of_the_last_recorded_epoch_and_no_temp_file(tmp_path, monkeypatch,
+                                                                                           tiny_mnist_dir):
+    """Validation fails in epoch 2 while the states are being written: the run stops with the error, each
+    member's state is still epoch 1's (no history row or state of epoch 2), and the temp files the writer
+    threads made are removed. Caught: the temp files left behind (no `_discard_unplaced`)."""
+    from emnist_cnn.training import members as members_module
+
+    run = tmp_path / "run"
+    calls, real_validate = [], members_module._validate
+
+    def validate(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:  # epoch 2 (the members are fused: one validation per epoch)
+            raise OSError(5, "injected device failure")
+        return real_validate(*args, **kwargs)
+
+    monkeypatch.setattr(members_module, "_validate", validate)
+    with pytest.raises(OSError, match="injected"):
+        run_cli(_train_args(run, tiny_mnist_dir, 2))
+    d = run / "dropout_0.2"
+    assert [[int(r["epoch"]) for r in read_csv(d / "history" / f"model_{i}.csv")] for i in (0, 1)] == [[1], [1]]
+    with np.load(d / "state" / "model_0.npz") as z:
+        assert json.loads(bytes(z["meta"]).decode())["epoch"] == 1
+    assert not list(run.rglob("*.tmp")) and not list(run.rglob(".tmp-*"))

@@ -8,6 +8,7 @@ Three ways to run several members as one Keras model, one per purpose:
 
 from __future__ import annotations
 
+import functools
 import logging
 import weakref
 
@@ -17,10 +18,9 @@ import numpy as np
 from ..config import EMNIST_DIGITS_MEAN, EMNIST_DIGITS_STD, IMAGE_SIDE, ModelConfig
 
 __all__ = ["EMNIST_DIGITS_MEAN", "EMNIST_DIGITS_STD", "build_model", "compile_model", "build_optimizer",
-           "copy_optimizer_state",
-           "accelerator_available", "build_member_predictor", "build_averaged_ensemble", "predict_members",
-           "predict_probabilities", "recalibrate_batchnorm", "read_variable", "average_per_channel", "use_jit_compile",
-           "jit_compile_enabled", "predict_batch", "upload_images"]
+           "copy_optimizer_state", "accelerator_available", "build_member_predictor", "build_averaged_ensemble",
+           "predict_members", "predict_probabilities", "recalibrate_batchnorm", "read_variable", "read_variables",
+           "average_per_channel", "use_jit_compile", "jit_compile_enabled", "predict_batch", "upload_images"]
 
 log = logging.getLogger(__name__)
 
@@ -418,6 +418,42 @@ def build_averaged_ensemble(members, name: str = "emnist_cnn_ensemble") -> keras
 def read_variable(variable) -> float:
     """A scalar backend variable (learning rate, step count) as a Python float."""
     return float(keras.ops.convert_to_numpy(variable))
+
+
+def read_variables(variables: list) -> list[np.ndarray]:
+    """The values of `variables` (a model's weights, optimizer, random layers) on the host, in few blocking
+    reads: on TensorFlow one compiled call and one read per dtype, on JAX one batched transfer, else one read
+    each. The arrays may share one buffer; they are the caller's."""
+    backend = keras.backend.backend()
+    if backend == "jax":
+        import jax
+
+        return [np.asarray(a) for a in jax.device_get([v.value for v in variables])]
+    if backend != "tensorflow":
+        return [keras.ops.convert_to_numpy(v) for v in variables]
+    by_dtype: dict[str, list[int]] = {}
+    for i, v in enumerate(variables):
+        by_dtype.setdefault(str(v.dtype), []).append(i)
+    groups = list(by_dtype.values())
+    out: list = [None] * len(variables)
+    for indices, flat in zip(groups, _tf_packer()([[variables[i].value for i in idx] for idx in groups])):
+        flat, start = flat.numpy(), 0
+        for i in indices:
+            shape = tuple(variables[i].shape)
+            size = int(np.prod(shape))
+            out[i] = flat[start : start + size].reshape(shape)
+            start += size
+    return out
+
+
+@functools.cache
+def _tf_packer():
+    """A tf.function returning each list of variables flattened and concatenated: one call and one read per
+    list. Variables are its arguments, so models of one architecture share one trace."""
+    import tensorflow as tf
+
+    return tf.function(lambda groups: [tf.concat([tf.reshape(v, [-1]) for v in g], 0) for g in groups],
+                       autograph=False)
 
 
 def _batches(images, batch_size: int, count: int | None = None):

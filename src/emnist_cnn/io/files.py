@@ -19,8 +19,9 @@ from typing import Any, Iterable
 
 from ..errors import RunDirError
 
-__all__ = ["atomic_write_bytes", "atomic_write_text", "atomic_write_json", "save_weights_atomic", "RunLock",
-           "LockBusyError", "read_csv_rows", "write_csv_rows", "to_run_dir_error"]
+__all__ = ["atomic_write_bytes", "write_temp_file", "put_temp_file", "remove_temp_file", "atomic_write_text",
+           "atomic_write_json", "save_weights_atomic", "RunLock", "LockBusyError", "read_csv_rows", "write_csv_rows",
+           "to_run_dir_error"]
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
@@ -31,6 +32,12 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 
     A reader sees the old file or the new one, never half of one.
     """
+    put_temp_file(write_temp_file(path, data), path)
+
+
+def write_temp_file(path: Path, data: bytes) -> Path:
+    """`data` in a new temp file beside `path`, fsynced; `put_temp_file` puts it in place (the run's
+    temp-file sweep removes it if that never happens)."""
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -43,15 +50,31 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; results are meant to be shared
-        os.replace(tmp, path)
     except BaseException as exc:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
+        remove_temp_file(Path(tmp))
         if isinstance(exc, OSError):
             raise to_run_dir_error(path, exc) from exc
         raise
+    return Path(tmp)
+
+
+def put_temp_file(tmp: Path, path: Path) -> None:
+    """Rename `write_temp_file`'s `tmp` over `path`; on failure `tmp` is removed."""
+    try:
+        os.replace(tmp, path)
+    except BaseException as exc:
+        remove_temp_file(tmp)
+        if isinstance(exc, OSError):
+            raise to_run_dir_error(Path(path), exc) from exc
+        raise
+
+
+def remove_temp_file(tmp: Path) -> None:
+    """Remove a temp file that will not be put in place (gone already is fine)."""
+    try:
+        os.unlink(tmp)
+    except OSError:
+        pass
 
 
 def atomic_write_text(path: Path, text: str) -> None:

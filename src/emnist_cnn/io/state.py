@@ -18,7 +18,8 @@ from ..errors import RunDirError
 from . import files
 from .files import to_run_dir_error
 
-__all__ = ["previous_state_path", "save_member_state", "load_member_state", "read_state_epoch"]
+__all__ = ["previous_state_path", "save_member_state", "snapshot_member_state", "encode_member_state",
+           "put_member_state", "load_member_state", "read_state_epoch"]
 
 log = logging.getLogger(__name__)
 
@@ -34,28 +35,48 @@ def save_member_state(path: Path, model, epoch: int, extra: dict | None = None) 
     The previous state is kept as `<name>.prev.npz` so that a damaged latest
     file never costs more than one epoch.
     """
+    put_member_state(path, files.write_temp_file(path, encode_member_state(snapshot_member_state(model, epoch,
+                                                                                               extra))))
+
+
+def snapshot_member_state(model, epoch: int, extra: dict | None = None) -> dict[str, np.ndarray]:
+    """The arrays `save_member_state` writes, read to the host (written before the model trains again)."""
+    from ..core.model import read_variables
+
+    weights, opt, rng = list(model.weights), list(model.optimizer.variables), _seed_states(model)
+    values = read_variables(weights + opt + rng)
     arrays: dict[str, np.ndarray] = {}
-    weights = model.get_weights()
-    for k, w in enumerate(weights):
+    for k, w in enumerate(values[: len(weights)]):
         arrays[f"weight_{k}"] = w
-    for k, v in enumerate(model.optimizer.variables):
-        arrays[f"optimizer_{k}"] = np.asarray(v.numpy() if hasattr(v, "numpy") else v)
-    for k, v in enumerate(_seed_states(model)):
-        arrays[f"rng_{k}"] = np.asarray(v.numpy())
+    for k, v in enumerate(values[len(weights) : len(weights) + len(opt)]):
+        arrays[f"optimizer_{k}"] = v
+    for k, v in enumerate(values[len(weights) + len(opt) :]):
+        arrays[f"rng_{k}"] = v
     meta = {"epoch": int(epoch), "n_weights": len(weights),
             "n_optimizer": len(model.optimizer.variables), **(extra or {})}
     arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
+    return arrays
+
+
+def encode_member_state(arrays: dict[str, np.ndarray]) -> bytes:
+    """A state file's bytes (.npz) from `snapshot_member_state`'s arrays."""
     buf = io.BytesIO()
     np.savez(buf, **arrays)
+    return buf.getvalue()
+
+
+def put_member_state(path: Path, tmp: Path) -> None:
+    """Put a state file written to `tmp` (`io.files.write_temp_file`) in place as `path`, the state there
+    before it kept as `<name>.prev.npz`."""
     path = Path(path)
     prev = previous_state_path(path)
     if path.exists():
         try:
             os.replace(path, prev)
         except OSError as exc:
+            files.remove_temp_file(tmp)
             raise to_run_dir_error(prev, exc) from exc
-    # Through the module: one patch point (the kill-point tests) then sees every atomic write.
-    files.atomic_write_bytes(path, buf.getvalue())
+    files.put_temp_file(tmp, path)
 
 
 def load_member_state(path: Path, model) -> dict | None:

@@ -8,6 +8,8 @@ local loop in `train`, or one task per member group elsewhere):
 
 Each finished epoch is recorded before the next starts (checkpoint weights,
 history row, then state), so an interruption costs at most the epoch in flight.
+The state files' bytes are written in background threads while the members
+are validated; each is put in place (renamed) after its history row.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 import logging
 import sys
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -24,9 +27,9 @@ from ..config import TrainConfig
 from ..core.metrics import evaluate_error, evaluate_loss
 from ..core.schedule import learning_rate_at, steps_per_epoch
 from ..errors import ConfigError
-from ..io.files import save_weights_atomic
+from ..io.files import remove_temp_file, save_weights_atomic, write_temp_file
 from ..io.rundir import RunDir, make_history_row
-from ..io.state import load_member_state, save_member_state
+from ..io.state import encode_member_state, load_member_state, put_member_state, snapshot_member_state
 from .prepare import PreparedData
 
 __all__ = ["Member", "TrainContext", "member_seed", "build_member_model", "open_member", "sample_calibration_images",
@@ -34,6 +37,9 @@ __all__ = ["Member", "TrainContext", "member_seed", "build_member_model", "open_
            "fused_by_default", "resolve_fused", "train_members_to"]
 
 log = logging.getLogger(__name__)
+
+# Threads writing a group's state files: the writes release the GIL, the .npz encoding mostly does not.
+STATE_WRITERS = 4
 
 
 @dataclass
@@ -271,7 +277,8 @@ def _finish_epochs(group: list[Member], logs: list[tuple[float, float]], train_s
                    ctx: TrainContext) -> None:
     """BatchNormalization recalibration and validation of every member of `group` (just trained together),
     then each one's epoch recorded. Images stay on the device: one call recalibrates a member, one call
-    per validation batch predicts for all members."""
+    per validation batch predicts for all members. The members' state files are written while they are
+    validated (on a GPU the host is otherwise idle then) and put in place as each epoch is recorded."""
     from ..core.model import recalibrate_batchnorm, upload_images
 
     t0 = time.perf_counter()
@@ -281,13 +288,44 @@ def _finish_epochs(group: list[Member], logs: list[tuple[float, float]], train_s
             ctx.device_calibration = upload_images(ctx.calibration, batch_size=None)
         for m in group:
             recalibrate_batchnorm(m.model, ctx.device_calibration)
-    probs = [None] * len(group)
-    if len(data.y_val):
-        probs = list(_validate(group, ctx))
-    # Training time (a fused epoch's shared equally among its members) plus recalibration and validation.
-    seconds = train_seconds + (time.perf_counter() - t0) / len(group)
-    for k, m in enumerate(group):
-        _record_epoch(m, m.epoch + 1, logs[k], seconds, probs[k], ctx)
+    states = [_snapshot_state(m) for m in group]
+    with ThreadPoolExecutor(min(len(group), STATE_WRITERS), thread_name_prefix="member-state") as pool:
+        writes = [pool.submit(_write_state, ctx.run.state_path(m.dropout, m.index), a) for m, a in zip(group, states)]
+        del states
+        try:
+            probs = [None] * len(group)
+            if len(data.y_val):
+                probs = list(_validate(group, ctx))
+            # Training time (a fused epoch's shared equally among its members) plus recalibration and validation.
+            seconds = train_seconds + (time.perf_counter() - t0) / len(group)
+            for k, m in enumerate(group):
+                _record_epoch(m, m.epoch + 1, logs[k], seconds, probs[k], writes[k], ctx)
+        finally:
+            _discard_unplaced(writes)
+
+
+def _snapshot_state(member: Member) -> dict[str, np.ndarray]:
+    """The member's state after the epoch it has just trained (and recalibrated), copied to the host."""
+    from ..core.model import read_variable
+
+    lr = read_variable(member.model.optimizer.learning_rate)
+    return snapshot_member_state(member.model, member.epoch + 1, {"seed": member.seed, "learning_rate": lr})
+
+
+def _write_state(path, arrays: dict[str, np.ndarray]):
+    """A state file's bytes in a temp file beside `path` (in a writer thread); returns the temp file."""
+    return write_temp_file(path, encode_member_state(arrays))
+
+
+def _discard_unplaced(writes: list[Future]) -> None:
+    """Wait for every state write and remove the temp files not put in place (after an error or Ctrl-C)."""
+    for w in writes:
+        try:
+            tmp = w.result()
+        except BaseException:  # noqa: BLE001  (the write's own error, if any, was raised where it was awaited)
+            continue
+        if tmp.exists():
+            remove_temp_file(tmp)
 
 
 def _validate(group: list[Member], ctx: TrainContext) -> np.ndarray:
@@ -314,8 +352,9 @@ def find_member_predictor(predictors: dict, models: list):
 
 
 def _record_epoch(member: Member, epoch: int, loss_acc: tuple[float, float], seconds: float,
-                  val_probs: np.ndarray | None, ctx: TrainContext) -> None:
-    """The epoch's validation figures, then checkpoint, history row and state, in that order."""
+                  val_probs: np.ndarray | None, state: Future, ctx: TrainContext) -> None:
+    """The epoch's validation figures, then checkpoint, history row and state (`state`: the temp file being
+    written by `_write_state`), in that order."""
     from ..core.model import read_variable
 
     config, data, model = ctx.config, ctx.data, member.model
@@ -333,8 +372,7 @@ def _record_epoch(member: Member, epoch: int, loss_acc: tuple[float, float], sec
         save_weights_atomic(model, ctx.run.weights_path(member.dropout, epoch, member.index))
     member.history = member.history + [row]
     ctx.run.write_history_rows(member.dropout, member.index, member.history)
-    save_member_state(ctx.run.state_path(member.dropout, member.index), model, epoch,
-                      {"seed": member.seed, "learning_rate": lr})
+    put_member_state(ctx.run.state_path(member.dropout, member.index), state.result())
     member.epoch = epoch
     if ctx.on_epoch is not None:
         ctx.on_epoch(member)

@@ -118,3 +118,30 @@ def test_epochs_below_what_is_trained_is_refused_and_changes_nothing(trained, ca
     assert_one_line(code, err, "--epochs 1", "2 epochs already trained")
     assert {p: p.stat().st_mtime_ns for p in trained.rglob("*") if p.is_file()} == before
     assert json.loads((trained / "config.json").read_text()) == config
+
+
+@pytest.mark.parametrize("setting, value, allowed", [
+    ("rotation_deg", -1.0, ">= 0 degrees"),
+    ("shift_frac", 1.0, "[0, 1)"),
+    ("shear_rad", 2.0, "[0, pi/2) radians"),
+    ("zoom_min", 1.2, "0 < min <= max"),
+    ("fill_mode", "mirror", "nearest, constant, reflect or wrap"),
+    ("interpolation", "cubic", "bilinear or nearest"),
+])
+def test_a_bad_augmentation_setting_is_named_as_config_json_spells_it(setting, value, allowed):
+    """The augmentation has no flags: an error names the setting as config.json and the Python API spell it
+    (`augment.rotation_deg`), never a flag `train` does not have. Caught: --rotation, --shift, --shear, --zoom
+    (issue 30)."""
+    import re
+
+    from emnist_cnn.cli import build_parser
+    from emnist_cnn.config import AugmentConfig, TrainConfig
+    from emnist_cnn.errors import ConfigError
+
+    with pytest.raises(ConfigError) as caught:
+        TrainConfig.from_dict({**TrainConfig().to_dict(), "augment": {**AugmentConfig().__dict__, setting: value}})
+    message = str(caught.value)
+    assert message.startswith(f"augment.{setting}") and allowed in message, message
+    train = build_parser()._subparsers._group_actions[0].choices["train"]
+    flags = {s for action in train._actions for s in action.option_strings}
+    assert set(re.findall(r"--[a-z-]+", message)) <= flags, message

@@ -54,13 +54,16 @@ class AugmentConfig:
     interpolation: str = "bilinear"
 
     def __post_init__(self) -> None:
-        _check(self.rotation_deg >= 0, "--rotation", "must be >= 0 degrees", self.rotation_deg)
-        _check(0 <= self.shift_frac < 1, "--shift", "must be in [0, 1)", self.shift_frac)
-        _check(0 <= self.shear_rad < math.pi / 2, "--shear", "must be in [0, pi/2) radians", self.shear_rad)
-        _check(0 < self.zoom_min <= self.zoom_max, "--zoom", "needs 0 < min <= max", (self.zoom_min, self.zoom_max))
-        _check(self.fill_mode in ("nearest", "constant", "reflect", "wrap"), "fill_mode",
+        # Named as config.json (and the Python API) spell them: the augmentation has no flags.
+        _check(self.rotation_deg >= 0, "augment.rotation_deg", "must be >= 0 degrees", self.rotation_deg)
+        _check(0 <= self.shift_frac < 1, "augment.shift_frac", "must be in [0, 1)", self.shift_frac)
+        _check(0 <= self.shear_rad < math.pi / 2, "augment.shear_rad", "must be in [0, pi/2) radians",
+               self.shear_rad)
+        _check(0 < self.zoom_min <= self.zoom_max, "augment.zoom_min and zoom_max", "need 0 < min <= max",
+               (self.zoom_min, self.zoom_max))
+        _check(self.fill_mode in ("nearest", "constant", "reflect", "wrap"), "augment.fill_mode",
                "must be nearest, constant, reflect or wrap", self.fill_mode)
-        _check(self.interpolation in ("bilinear", "nearest"), "interpolation",
+        _check(self.interpolation in ("bilinear", "nearest"), "augment.interpolation",
                "must be bilinear or nearest", self.interpolation)
 
 

@@ -18,6 +18,7 @@ import json
 import os
 import signal
 import sys
+import threading
 import time
 
 import emnist_cnn  # noqa: F401  (selects the backend)
@@ -28,6 +29,7 @@ from killtargets import resolve
 spec = json.loads(os.environ["EMNIST_CNN_KILL_SPEC"])
 counts = {}
 calls = {}  # target -> per call, the file names among its first two arguments
+counting = threading.Lock()
 
 
 def names(args):
@@ -53,8 +55,9 @@ def patch(target):
     original = getattr(owner, attr)
 
     def wrapper(*args, **kwargs):
-        counts[target] = n = counts.get(target, 0) + 1
-        calls.setdefault(target, []).append(names(args))
+        with counting:  # state files are written from several threads
+            counts[target] = n = counts.get(target, 0) + 1
+            calls.setdefault(target, []).append(names(args))
         hit = target == spec.get("target") and n == spec.get("n")
         if hit and spec["when"] == "before":
             fire(target, n, "before", args)

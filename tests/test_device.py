@@ -255,8 +255,12 @@ def test_a_members_state_is_read_from_the_device_in_one_read_per_dtype(tmp_path,
     from emnist_cnn.io.state import encode_member_state, load_member_state, snapshot_member_state
 
     rng = np.random.default_rng(4)
-    [a] = _members_like(1)
-    [b] = _members_like(1, seed=9)
+    a, b = (compile_model(build_model(10, 0.3, seed=s), 1e-3) for s in (5, 9))  # dropout: an RNG state too
+    for m in (a, b):
+        m.optimizer.build(m.trainable_variables)
+    seeds = [layer.seed_generator.state for m in (a, b) for layer in m.layers if hasattr(layer, "seed_generator")]
+    assert len(seeds) == 2
+    seeds[0].assign(np.array([7, 11], dtype=str(seeds[0].dtype)))
     for v in list(a.weights) + list(a.optimizer.variables):
         if "float" in str(v.dtype) and v.shape:
             v.assign(rng.normal(0, 1, v.shape).astype(np.float32))
@@ -266,7 +270,8 @@ def test_a_members_state_is_read_from_the_device_in_one_read_per_dtype(tmp_path,
     assert _count_device_reads(lambda: arrays.update(snapshot_member_state(a, 3))) == 2
     (tmp_path / "model_0.npz").write_bytes(encode_member_state(arrays))
     assert load_member_state(tmp_path / "model_0.npz", b)["epoch"] == 3
-    for va, vb in zip(list(a.weights) + list(a.optimizer.variables), list(b.weights) + list(b.optimizer.variables)):
+    a_vars, b_vars = (list(m.weights) + list(m.optimizer.variables) for m in (a, b))
+    for va, vb in zip(a_vars + [seeds[0]], b_vars + [seeds[1]]):
         np.testing.assert_array_equal(keras.ops.convert_to_numpy(va), keras.ops.convert_to_numpy(vb), err_msg=va.path)
     with caplog.at_level(logging.WARNING):
         for m in _members_like(6, seed=11):

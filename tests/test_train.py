@@ -502,43 +502,52 @@ def _train_args(run: Path, data: Path, epochs: int) -> list:
 @pytest.mark.trains
 def test_state_files_are_written_while_validating_and_put_in_place_after_the_history_row(tmp_path, monkeypatch,
                                                                                           tiny_mnist_dir):
-    """2 fused members, 2 epochs, watched where the states are written and put in place: each state's bytes
-    are written by a thread other than the main one, and still being written when validation starts (the
-    write waits for validation to begin); each is put in place after its member's history has the epoch's
-    row; no temp file is left. Caught: the write made synchronous again (before validation: it never sees
-    validation start; after it: in the main thread), and a state put in place before its history row."""
+    """2 fused members, 2 epochs, watched where the states are written and put in place. Each epoch's two state
+    writes and its validation meet: a write (in a thread other than the main one) waits until that epoch's
+    validation has started, and the validation waits until both writes have started, so they overlap. Each
+    state is put in place after its member's history has the epoch's row; no temp file is left. Caught: the
+    write made synchronous before validation (it never sees validation start) or after it (validation never
+    sees it start), and a state put in place before its history row."""
     import threading
 
-    from emnist_cnn.core import model as model_module
     from emnist_cnn.training import members as members_module
 
     run = tmp_path / "run"
-    validating = threading.Event()
-    writes, puts = [], []
-    real_write, real_put, real_predict = (members_module.write_temp_file, members_module.put_member_state,
-                                          model_module.predict_members)
+    met = threading.Condition()
+    started = {"writes": 0, "validations": 0}
+    writes, validations, puts = [], [], []
+    real_write, real_put, real_validate = (members_module.write_temp_file, members_module.put_member_state,
+                                           members_module._validate)
 
     def write(path, data):
-        writes.append((Path(path).name, threading.current_thread() is threading.main_thread(),
-                       validating.wait(timeout=15)))
+        with met:
+            started["writes"] += 1
+            epoch = (started["writes"] + 1) // 2  # 2 members an epoch
+            met.notify_all()
+            ok = met.wait_for(lambda: started["validations"] >= epoch, timeout=15)
+        writes.append((Path(path).name, threading.current_thread() is threading.main_thread(), ok))
         return real_write(path, data)
 
-    def predict(*args, **kwargs):
-        validating.set()
-        return real_predict(*args, **kwargs)
+    def validate(*args, **kwargs):
+        with met:
+            started["validations"] += 1
+            epoch = started["validations"]
+            met.notify_all()
+            validations.append(met.wait_for(lambda: started["writes"] >= 2 * epoch, timeout=15))
+        return real_validate(*args, **kwargs)
 
     def put(path, tmp):
         name = Path(path).stem
         rows = read_csv(run / "dropout_0.2" / "history" / f"{name}.csv")
         puts.append((name, [int(r["epoch"]) for r in rows], tmp.exists()))
-        validating.clear()  # the next epoch's writes wait for the next epoch's validation
         return real_put(path, tmp)
 
     monkeypatch.setattr(members_module, "write_temp_file", write)
     monkeypatch.setattr(members_module, "put_member_state", put)
-    monkeypatch.setattr(model_module, "predict_members", predict)
+    monkeypatch.setattr(members_module, "_validate", validate)
     assert run_cli(_train_args(run, tiny_mnist_dir, 2)) == 0
     assert sorted(writes) == [("model_0.npz", False, True)] * 2 + [("model_1.npz", False, True)] * 2
+    assert validations == [True, True]
     assert puts == [("model_0", [1], True), ("model_1", [1], True), ("model_0", [1, 2], True),
                     ("model_1", [1, 2], True)]
     assert not list(run.rglob("*.tmp"))

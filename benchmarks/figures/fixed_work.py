@@ -118,7 +118,8 @@ def bench_fixed(res: Results, s: Sizes, ctx: dict) -> None:
     share = (device + 10 * per_member) / (fast_epoch + device + 10 * per_member)
     res.set("fixed_host_ms_per_member_epoch", 1000 * per_member,
             ", ".join(f"{k} {1000 * v:.1f} ms" for k, v in host.items()) + f": the same calls on {tiny}-image "
-            f"batches (309 ms before), the write less the {1000 * cover:.1f} ms of device validation it overlaps "
-            f"({val_images_equiv:,.0f} training-image equivalents). At an assumed {FAST_GPU_IMG_S:,} img/s a "
+            f"batches (51-56 ms before the state left the epoch's path; 309 ms before round 2 of the GPU path, on "
+            f"8-image batches), the write (with its rename) less the {1000 * cover:.1f} ms of device validation it "
+            f"overlaps ({val_images_equiv:,.0f} training-image equivalents). At an assumed {FAST_GPU_IMG_S:,} img/s a "
             f"fused epoch of 10 members trains 2,160,000 images in {fast_epoch:.2f} s; the device's fixed work "
             f"adds {device:.3f} s and the host's {10 * per_member:.3f} s: {share:.1%} of the epoch")

@@ -288,6 +288,8 @@ def _finish_epochs(group: list[Member], logs: list[tuple[float, float]], train_s
             ctx.device_calibration = upload_images(ctx.calibration, batch_size=None)
         for m in group:
             recalibrate_batchnorm(m.model, ctx.device_calibration)
+    # The snapshots may share memory with the variables (a CPU backend's arrays): every write ends with this
+    # block, before the members train again.
     states = [_snapshot_state(m) for m in group]
     with ThreadPoolExecutor(min(len(group), STATE_WRITERS), thread_name_prefix="member-state") as pool:
         writes = [pool.submit(_write_state, ctx.run.state_path(m.dropout, m.index), a) for m, a in zip(group, states)]
@@ -322,7 +324,7 @@ def _discard_unplaced(writes: list[Future]) -> None:
     for w in writes:
         try:
             tmp = w.result()
-        except BaseException:  # noqa: BLE001  (the write's own error, if any, was raised where it was awaited)
+        except Exception:  # the write's own error, raised where it was awaited (a Ctrl-C here goes up)
             continue
         if tmp.exists():
             remove_temp_file(tmp)

@@ -10,8 +10,9 @@ from typing import Any
 from .errors import ConfigError
 
 __all__ = ["EMNIST_DIGITS_MEAN", "EMNIST_DIGITS_STD", "IMAGE_SIDE", "DATASETS", "DEFAULT_DATASET", "PRECISIONS",
-           "PRESETS", "RESUMABLE_CHANGES", "RECIPES", "Recipe", "AugmentConfig", "ModelConfig", "TrainConfig",
-           "ScaleOutConfig", "MLFLOW_SCHEMES", "TrackingConfig", "TrainOptions", "DataSource"]
+           "PRESETS", "FLAGS", "FILL_MODES", "INTERPOLATIONS", "RESUMABLE_CHANGES", "RECIPES", "Recipe",
+           "AugmentConfig", "ModelConfig", "TrainConfig", "ScaleOutConfig", "MLFLOW_SCHEMES", "TrackingConfig",
+           "TrainOptions", "DataSource"]
 
 # EMNIST Digits training-set pixel statistics in [0, 1], as hard-coded by the reference.
 EMNIST_DIGITS_MEAN = 0.17325132
@@ -39,6 +40,10 @@ def _check(ok: bool, flag: str, rule: str, value: Any) -> None:
         raise ConfigError(f"{flag} {rule}, got {value!r}")
 
 
+FILL_MODES = ("nearest", "constant", "reflect", "wrap")
+INTERPOLATIONS = ("bilinear", "nearest")
+
+
 @dataclass(frozen=True)
 class AugmentConfig:
     """The reference's Keras 2.0.8 ImageDataGenerator settings, one affine warp per image."""
@@ -48,7 +53,7 @@ class AugmentConfig:
     shift_frac: float = 0.1  # max shift, fraction of width (x) and of height (y), drawn separately
     shear_rad: float = 0.3  # max shear angle, radians (Keras 2.0.x unit; Keras >= 2.1 read it as degrees)
     zoom_min: float = 0.9  # scale factor range, drawn separately for x and y
-    zoom_max: float = 1.1
+    zoom_max: float = 1.1  # the range's upper end
     fill_mode: str = "nearest"  # how pixels outside the source are filled
     # The reference resampled with order-0 (nearest) splines; bilinear keeps strokes smooth.
     interpolation: str = "bilinear"
@@ -61,10 +66,10 @@ class AugmentConfig:
                self.shear_rad)
         _check(0 < self.zoom_min <= self.zoom_max, "augment.zoom_min and zoom_max", "need 0 < min <= max",
                (self.zoom_min, self.zoom_max))
-        _check(self.fill_mode in ("nearest", "constant", "reflect", "wrap"), "augment.fill_mode",
-               "must be nearest, constant, reflect or wrap", self.fill_mode)
-        _check(self.interpolation in ("bilinear", "nearest"), "augment.interpolation",
-               "must be bilinear or nearest", self.interpolation)
+        _check(self.fill_mode in FILL_MODES, "augment.fill_mode", "must be nearest, constant, reflect or wrap",
+               self.fill_mode)
+        _check(self.interpolation in INTERPOLATIONS, "augment.interpolation", "must be bilinear or nearest",
+               self.interpolation)
 
 
 PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16")
@@ -139,7 +144,7 @@ class TrainConfig:
     checkpoint_every: int = 16  # epochs between weight checkpoints and ensemble evaluations
     batch_size: int = 512  # images per optimizer step
     lr: float = 1e-3  # Adam base learning rate (the reference used Adam's default); the recipe scales it
-    recipe: str = "reference"  # how members are optimised, a key of RECIPES
+    recipe: str = "reference"  # how members are optimised: Adam at a constant rate, or the fast schedule
     val_fraction: float = 0.1  # held out of the training set for every choice; 0 = reference protocol
     seed: int = 0  # seeds the split, every member's init, shuffling, augmentation and dropout
     limit_train: int | None = None  # stratified subset of the training set (before the validation split)
@@ -225,6 +230,26 @@ class TrainConfig:
     def from_preset(cls, name: str, **changes: Any) -> "TrainConfig":
         """The named preset (see PRESETS) with `changes` applied on top, as a new run takes it (`new_run`)."""
         return cls.new_run(name, **changes)
+
+
+# The one table of experiment settings and the train/run flags that set them ("augment.enabled" is cleared by
+# --no-augment). Settings without a flag are set in a config file (--config FILE) or the Python API. --lr is
+# not "lr": it sets a fixed rate for the epochs one command trains (TrainOptions.fixed_lr).
+FLAGS = {
+    "dataset": "--dataset",
+    "dropouts": "--dropout",
+    "models": "--models",
+    "epochs": "--epochs",
+    "checkpoint_every": "--checkpoint-every",
+    "batch_size": "--batch-size",
+    "recipe": "--recipe",
+    "val_fraction": "--val-fraction",
+    "seed": "--seed",
+    "limit_train": "--limit-train",
+    "bn_recalibration_images": "--bn-recalibration",
+    "augment.enabled": "--no-augment",
+    "model.precision": "--precision",
+}
 
 
 @dataclass(frozen=True)

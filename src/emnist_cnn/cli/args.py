@@ -11,7 +11,7 @@ from ..training.device import DEVICES, JIT_COMPILE
 
 __all__ = ["EXPORT_FORMATS", "PREPROCESSING_STYLES", "Parser", "add_run_args", "add_train_args", "add_evaluate_args",
            "add_plot_args", "add_export_args", "add_predict_args", "add_import_reference_args", "add_download_args",
-           "add_track_args", "add_compare_args"]
+           "add_track_args", "add_compare_args", "add_config_args"]
 
 # Kept in step with io.model_files.FORMATS and engine.predict.STYLES (checked by the tests); spelled out
 # here so that `--help` never imports the engine.
@@ -47,6 +47,9 @@ def _add_training_group(p: argparse.ArgumentParser) -> None:
         "Raising --epochs continues a finished run; changing the data, members, dropout rates, batch "
         "size, augmentation, split or seed of an existing run is refused.",
     )
+    t.add_argument("--config", type=Path, default=None, metavar="FILE",
+                   help="experiment settings from a TOML file (emnist-cnn config show writes one) or a run's "
+                        "config.json; flags override its keys (default: none)")
     t.add_argument("--dropout", type=float, nargs="+", default=None, metavar="D",
                    help="dropout rates, one ensemble each (default: 0.2 0.3 0.4 0.5)")
     t.add_argument("--models", type=int, default=None, help="members per ensemble (default: 10)")
@@ -176,6 +179,14 @@ def add_run_args(p: argparse.ArgumentParser) -> None:
     _add_training_group(p)
     _add_tracking_group(p)
     _add_scaleout_group(p)
+
+
+def add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("action", choices=("show",),
+                   help="show: print every experiment setting as a commented TOML file, to edit and pass to "
+                        "train or run with --config (required)")
+    p.add_argument("--preset", choices=sorted(PRESETS), default=None,
+                   help="start from this preset (default: none: the defaults, the reference protocol)")
 
 
 def add_evaluate_args(p: argparse.ArgumentParser) -> None:

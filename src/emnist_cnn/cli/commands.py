@@ -20,15 +20,20 @@ from ..io.rundir import RunDir, parse_checkpoint_epoch
 
 __all__ = ["config_from_args", "options_from_args", "scaleout_from_args", "tracking_from_args", "cmd_run",
            "cmd_track", "cmd_train", "cmd_evaluate", "cmd_compare", "cmd_plot", "cmd_export", "cmd_predict",
-           "cmd_import_reference", "cmd_download"]
+           "cmd_import_reference", "cmd_download", "cmd_config"]
 
 
 def config_from_args(args: argparse.Namespace, preset: str | None = None) -> TrainConfig:
-    """Defaults, then the run's saved config (when resuming), then the preset, then explicit flags; a new run
-    without --batch-size takes its recipe's batch size, when the recipe has one."""
+    """Defaults, then the run's saved config (when resuming), then the preset, then the --config file, then
+    explicit flags; a new run without a batch size takes its recipe's batch size, when the recipe has one."""
+    from ..io.config_files import apply_config_file, read_config_file
+
     run = RunDir.of(args.run_dir) if args.run_dir else None
     resuming = run is not None and run.exists()
-    base = run.read_config() if resuming else TrainConfig()
+    base = run.read_config() if resuming else None
+    changes = {}
+    if getattr(args, "config", None) is not None:
+        changes = apply_config_file(base, read_config_file(args.config), args.config, preset)
     explicit = {
         "dataset": args.dataset, "models": args.models, "epochs": args.epochs,
         "checkpoint_every": args.checkpoint_every, "batch_size": args.batch_size,
@@ -36,11 +41,12 @@ def config_from_args(args: argparse.Namespace, preset: str | None = None) -> Tra
         "bn_recalibration_images": args.bn_recalibration,
         "dropouts": tuple(args.dropout) if args.dropout else None, "recipe": args.recipe,
     }
-    changes = {k: v for k, v in explicit.items() if v is not None}
+    changes.update({k: v for k, v in explicit.items() if v is not None})
     if args.no_augment:
-        changes["augment"] = AugmentConfig(enabled=False)
+        changes["augment"] = dataclasses.replace(changes.get("augment", AugmentConfig()), enabled=False)
     if args.precision is not None:
-        changes["model"] = dataclasses.replace(base.model, precision=args.precision)
+        model = changes.get("model", (base or TrainConfig()).model)
+        changes["model"] = dataclasses.replace(model, precision=args.precision)
     return base.replace(**changes) if resuming else TrainConfig.new_run(preset, **changes)
 
 
@@ -109,7 +115,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     from ..present.tables import format_evaluation
 
     if args.run_dir is None:
-        recipe = args.recipe or PRESETS[args.preset].get("recipe", "reference")
+        from ..io.config_files import read_config_file
+
+        in_file = read_config_file(args.config).get("recipe") if args.config is not None else None
+        recipe = args.recipe or in_file or PRESETS[args.preset].get("recipe", "reference")
         # A recipe other than the preset's is another experiment: its own folder.
         suffix = "" if recipe == PRESETS[args.preset].get("recipe", "reference") else f"-{recipe}"
         args.run_dir = Path("runs") / f"{args.preset}-{args.dataset or DEFAULT_DATASET}{suffix}"
@@ -127,6 +136,15 @@ def cmd_run(args: argparse.Namespace) -> int:
     print(f"\nrun directory: {args.run_dir}")
     print(f"plots: {Path(next(iter(pngs.values()))).parent}/ ({len(pngs)} PNG files)")
     print(f"report: {report}")
+    return 0
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    """`config show`: every experiment setting of the defaults (or a preset) as a commented TOML file."""
+    from ..io.config_files import format_config_toml
+
+    what = f"the {args.preset} preset" if args.preset else "the defaults (the reference protocol)"
+    print(format_config_toml(TrainConfig.new_run(args.preset), f"emnist-cnn experiment settings: {what}"), end="")
     return 0
 
 

@@ -56,6 +56,10 @@ COMMANDS = {
               "Write RUN/tensorboard/ event files and, with --mlflow, log into the run's MLflow run "
               "(created on first use): every recorded epoch and checkpoint not sent yet, then config.json, "
               "the plots and report.html. Safe while the run trains: nothing is sent twice."),
+    "config": (a.add_config_args, c.cmd_config, "print every experiment setting as a TOML file for --config",
+               "Print the experiment's settings (the defaults, or --preset's) as a TOML file with every key "
+               "commented: what it means, its unit, and the flag that overrides it. Edit it and pass it to "
+               "train or run with --config FILE."),
     "download": (a.add_download_args, c.cmd_download,
                  "download and unpack an EMNIST split from NIST (or a mirror)",
                  "Download NIST's EMNIST archive (resumable, checksummed) and unpack one split."),

@@ -157,3 +157,16 @@ def test_run_names_its_default_folder_after_the_files_recipe(tmp_path, monkeypat
     monkeypatch.chdir(tmp_path)
     assert run_cli(["run", "--config", path]) == 130
     assert seen["run_dir"].endswith("runs/quick-emnist-digits-fast")
+
+
+def test_each_preset_is_a_config_file_that_reads_back_as_the_preset(tmp_path):
+    """Presets are data: src/emnist_cnn/presets/NAME.toml, each a config file `--config` accepts (keys and types
+    checked) that starts the same experiment as the preset. Caught: a preset file with a misspelt key or a
+    wrong type, which config.PRESETS itself would only meet when the preset is used."""
+    from importlib import resources
+
+    files = {e.name.removesuffix(".toml"): Path(str(e))
+             for e in resources.files("emnist_cnn").joinpath("presets").iterdir() if e.name.endswith(".toml")}
+    assert set(files) == set(PRESETS) == {"quick", "reference", "reference-fast"}
+    for name, path in files.items():
+        assert config_of(["train", "--run-dir", tmp_path / name, "--config", path]) == TrainConfig.new_run(name)

@@ -4,10 +4,16 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import sys
 from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import ConfigError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
 
 __all__ = ["EMNIST_DIGITS_MEAN", "EMNIST_DIGITS_STD", "IMAGE_SIDE", "DATASETS", "DEFAULT_DATASET", "PRECISIONS",
            "PRESETS", "FLAGS", "FILL_MODES", "INTERPOLATIONS", "RESUMABLE_CHANGES", "RECIPES", "Recipe",
@@ -337,17 +343,21 @@ class DataSource:
 RESUMABLE_CHANGES = ("epochs", "checkpoint_every")
 
 
-# Named starting points for `run` and the notebooks; explicit settings override them.
-PRESETS: dict[str, dict[str, Any]] = {
-    # A few minutes on a 2-core laptop: a small ensemble on a subset, still a real result.
-    "quick": dict(dropouts=(0.2,), models=2, epochs=4, checkpoint_every=2, batch_size=128,
-                  limit_train=20_000, bn_recalibration_images=5_000),
-    # The reference protocol (meant for a GPU): 4 dropout rates x 10 members x 256 epochs.
-    "reference": dict(dropouts=(0.2, 0.3, 0.4, 0.5), models=10, epochs=256, checkpoint_every=16,
-                      batch_size=512, limit_train=None),
-    # The same sweep with the fast recipe (at its batch size, 64) for 96 epochs, the first checkpoint multiple
-    # past a third of 256: on MNIST the fast recipe's 4 epochs reached the validation error the reference recipe
-    # had after 12 (README, Recipes). A projection to EMNIST Digits, not a measurement.
-    "reference-fast": dict(dropouts=(0.2, 0.3, 0.4, 0.5), models=10, epochs=96, checkpoint_every=16,
-                           limit_train=None, recipe="fast"),
-}
+def _load_presets() -> dict[str, dict[str, Any]]:
+    """The presets in the package's presets/ folder, one TOML file each, named by the file (checked against
+    TrainConfig's keys and types by the tests)."""
+    from importlib import resources
+
+    out: dict[str, dict[str, Any]] = {}
+    for entry in sorted(resources.files(__package__).joinpath("presets").iterdir(), key=lambda e: e.name):
+        if entry.name.endswith(".toml"):
+            settings = tomllib.loads(entry.read_text(encoding="utf-8"))
+            if "dropouts" in settings:
+                settings["dropouts"] = tuple(float(d) for d in settings["dropouts"])
+            out[entry.name.removesuffix(".toml")] = settings
+    return out
+
+
+# Named starting points for `run`, `config show` and the notebooks (src/emnist_cnn/presets/NAME.toml);
+# explicit settings override them.
+PRESETS: dict[str, dict[str, Any]] = _load_presets()

@@ -68,6 +68,20 @@ def test_every_flag_of_every_command_documents_its_default():
                     f"{name} {action.option_strings or action.dest} help lacks its default"
 
 
+def test_every_switch_and_output_is_spelt_one_way():
+    """On every command, an on/off flag is a pair (--x/--no-x, one argparse action), never a lone --no-x, and an
+    output location is --out (a file or a folder), never --out-dir. Caught (issue 30): --no-download,
+    --no-augment, --no-evaluate, --no-images as lone flags beside --fused/--no-fused; plot --out-dir beside
+    export --out."""
+    sub = build_parser()._subparsers._group_actions[0].choices
+    for name, p in sub.items():
+        for action in p._actions:
+            for option in action.option_strings:
+                if option.startswith("--no-"):
+                    assert f"--{option[5:]}" in action.option_strings, f"{name} {option} has no --{option[5:]}"
+                assert option not in ("--out-dir", "--output", "--output-dir"), f"{name} {option}: use --out"
+
+
 def test_flag_choices_match_the_engine():
     """The CLI spells out export formats and preprocessing styles so that --help never loads the engine."""
     from emnist_cnn.cli.args import EXPORT_FORMATS, PREPROCESSING_STYLES

@@ -20,10 +20,12 @@ ARGS = ["--dataset", "mnist", "--dropout", "0.2", "--models", "1", "--checkpoint
         "--val-fraction", "0.2", "--bn-recalibration", "0", "--quiet"]
 
 # What `train --epochs 2` writes to resume a run at epoch 1, in order: every file goes through a temporary
-# file, fsync and a rename, so failing the Nth fsync fails the Nth write.
-EPOCH_2_WRITES = ["config.json", "invocations.jsonl", "002epochs_weights_model_0.weights.h5", "model_0.csv",
-                  "model_0.npz", "test_errors_epoch_002.txt", "misclassified_epoch_002.csv", "errors.csv"]
-STATE_WRITE = EPOCH_2_WRITES.index("model_0.npz") + 1
+# file, fsync and a rename, so failing the Nth fsync fails the Nth write. The state's bytes are written (by a
+# writer thread, during validation) before the checkpoint and the history row, and renamed into place after
+# them.
+EPOCH_2_WRITES = ["config.json", "invocations.jsonl", "model_0.npz", "002epochs_weights_model_0.weights.h5",
+                  "model_0.csv", "test_errors_epoch_002.txt", "misclassified_epoch_002.csv", "errors.csv"]
+STATE_PUT_AFTER = EPOCH_2_WRITES.index("model_0.csv") + 1  # epoch 2's state is in place once this write is
 
 
 def fsynced_file(fd: int) -> str:
@@ -101,7 +103,7 @@ def test_disk_fault_at_any_write_is_one_line_and_keeps_the_last_state(runs, tmp_
     assert json.loads((run / "config.json").read_text())["config"]["epochs"] == (1 if nth == 1 else 2)
     # The last state that landed still loads: epoch 1's (kept as .prev while epoch 2's was being written),
     # or epoch 2's once it was written, holding exactly the uninterrupted run's arrays.
-    saved = 2 if nth > STATE_WRITE else 1
+    saved = 2 if nth > STATE_PUT_AFTER else 1
     assert read_state_epoch(state) == saved
     reference = (runs["clean"] if saved == 2 else runs["epoch1"]) / "dropout_0.2" / "state" / "model_0.npz"
     kept = state if state.exists() else state.with_name("model_0.prev.npz")

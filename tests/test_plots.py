@@ -348,7 +348,7 @@ def test_reference_overlay_draws_the_reference_values(tiny_run, shared_dir):
 
 
 def test_cli_plot_with_compare_reference(tiny_run, shared_dir, tmp_path, capsys):
-    args = _parse(["plot", "--run-dir", str(tiny_run), "--out-dir", str(tmp_path / "png"), "--report",
+    args = _parse(["plot", "--run-dir", str(tiny_run), "--out", str(tmp_path / "png"), "--report",
                    str(tmp_path / "r.html"), "--no-images", "--compare-reference",
                    str(shared_dir / "reference" / "plot_history")])
     assert cmd_plot(args) == 0

@@ -238,9 +238,9 @@ class TrainConfig:
         return cls.new_run(name, **changes)
 
 
-# The one table of experiment settings and the train/run flags that set them ("augment.enabled" is cleared by
-# --no-augment). Settings without a flag are set in a config file (--config FILE) or the Python API. --lr is
-# not "lr": it sets a fixed rate for the epochs one command trains (TrainOptions.fixed_lr).
+# The one table of experiment settings and the train/run flags that set them. Settings without a flag are set
+# in a config file (--config FILE) or the Python API. --lr is not "lr": it sets a fixed rate for the epochs one
+# command trains (TrainOptions.fixed_lr).
 FLAGS = {
     "dataset": "--dataset",
     "dropouts": "--dropout",
@@ -253,7 +253,7 @@ FLAGS = {
     "seed": "--seed",
     "limit_train": "--limit-train",
     "bn_recalibration_images": "--bn-recalibration",
-    "augment.enabled": "--no-augment",
+    "augment.enabled": "--augment",
     "model.precision": "--precision",
 }
 

@@ -35,8 +35,8 @@ def _add_data_group(p: argparse.ArgumentParser, *, dataset_default: str | None =
                    help="folder with the dataset files (default: $EMNIST_CNN_DATA, else ~/.cache/emnist-cnn/data)")
     g.add_argument("--mirror", default=None,
                    help="base URL to download EMNIST from (default: $EMNIST_CNN_MIRROR, else NIST)")
-    g.add_argument("--no-download", action="store_true",
-                   help="fail instead of downloading a missing EMNIST split (default: download it)")
+    g.add_argument("--download", action=argparse.BooleanOptionalAction, default=True,
+                   help="download a missing EMNIST split; --no-download fails instead (default: download)")
 
 
 def _add_training_group(p: argparse.ArgumentParser) -> None:
@@ -77,7 +77,9 @@ def _add_training_group(p: argparse.ArgumentParser) -> None:
     t.add_argument("--bn-recalibration", type=int, default=None, metavar="N",
                    help="training images used to recompute BatchNormalization statistics before each "
                         "evaluation; 0 keeps Keras' moving averages like the reference (default: 10000)")
-    t.add_argument("--no-augment", action="store_true", help="train without augmentation (default: augment)")
+    t.add_argument("--augment", action=argparse.BooleanOptionalAction, default=None,
+                   help="the reference's augmentation on or off (--no-augment); its settings are in the config "
+                        "file's [augment] (default: on, or the run's own when resuming)")
     t.add_argument("--precision", choices=PRECISIONS, default=None,
                    help="compute precision, float32 weights throughout: mixed_bfloat16 computes in bfloat16 "
                         "(faster on CPUs with AVX-512 BF16 and GPUs from Ampere on); mixed_float16 in float16 "
@@ -220,7 +222,7 @@ def add_compare_args(p: argparse.ArgumentParser) -> None:
 
 def add_plot_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--run-dir", type=Path, required=True, help="the run directory to plot (required, no default)")
-    p.add_argument("--out-dir", type=Path, default=None, help="folder for the PNGs (default: RUN/plot_history)")
+    p.add_argument("--out", type=Path, default=None, help="folder for the PNGs (default: RUN/plot_history)")
     p.add_argument("--report", type=Path, default=None, help="path of the HTML report (default: RUN/report.html)")
     p.add_argument("--compare-reference", type=Path, default=None, metavar="DIR",
                    help="the reference's plot_history folder (training_history_emnist_*.csv) to overlay, "
@@ -231,9 +233,9 @@ def add_plot_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dropout", type=float, default=None, metavar="D",
                    help="ensemble whose misclassified images and confusion matrix are drawn (default: the "
                         "dropout rate with the lowest validation error at its last checkpoint)")
-    p.add_argument("--no-images", action="store_true",
-                   help="skip the plots that need the data and weights: misclassified, correct, confusion "
-                        "matrix, augmentation (default: draw them)")
+    p.add_argument("--images", action=argparse.BooleanOptionalAction, default=True,
+                   help="draw the plots that need the data and weights: misclassified, correct, confusion "
+                        "matrix, augmentation; --no-images skips them (default: draw them)")
 
 
 def add_export_args(p: argparse.ArgumentParser) -> None:
@@ -292,10 +294,12 @@ def add_import_reference_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--bn-recalibration", type=int, default=None, metavar="N",
                    help="training images used to recompute BatchNormalization statistics after each continued "
                         "epoch; 0 keeps the moving averages (default: 10000)")
-    g.add_argument("--no-augment", action="store_true",
-                   help="continue without augmentation (default: the reference's augmentation)")
-    p.add_argument("--no-evaluate", action="store_true",
-                   help="skip evaluating the imported checkpoints on validation and test (default: evaluate)")
+    g.add_argument("--augment", action=argparse.BooleanOptionalAction, default=True,
+                   help="continue with the reference's augmentation, or without it (--no-augment) (default: "
+                        "with it)")
+    p.add_argument("--evaluate", action=argparse.BooleanOptionalAction, default=True,
+                   help="evaluate the imported checkpoints on validation and test; --no-evaluate skips it "
+                        "(default: evaluate)")
 
 
 def add_download_args(p: argparse.ArgumentParser) -> None:

@@ -42,8 +42,9 @@ def config_from_args(args: argparse.Namespace, preset: str | None = None) -> Tra
         "dropouts": tuple(args.dropout) if args.dropout else None, "recipe": args.recipe,
     }
     changes.update({k: v for k, v in explicit.items() if v is not None})
-    if args.no_augment:
-        changes["augment"] = dataclasses.replace(changes.get("augment", AugmentConfig()), enabled=False)
+    if args.augment is not None:
+        augment = changes.get("augment", (base or TrainConfig()).augment)
+        changes["augment"] = dataclasses.replace(augment, enabled=args.augment)
     if args.precision is not None:
         model = changes.get("model", (base or TrainConfig()).model)
         changes["model"] = dataclasses.replace(model, precision=args.precision)
@@ -88,7 +89,7 @@ def _train(args: argparse.Namespace, preset: str | None = None):
     args.run_dir = RunDir.of(args.run_dir)  # one RunDir for the whole command: config.json is read once
     _find_data_dir(args)
     config = config_from_args(args, preset)
-    source = DataSource(data_dir=args.data_dir, mirror=args.mirror, download=not args.no_download)
+    source = DataSource(data_dir=args.data_dir, mirror=args.mirror, download=args.download)
     if options.scaleout.ray_address is not None:
         from ..training.scaleout import train_and_evaluate_on_ray
 
@@ -172,8 +173,8 @@ def cmd_plot(args: argparse.Namespace) -> int:
     from ..present.report import write_report
     from ..present.run_plots import plot_run
 
-    pngs = plot_run(args.run_dir, args.out_dir, args.compare_reference, args.data_dir,
-                    dropout=args.dropout, images=not args.no_images)
+    pngs = plot_run(args.run_dir, args.out, args.compare_reference, args.data_dir,
+                    dropout=args.dropout, images=args.images)
     reference = load_reference_history(args.compare_reference) if args.compare_reference else None
     print(write_report(args.run_dir, pngs, reference=reference, out_path=args.report))
     return 0
@@ -249,10 +250,10 @@ def cmd_import_reference(args: argparse.Namespace) -> int:
         "batch_size": args.batch_size, "checkpoint_every": args.checkpoint_every, "lr": args.lr,
         "bn_recalibration_images": args.bn_recalibration,
     }.items() if v is not None}
-    if args.no_augment:
+    if not args.augment:
         settings["augment"] = AugmentConfig(enabled=False)
     result = import_reference(args.ref_dir, args.run_dir, dataset=args.dataset, data_dir=args.data_dir,
-                              models=args.models, evaluate=not args.no_evaluate, download=not args.no_download,
+                              models=args.models, evaluate=args.evaluate, download=args.download,
                               mirror=args.mirror, settings=settings)
     config: TrainConfig = result["config"]
     n_files = sum(len(m["epochs"]) for m in result["members"])

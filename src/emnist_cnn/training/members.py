@@ -368,13 +368,16 @@ def _record_epoch(member: Member, epoch: int, loss_acc: tuple[float, float], sec
         val_acc = 1.0 - evaluate_error(val_probs, data.y_val).pct / 100.0
     lr = read_variable(model.optimizer.learning_rate)
     row = make_history_row(epoch, loss, accuracy, val_loss, val_acc, lr, seconds)
+    # The state's bytes first (written during validation): a failed write stops the epoch before anything
+    # else of it is written, and the files are written in one order.
+    tmp = state.result()
     # Order matters for crash safety: checkpoint weights, then history, then state.
     # A state at epoch E therefore always has its history row and checkpoint file.
     if epoch in ctx.checkpoint_epochs:
         save_weights_atomic(model, ctx.run.weights_path(member.dropout, epoch, member.index))
     member.history = member.history + [row]
     ctx.run.write_history_rows(member.dropout, member.index, member.history)
-    put_member_state(ctx.run.state_path(member.dropout, member.index), state.result())
+    put_member_state(ctx.run.state_path(member.dropout, member.index), tmp)
     member.epoch = epoch
     if ctx.on_epoch is not None:
         ctx.on_epoch(member)

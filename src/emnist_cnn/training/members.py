@@ -279,7 +279,7 @@ def _finish_epochs(group: list[Member], logs: list[tuple[float, float]], train_s
     then each one's epoch recorded. Images stay on the device: one call recalibrates a member, one call
     per validation batch predicts for all members. The members' state files are written while they are
     validated (on a GPU the host is otherwise idle then) and put in place as each epoch is recorded."""
-    from ..core.model import recalibrate_batchnorm, upload_images
+    from ..core.model import read_variable, recalibrate_batchnorm, upload_images
 
     t0 = time.perf_counter()
     config, data = ctx.config, ctx.data
@@ -290,10 +290,11 @@ def _finish_epochs(group: list[Member], logs: list[tuple[float, float]], train_s
             recalibrate_batchnorm(m.model, ctx.device_calibration)
     # The snapshots may share memory with the variables (a CPU backend's arrays): every write ends with this
     # block, before the members train again.
-    states = [_snapshot_state(m) for m in group]
+    rates = [read_variable(m.model.optimizer.learning_rate) for m in group]  # the epoch's last, kept by each
+    states = [snapshot_member_state(m.model, m.epoch + 1, {"seed": m.seed, "learning_rate": lr})
+              for m, lr in zip(group, rates)]
     with ThreadPoolExecutor(min(len(group), STATE_WRITERS), thread_name_prefix="member-state") as pool:
         writes = [pool.submit(_write_state, ctx.run.state_path(m.dropout, m.index), a) for m, a in zip(group, states)]
-        del states
         try:
             probs = [None] * len(group)
             if len(data.y_val):
@@ -301,17 +302,9 @@ def _finish_epochs(group: list[Member], logs: list[tuple[float, float]], train_s
             # Training time (a fused epoch's shared equally among its members) plus recalibration and validation.
             seconds = train_seconds + (time.perf_counter() - t0) / len(group)
             for k, m in enumerate(group):
-                _record_epoch(m, m.epoch + 1, logs[k], seconds, probs[k], writes[k], ctx)
+                _record_epoch(m, m.epoch + 1, logs[k], rates[k], seconds, probs[k], writes[k], ctx)
         finally:
             _discard_unplaced(writes)
-
-
-def _snapshot_state(member: Member) -> dict[str, np.ndarray]:
-    """The member's state after the epoch it has just trained (and recalibrated), copied to the host."""
-    from ..core.model import read_variable
-
-    lr = read_variable(member.model.optimizer.learning_rate)
-    return snapshot_member_state(member.model, member.epoch + 1, {"seed": member.seed, "learning_rate": lr})
 
 
 def _write_state(path, arrays: dict[str, np.ndarray]):
@@ -326,8 +319,7 @@ def _discard_unplaced(writes: list[Future]) -> None:
             tmp = w.result()
         except Exception:  # the write's own error, raised where it was awaited (a Ctrl-C here goes up)
             continue
-        if tmp.exists():
-            remove_temp_file(tmp)
+        remove_temp_file(tmp)  # gone already once put in place
 
 
 def _validate(group: list[Member], ctx: TrainContext) -> np.ndarray:
@@ -353,12 +345,10 @@ def find_member_predictor(predictors: dict, models: list):
     return predictors[key]
 
 
-def _record_epoch(member: Member, epoch: int, loss_acc: tuple[float, float], seconds: float,
+def _record_epoch(member: Member, epoch: int, loss_acc: tuple[float, float], lr: float, seconds: float,
                   val_probs: np.ndarray | None, state: Future, ctx: TrainContext) -> None:
     """The epoch's validation figures, then checkpoint, history row and state (`state`: the temp file being
-    written by `_write_state`), in that order."""
-    from ..core.model import read_variable
-
+    written by `_write_state`), in that order. `lr`: the rate the member ends the epoch with."""
     config, data, model = ctx.config, ctx.data, member.model
     loss, accuracy = float(loss_acc[0]), float(loss_acc[1])
     val_loss = val_acc = float("nan")
@@ -366,7 +356,6 @@ def _record_epoch(member: Member, epoch: int, loss_acc: tuple[float, float], sec
         member.val_probs = (epoch, val_probs)
         val_loss = evaluate_loss(val_probs, data.y_val)
         val_acc = 1.0 - evaluate_error(val_probs, data.y_val).pct / 100.0
-    lr = read_variable(model.optimizer.learning_rate)
     row = make_history_row(epoch, loss, accuracy, val_loss, val_acc, lr, seconds)
     # The state's bytes first (written during validation): a failed write stops the epoch before anything
     # else of it is written, and the files are written in one order.

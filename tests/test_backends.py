@@ -145,7 +145,7 @@ def test_backend_train_resume_evaluate_export(backend, tmp_path):
                            "--formats", "onnx"], capture_output=True, text=True, timeout=600, env=env)
         assert r.returncode == 1 and r.stderr.splitlines()[-1].endswith(
             "cannot export onnx: jax2onnx is not installed (pip install onnx jax2onnx)"), r.stderr[-2000:]
-    run("export", "--run-dir", run_dir, "--model", "ensemble", "--formats", *formats)
+    run("export", "--run-dir", run_dir, "--member", "ensemble", "--formats", *formats)
     out = run_dir / "export_json_h5"
     meta = json.loads((out / "metadata.json").read_text())
     assert meta["versions"]["backend"] == backend and backend in meta["versions"]

@@ -83,7 +83,7 @@ def test_train_and_run_refuse_out_of_range_values(tmp_path, capsys, command, arg
     (["download", "--dataset", "mnist"], "--dataset", "EMNIST"),
     (["download", "--format", "zip"], "--format", "'mat'"),
     (["export", "--run-dir", "RUN", "--formats", "tflite"], "--formats", "json_h5"),
-    (["export", "--run-dir", "RUN", "--model", "worst"], "--model", "best, ensemble or a member index"),
+    (["export", "--run-dir", "RUN", "--member", "worst"], "--member", "best, ensemble or a member index"),
     (["export", "--run-dir", "RUN", "--epoch", "last"], "--epoch", "'latest'"),
     (["predict", "model.keras", "a.png", "--top", "0"], "--top", ">= 1"),
     (["predict", "model.keras", "a.png", "--preprocessing", "nist"], "--preprocessing", "emnist"),
@@ -105,8 +105,8 @@ def test_a_checkpoint_the_run_does_not_have_names_the_available_ones(trained, tm
     assert_one_line(code, err, "--dropout 0.9", "0.2")
     code, err = run(["export", "--run-dir", trained, "--dropout", "0.9", "--out", tmp_path / "x"], capsys)
     assert_one_line(code, err, "--dropout 0.9", "0.2")
-    code, err = run(["export", "--run-dir", trained, "--model", "3", "--out", tmp_path / "x"], capsys)
-    assert_one_line(code, err, "--model 3", "0..0")
+    code, err = run(["export", "--run-dir", trained, "--member", "3", "--out", tmp_path / "x"], capsys)
+    assert_one_line(code, err, "--member 3", "0..0")
     assert not (tmp_path / "x").exists()
 
 

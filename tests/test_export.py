@@ -93,7 +93,7 @@ def test_best_member_and_ensemble_round_trip_in_every_format(run_dir, tmp_path):
     member_val = [_n_errors(m.predict(_scaled(data.x_val), verbose=0), data.y_val) for m in members]
     best = min((0, 1), key=lambda i: (member_val[i], i))
 
-    meta = export_run(run_dir, model="best", out_dir=tmp_path / "best").metadata
+    meta = export_run(run_dir, member="best", out_dir=tmp_path / "best").metadata
     assert meta["skipped"] == {} and set(meta["files"]) == {"json", "weights", "keras", "saved_model", "onnx"}
     assert (meta["model"], meta["members"], meta["epoch"], meta["dropout"]) == ("best", [best], 2, 0.2)
     assert meta["classes"] == list("0123456789")
@@ -102,7 +102,7 @@ def test_best_member_and_ensemble_round_trip_in_every_format(run_dir, tmp_path):
     assert meta["input"]["image_preprocessing"] == "mnist"  # a model trained on MNIST reads MNIST-style inputs
     assert json.loads((tmp_path / "best" / "metadata.json").read_text()) == json.loads(json.dumps(meta))
 
-    ens_meta = export_run(run_dir, model="ensemble", out_dir=tmp_path / "ensemble").metadata
+    ens_meta = export_run(run_dir, member="ensemble", out_dir=tmp_path / "ensemble").metadata
     assert (ens_meta["model"], ens_meta["members"]) == ("ensemble", [0, 1])
 
     # Random inputs, then the run's test and validation images, through every exported file in a fresh process.
@@ -130,7 +130,7 @@ def test_member_metadata_scores_that_member_at_that_epoch(run_dir, tmp_path):
     _, data = load_run_data(run_dir)
     for member, epoch in ((1, 1), (0, 1)):
         out = tmp_path / f"m{member}e{epoch}"
-        meta = export_run(run_dir, model=str(member), epoch=epoch, out_dir=out, formats=["keras"]).metadata
+        meta = export_run(run_dir, member=str(member), epoch=epoch, out_dir=out, formats=["keras"]).metadata
         assert (meta["model"], meta["members"], meta["epoch"]) == ("member", [member], epoch)
         model = keras.saving.load_model(out / "model.keras")
         assert meta["test_error"]["n_errors"] == _n_errors(model.predict(_scaled(data.x_test), verbose=0),
@@ -178,7 +178,7 @@ def test_ensemble_model_is_one_model_with_unique_layer_names():
 def test_export_cli_default_folder_member_and_epoch(run_dir, capsys):
     out = run_dir / "export_json_h5"
     shutil.rmtree(out, ignore_errors=True)
-    assert run_cli(["export", "--run-dir", str(run_dir), "--model", "1", "--epoch", "1",
+    assert run_cli(["export", "--run-dir", str(run_dir), "--member", "1", "--epoch", "1",
                     "--formats", "json_h5", "keras"]) == 0
     printed = capsys.readouterr().out
     meta = json.loads((out / "metadata.json").read_text())
@@ -195,10 +195,10 @@ def test_export_refuses_what_the_run_does_not_have(run_dir, tmp_path, capsys):
         assert err.count("\n") == 0 and "Traceback" not in err
         return err
 
-    assert "members 0..1" in fails("--model", "5")
+    assert "members 0..1" in fails("--member", "5")
     assert "epoch 7" in fails("--epoch", "7")
     assert "--dropout 0.5" in fails("--dropout", "0.5")
-    assert "best, ensemble or a member index" in fails("--model", "worst")
+    assert "best, ensemble or a member index" in fails("--member", "worst")
     assert "not found" in fails("--run-dir", str(tmp_path / "nothing"))
     # Without validation errors, "best" cannot be chosen: the message says what to do instead.
     copy = tmp_path / "noval"
@@ -209,8 +209,8 @@ def test_export_refuses_what_the_run_does_not_have(run_dir, tmp_path, capsys):
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
         w.writerows(rows)
-    with pytest.raises(ConfigError, match="--model ensemble"):
-        export_run(copy, model="best", out_dir=tmp_path / "y", formats=["keras"])
+    with pytest.raises(ConfigError, match="--member ensemble"):
+        export_run(copy, member="best", out_dir=tmp_path / "y", formats=["keras"])
 
 
 def test_export_model_rejects_unknown_formats(tmp_path):

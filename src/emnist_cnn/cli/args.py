@@ -247,7 +247,7 @@ def add_export_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--epoch", default="latest",
                    help="checkpoint epoch, or 'latest': the latest checkpoint holding every needed member "
                         "(default: latest)")
-    p.add_argument("--model", default="best",
+    p.add_argument("--member", default="best",
                    help="best: the member with the lowest validation error; ensemble: all members averaged; "
                         "or a member index I (default: best)")
     p.add_argument("--out", type=Path, default=None, help="output folder (default: RUN/export_json_h5/)")

@@ -189,7 +189,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     tracking = tracking_from_args(args)
     if tracking.mlflow_uri is not None and "keras" not in args.formats:
         raise ConfigError("--mlflow logs the exported model.keras: add keras to --formats")
-    exported = export_run(args.run_dir, dropout=args.dropout, epoch=args.epoch, model=args.model, out_dir=args.out,
+    exported = export_run(args.run_dir, dropout=args.dropout, epoch=args.epoch, member=args.member, out_dir=args.out,
                           formats=args.formats, strict=explicit)
     sel, out = exported.selection, exported.out_dir
     what = {"best": f"member {sel.members[0]} (best on validation)", "ensemble":

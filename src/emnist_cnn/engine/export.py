@@ -65,29 +65,29 @@ class Exported:
         return self.metadata["skipped"]
 
 
-def _parse_model(model) -> str | int:
-    if isinstance(model, int):
-        return model
-    text = str(model).strip().lower()
+def _parse_member(member) -> str | int:
+    if isinstance(member, int):
+        return member
+    text = str(member).strip().lower()
     if text in ("best", "ensemble"):
         return text
     if text.isdigit():
         return int(text)
-    raise ConfigError(f"--model must be best, ensemble or a member index, got {model!r}")
+    raise ConfigError(f"--member must be best, ensemble or a member index, got {member!r}")
 
 
 def select_export(run: RunDir, config: TrainConfig, *, dropout: float | None = None, epoch="latest",
-                  model="best") -> Selection:
+                  member="best") -> Selection:
     """Which weights files to export: dropout rate, epoch and member(s).
 
-    ``epoch`` "latest" is the latest checkpoint holding what ``model`` needs (every
+    ``epoch`` "latest" is the latest checkpoint holding what ``member`` needs (every
     member for best and ensemble). ``best`` is the member with the lowest
     validation error at that epoch. With several dropout rates and no
     ``dropout``, the rate whose chosen model has the lowest validation error is taken.
     """
-    which = _parse_model(model)
+    which = _parse_member(member)
     if isinstance(which, int) and not 0 <= which < config.models:
-        raise ConfigError(f"--model {which}: the run has members 0..{config.models - 1}")
+        raise ConfigError(f"--member {which}: the run has members 0..{config.models - 1}")
     rates = list(config.dropouts) if dropout is None else [config.find_dropout(dropout)]
     candidates = [c for d in rates if (c := _select_one(run, config, d, epoch, which)) is not None]
     if not candidates:
@@ -131,7 +131,7 @@ def _select_one(run: RunDir, config: TrainConfig, dropout: float, epoch, which) 
     if best is None:
         raise ConfigError(
             f"{run}: no validation errors for every member at epoch {chosen_epoch} of dropout {dropout:g} "
-            "(history/errors.csv; a run with --val-fraction 0 has none): use --model ensemble or --model I")
+            "(history/errors.csv; a run with --val-fraction 0 has none): use --member ensemble or --member I")
     sel = Selection(dropout, chosen_epoch, "best", [best], errors.get((str(best), "val")),
                     errors.get((str(best), "test")))
     sel.notes.append(f"member {best} chosen: lowest validation error at epoch {chosen_epoch}")
@@ -143,17 +143,17 @@ def _error_dict(rate: ErrorRate | None) -> dict | None:
     return None if rate is None else {"pct": rate.pct, "n_errors": rate.n_errors, "n": rate.n}
 
 
-def export_run(run_dir, *, dropout: float | None = None, epoch="latest", model="best", out_dir=None,
+def export_run(run_dir, *, dropout: float | None = None, epoch="latest", member="best", out_dir=None,
                formats: Sequence[str] = FORMATS, strict: bool = False) -> Exported:
     """Export a run's best member, ensemble, or member I into `out_dir` (default: the run's export folder)."""
     from ..core.model import build_averaged_ensemble
 
     run = RunDir.of(run_dir)
-    _parse_model(model)  # a malformed flag is reported as such, before the run is opened
+    _parse_member(member)  # a malformed flag is reported as such, before the run is opened
     parse_checkpoint_epoch(epoch)  # a malformed --epoch too
     saved = run.read_record()
     config = run.read_config()
-    sel = select_export(run, config, dropout=dropout, epoch=epoch, model=model)
+    sel = select_export(run, config, dropout=dropout, epoch=epoch, member=member)
     members = [load_checkpoint_model(run, sel.dropout, sel.epoch, i, config=config) for i in sel.members]
     exported = build_averaged_ensemble(members) if sel.kind == "ensemble" else members[0]
     out = Path(out_dir) if out_dir is not None else run.export_dir

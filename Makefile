@@ -18,7 +18,7 @@ MIXED_EXTRAS = $(VENV) was set up with EXTRA=$(OTHER_STAMP:$(VENV)/.installed-%=
 (or give EXTRA=$(EXTRA) a venv of its own: make ... VENV=$(VENV)-$(EXTRA) EXTRA=$(EXTRA))
 REFUSE_MIXED_EXTRAS = $(if $(OTHER_STAMP),$(error $(MIXED_EXTRAS)))
 
-.PHONY: run test test-fast bench setup clean gpu-check-wheels
+.PHONY: run test test-fast bench docs setup clean gpu-check-wheels
 
 setup: $(STAMP)
 
@@ -51,6 +51,11 @@ test: $(TEST_STAMP)
 test-fast: $(TEST_STAMP)
 	$(BIN)/python -m pytest -n $(TEST_JOBS) --dist loadfile --no-loadscope-reorder -m "not trains" $(ARGS)
 
+# The documentation site, built strictly into site/ (open site/index.html; `$(BIN)/mkdocs serve` rebuilds as you
+# edit). `make test` builds it too (tests/test_docs.py).
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 DISABLE_MKDOCS_2_WARNING=true $(BIN)/mkdocs build --strict --site-dir site
+
 # Throughput, efficiency and memory figures (about 3 minutes on 2 idle cores); ARGS="--quick", "--json PATH", "--only KEY".
 # BENCH=recipes compares the training recipes on the real MNIST digits in ../shared (benchmarks/recipes.py).
 # Each writes its figures to a dated JSON file under benchmarks/results/ (the files the README quotes).
@@ -66,4 +71,4 @@ gpu-check-wheels: $(STAMP)
 	  $$($(BIN)/python -c 'from importlib.metadata import version as v; print(*(f"{p}=={v(p)}" for p in ("keras", "namex", "optree")))')
 
 clean:
-	rm -rf $(VENV) build src/*.egg-info
+	rm -rf $(VENV) build site src/*.egg-info

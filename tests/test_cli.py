@@ -175,25 +175,3 @@ def test_resume_with_changed_experiment_is_refused(tmp_path, tiny_mnist_dir, clo
     assert r.returncode == 0, r.stderr
     hist = read_csv(run / "dropout_0.2" / "history" / "model_0.csv")
     assert [float(row["learning_rate"]) for row in hist] == [pytest.approx(1e-3), pytest.approx(1e-5)]
-
-
-@pytest.mark.trains
-def test_real_mnist_training_reaches_the_measured_error(tmp_path, shared_dir):
-    """`train` on the 10,000 real MNIST training digits, 2 members x 1 epoch at batch 64: measured 1.95%
-    ensemble test error (195/10,000), members 3.11% and 2.73% (311, 273). The bounds leave about a fifth
-    for other CPUs' rounding; the ensemble must beat both members. (`run`'s evaluation, plots and report
-    are tested on tiny data in tests/test_quick_run.py.)"""
-    run = tmp_path / "run"
-    r = cli("train", "--run-dir", run, "--dataset", "mnist", "--data-dir", shared_dir / "data" / "mnist",
-            "--dropout", "0.2", "--models", "2", "--epochs", "1", "--checkpoint-every", "1", "--batch-size", "64",
-            "--bn-recalibration", "5000", "--quiet", timeout=1200)
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert "ensemble" in r.stdout and "test error" in r.stdout
-    rows = [row for row in read_csv(run / "dropout_0.2" / "history" / "errors.csv")
-            if row["split"] == "test" and row["epoch"] == "1"]
-    errors = {row["model"]: int(row["n_errors"]) for row in rows}
-    print(f"real MNIST test errors after 1 epoch (of 10,000): {errors}")
-    assert {int(row["n"]) for row in rows} == {10_000} and set(errors) == {"0", "1", "ensemble"}
-    assert errors["ensemble"] <= 235
-    assert max(errors["0"], errors["1"]) <= 375
-    assert errors["ensemble"] <= min(errors["0"], errors["1"])

@@ -54,7 +54,7 @@ INTERPOLATIONS = ("bilinear", "nearest")
 class AugmentConfig:
     """The reference's Keras 2.0.8 ImageDataGenerator settings, one affine warp per image."""
 
-    enabled: bool = True
+    enabled: bool = True  # warp every training image (false: train on the images as they are)
     rotation_deg: float = 12.0  # max rotation, degrees, drawn uniformly in [-r, r]
     shift_frac: float = 0.1  # max shift, fraction of width (x) and of height (y), drawn separately
     shear_rad: float = 0.3  # max shear angle, radians (Keras 2.0.x unit; Keras >= 2.1 read it as degrees)
@@ -143,7 +143,7 @@ RECIPES: dict[str, Recipe] = {
 class TrainConfig:
     """Everything that defines an experiment; stored as RUN/config.json."""
 
-    dataset: str = DEFAULT_DATASET
+    dataset: str = DEFAULT_DATASET  # whose images and labels the members train and are tested on
     dropouts: tuple[float, ...] = (0.2, 0.3, 0.4, 0.5)  # one ensemble per dropout rate
     models: int = 10  # ensemble members per dropout rate
     epochs: int = 256  # total epochs per member (raise it to continue a finished run)

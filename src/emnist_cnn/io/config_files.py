@@ -24,7 +24,8 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
-__all__ = ["SECTIONS", "CHOICES", "read_config_file", "apply_config_file", "format_config_toml", "describe_settings"]
+__all__ = ["SECTIONS", "CHOICES", "read_config_file", "apply_config_file", "format_config_toml", "format_toml_value",
+           "describe_settings"]
 
 # TOML tables of TrainConfig's nested settings, in the order `config show` writes them.
 SECTIONS = {"augment": AugmentConfig, "model": ModelConfig}
@@ -186,7 +187,7 @@ def _format_table(obj, cls: type, prefix: str) -> list[str]:
         if key in CHOICES:
             note = f"{note}; one of {', '.join(CHOICES[key])}" if note else f"one of {', '.join(CHOICES[key])}"
         flag = f"[flag {FLAGS[key]}]" if key in FLAGS else ""
-        line = f"# {f.name} = ...  (not set)" if value is None else f"{f.name} = {_toml_value(value)}"
+        line = f"# {f.name} = ...  (not set)" if value is None else f"{f.name} = {format_toml_value(value)}"
         whole = " ".join(x for x in (note, flag) if x)
         if whole and len(line) + len(whole) + 4 <= WIDTH:
             out.append(f"{line}  # {whole}")
@@ -196,7 +197,8 @@ def _format_table(obj, cls: type, prefix: str) -> list[str]:
     return out
 
 
-def _toml_value(value: Any) -> str:
+def format_toml_value(value: Any) -> str:
+    """`value` as TOML writes it (a config file's right-hand side)."""
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, int):
@@ -208,5 +210,5 @@ def _toml_value(value: Any) -> str:
     if isinstance(value, str):
         return json.dumps(value)
     if isinstance(value, (tuple, list)):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+        return "[" + ", ".join(format_toml_value(v) for v in value) + "]"
     raise TypeError(f"no TOML form for {value!r}")

@@ -136,6 +136,8 @@ def offline_network(monkeypatch):
 # CLI processes of tests/warmstart.py); a file not listed runs after these, in name order.
 LONGEST_FILES_FIRST = (
     "test_scaleout.py",  # 255 s
+    "test_tune.py",  # 130 s (2026-12-08, measured alone)
+    "test_tutorial.py",  # 136 s (2026-12-08)
     "test_backends.py",  # 218 s
     "test_gpu_check.py",  # 144 s
     "test_fused.py",  # 130 s

@@ -60,7 +60,7 @@ def test_every_flag_of_every_command_documents_its_default():
     parser = build_parser()
     sub = parser._subparsers._group_actions[0].choices
     assert set(sub) == set(COMMANDS) == {"run", "train", "evaluate", "plot", "export", "predict",
-                                          "import-reference", "download", "track", "compare", "config"}
+                                          "import-reference", "download", "track", "compare", "config", "tune"}
     for name, p in [("emnist-cnn", parser), *sub.items()]:
         for action in p._actions:
             if action.dest != "help" and not isinstance(action, argparse._SubParsersAction):

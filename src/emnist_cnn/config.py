@@ -17,8 +17,8 @@ else:  # pragma: no cover - Python 3.10
 
 __all__ = ["EMNIST_DIGITS_MEAN", "EMNIST_DIGITS_STD", "IMAGE_SIDE", "DATASETS", "DEFAULT_DATASET", "PRECISIONS",
            "PRESETS", "FLAGS", "FILL_MODES", "INTERPOLATIONS", "RESUMABLE_CHANGES", "RECIPES", "Recipe",
-           "AugmentConfig", "ModelConfig", "TrainConfig", "ScaleOutConfig", "MLFLOW_SCHEMES", "TrackingConfig",
-           "TrainOptions", "DataSource"]
+           "AugmentConfig", "ModelConfig", "TrainConfig", "ScaleOutConfig", "SearchSettings", "MLFLOW_SCHEMES",
+           "TrackingConfig", "TrainOptions", "DataSource"]
 
 # EMNIST Digits training-set pixel statistics in [0, 1], as hard-coded by the reference.
 EMNIST_DIGITS_MEAN = 0.17325132
@@ -282,6 +282,29 @@ class ScaleOutConfig:
     def task_threads(self) -> int:
         """Threads (and CPUs reserved) per Ray task: pinned, so results do not follow a node's core count."""
         return self.threads or 1
+
+
+@dataclass(frozen=True)
+class SearchSettings:
+    """How `emnist-cnn tune` searches: trials, their length, and ASHA's successive halving."""
+
+    trials: int = 16  # configurations sampled from the space, each a run directory
+    max_epochs: int = 16  # epochs a trial that is never stopped trains
+    grace_epochs: int = 2  # epochs every trial trains before ASHA may stop it
+    reduction_factor: int = 3  # ASHA keeps the best 1/reduction_factor of the trials at each rung
+    members_per_trial: int = 1  # ensemble members per trial; the trial reports their ensemble's val error
+    concurrent: int = 1  # trials training at once (each with its own threads and process)
+    seed: int = 0  # seeds the sampling of configurations (a trial's own training uses the base seed)
+
+    def __post_init__(self) -> None:
+        _check(self.trials >= 1, "--trials", "must be >= 1", self.trials)
+        _check(self.max_epochs >= 1, "--max-epochs", "must be >= 1", self.max_epochs)
+        _check(1 <= self.grace_epochs <= self.max_epochs, "--grace-epochs", "must be in [1, --max-epochs]",
+               self.grace_epochs)
+        _check(self.reduction_factor >= 2, "--reduction-factor", "must be >= 2", self.reduction_factor)
+        _check(self.members_per_trial >= 1, "--members-per-trial", "must be >= 1", self.members_per_trial)
+        _check(self.concurrent >= 1, "--concurrent", "must be >= 1", self.concurrent)
+        _check(self.seed >= 0, "--search-seed", "must be >= 0", self.seed)
 
 
 # MLflow tracking URIs accepted by --mlflow: a tracking server, or a store MLflow opens itself.

@@ -11,7 +11,7 @@ from ..training.device import DEVICES, JIT_COMPILE
 
 __all__ = ["EXPORT_FORMATS", "PREPROCESSING_STYLES", "Parser", "add_run_args", "add_train_args", "add_evaluate_args",
            "add_plot_args", "add_export_args", "add_predict_args", "add_import_reference_args", "add_download_args",
-           "add_track_args", "add_compare_args", "add_config_args"]
+           "add_track_args", "add_compare_args", "add_config_args", "add_tune_args"]
 
 # Kept in step with io.model_files.FORMATS and engine.predict.STYLES (checked by the tests); spelled out
 # here so that `--help` never imports the engine.
@@ -309,3 +309,40 @@ def add_download_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--timeout", type=float, default=60.0, metavar="SECONDS",
                    help="give up when the server sends nothing for this long; the partial file is kept and "
                         "the next run resumes it (default: 60)")
+
+
+def add_tune_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--search-dir", type=Path, required=True, metavar="DIR",
+                   help="where the search keeps its trials (one run directory each), its state, the leaderboard "
+                        "and best.toml; the same command resumes it (required, no default)")
+    p.add_argument("--space", type=Path, required=True, metavar="FILE",
+                   help="TOML file of the settings to vary: a list of values or {uniform = [low, high]} / "
+                        "{loguniform = [low, high]} per key (required, no default)")
+    b = p.add_argument_group("the base experiment",
+                             "Settings the space does not vary come from the preset, then the --config file.")
+    b.add_argument("--preset", choices=sorted(PRESETS), default="quick",
+                   help="base settings (default: quick)")
+    b.add_argument("--config", type=Path, default=None, metavar="FILE",
+                   help="base settings from a TOML file or a run's config.json, over the preset (default: none)")
+    _add_data_group(p)
+    s = p.add_argument_group("the search", "Successive halving (ASHA) on the trials' validation error; the test "
+                             "split is never loaded by a trial.")
+    s.add_argument("--trials", type=int, default=16, metavar="N",
+                   help="configurations sampled from the space (default: 16)")
+    s.add_argument("--max-epochs", type=int, default=16, metavar="E",
+                   help="epochs a trial trains unless stopped (default: 16)")
+    s.add_argument("--grace-epochs", type=int, default=2, metavar="E",
+                   help="epochs every trial trains before it may be stopped (default: 2)")
+    s.add_argument("--reduction-factor", type=int, default=3, metavar="R",
+                   help="at each rung ASHA lets the best 1/R of the trials go on (default: 3)")
+    s.add_argument("--members-per-trial", type=int, default=1, metavar="K",
+                   help="ensemble members per trial; the trial reports their ensemble (default: 1)")
+    s.add_argument("--concurrent", type=int, default=1, metavar="N",
+                   help="trials training at once, each in a process of its own (default: 1)")
+    s.add_argument("--search-seed", type=int, default=0, metavar="S",
+                   help="seed of the sampled configurations; the trials train with the base seed (default: 0)")
+    s.add_argument("--threads", type=int, default=None, metavar="N",
+                   help="backend threads per trial, and the CPUs it reserves (default: the cores / --concurrent)")
+    s.add_argument("--ray", default=None, metavar="ADDRESS",
+                   help="run the trials on this Ray cluster: 'auto' or HOST:PORT (default: Ray on this machine)")
+    p.add_argument("--json", action="store_true", help="print the leaderboard as JSON (default: a table)")

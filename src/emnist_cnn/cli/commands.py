@@ -13,8 +13,8 @@ import math
 import sys
 from pathlib import Path
 
-from ..config import (DEFAULT_DATASET, PRESETS, AugmentConfig, DataSource, ScaleOutConfig, TrackingConfig, TrainConfig,
-                      TrainOptions)
+from ..config import (DEFAULT_DATASET, PRESETS, AugmentConfig, DataSource, ScaleOutConfig, SearchSettings,
+                      TrackingConfig, TrainConfig, TrainOptions)
 from ..errors import ConfigError
 from ..io.rundir import RunDir, parse_checkpoint_epoch
 
@@ -292,4 +292,35 @@ def cmd_track(args: argparse.Namespace) -> int:
     summary = track_run(args.run_dir, tracking_from_args(args), data_dir=args.data_dir)
     for line in summary:
         print(line)
+    return 0
+
+
+def cmd_tune(args: argparse.Namespace) -> int:
+    """`tune`: run (or resume) a search, then print its leaderboard and how to train the winner."""
+    from ..io.config_files import apply_config_file, read_config_file
+    from ..io.search_space import read_search_space
+    from ..present.tables import format_leaderboard
+
+    base = TrainConfig.new_run(args.preset)
+    if args.config is not None:
+        base = base.replace(**apply_config_file(base, read_config_file(args.config), args.config))
+    if args.dataset is not None:
+        base = base.replace(dataset=args.dataset)
+    space = read_search_space(args.space, base)
+    settings = SearchSettings(trials=args.trials, max_epochs=args.max_epochs, grace_epochs=args.grace_epochs,
+                              reduction_factor=args.reduction_factor, members_per_trial=args.members_per_trial,
+                              concurrent=args.concurrent, seed=args.search_seed)
+    options = TrainOptions(verbose=0, scaleout=ScaleOutConfig(ray_address=args.ray, threads=args.threads))
+    from ..training.search import run_search
+
+    board = run_search(base, space, args.search_dir, settings,
+                       DataSource(data_dir=args.data_dir, mirror=args.mirror, download=args.download), options)
+    if args.json:
+        print(json.dumps(board.to_json(), indent=2))
+        return 0
+    print(format_leaderboard(board))
+    if board.best is not None:
+        data = f" --data-dir {args.data_dir}" if args.data_dir is not None else ""
+        print(f"\nbest settings: {args.search_dir / 'best.toml'}\ntrain the winner: emnist-cnn train --run-dir "
+              f"RUN --config {args.search_dir / 'best.toml'}{data}")
     return 0

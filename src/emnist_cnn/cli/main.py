@@ -60,6 +60,10 @@ COMMANDS = {
                "Print the experiment's settings (the defaults, or --preset's) as a TOML file with every key "
                "commented: what it means, its unit, and the flag that overrides it. Edit it and pass it to "
                "train or run with --config FILE."),
+    "tune": (a.add_tune_args, c.cmd_tune, "search settings by successive halving on validation (Ray Tune's ASHA)",
+             "Sample configurations from a search space, train each as a run directory (one member by default), "
+             "and stop the trials that trail on validation (ASHA). The same command resumes the search. Prints "
+             "the leaderboard and writes SEARCH/best.toml for train --config."),
     "download": (a.add_download_args, c.cmd_download,
                  "download and unpack an EMNIST split from NIST (or a mirror)",
                  "Download NIST's EMNIST archive (resumable, checksummed) and unpack one split."),

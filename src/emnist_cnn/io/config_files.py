@@ -24,8 +24,8 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
-__all__ = ["SECTIONS", "CHOICES", "read_config_file", "apply_config_file", "format_config_toml", "format_toml_value",
-           "describe_settings"]
+__all__ = ["SECTIONS", "CHOICES", "read_config_file", "read_toml_file", "apply_config_file", "format_config_toml",
+           "format_toml_value", "describe_settings"]
 
 # TOML tables of TrainConfig's nested settings, in the order `config show` writes them.
 SECTIONS = {"augment": AugmentConfig, "model": ModelConfig}
@@ -41,13 +41,8 @@ def read_config_file(path: Path) -> dict[str, Any]:
     """The settings a config file sets, checked against TrainConfig's keys and types: top-level keys, and
     `augment` / `model` as dicts of theirs. A run's config.json (its "config" record) is read as well."""
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ConfigError(f"--config {path}: no such file") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"--config {path}: cannot be read ({getattr(exc, 'strerror', None) or exc})") from None
     if path.suffix == ".json":
+        text = _read_text(path, "--config")
         try:
             data = json.loads(text)
         except json.JSONDecodeError as exc:
@@ -60,11 +55,25 @@ def read_config_file(path: Path) -> dict[str, Any]:
             if isinstance(data.get(name), dict):
                 data[name] = {k: v for k, v in data[name].items() if v is not None}
     else:
-        try:
-            data = tomllib.loads(text)
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"{path}: not valid TOML ({exc})") from None
+        data = read_toml_file(path, "--config")
     return _checked(path, data, TrainConfig, "")
+
+
+def _read_text(path: Path, flag: str) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{flag} {path}: no such file") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{flag} {path}: cannot be read ({getattr(exc, 'strerror', None) or exc})") from None
+
+
+def read_toml_file(path: Path, flag: str) -> dict[str, Any]:
+    """A TOML file's tables, or one ConfigError naming `flag` and the file (missing, unreadable, not TOML)."""
+    try:
+        return tomllib.loads(_read_text(Path(path), flag))
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML ({exc})") from None
 
 
 def apply_config_file(base: TrainConfig | None, settings: dict[str, Any], path: Path,

@@ -6,12 +6,16 @@ Every error cell is `str(ErrorRate)`: "0.160% (64/40000; 95% CI 0.125-0.204%)".
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
 
 from ..core.results import Comparison, Evaluation
 from ..core.selection import select_best_member
 from ..io.rundir import ErrorRecord
 
-__all__ = ["format_table", "format_results", "format_evaluation", "format_comparison"]
+if TYPE_CHECKING:  # the search module imports Ray's glue; a table needs only its types
+    from ..training.search import Leaderboard
+
+__all__ = ["format_table", "format_results", "format_evaluation", "format_comparison", "format_leaderboard"]
 
 
 def format_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
@@ -95,3 +99,24 @@ def format_comparison(result: Comparison) -> str:
         f"in B; McNemar exact p = {t.p_value:.3g}"
         + (" (a real difference at the 5% level)" if t.p_value < 0.05 else " (not shown to differ)"),
     ])
+
+
+def format_leaderboard(board: "Leaderboard") -> str:
+    """A search's trials, best first on validation, with the settings each tried, and whether the best two
+    differ (McNemar's exact test on the same validation images)."""
+    if not board.trials:
+        return "no trial has finished an epoch yet"
+    keys = list(board.trials[0].settings)
+    rows = [[str(k), t.name, str(t.val), f"{t.epochs}/{board.max_epochs}",
+             *(f"{t.settings[key]:.4g}" if isinstance(t.settings[key], float) else str(t.settings[key])
+               for key in keys)]
+            for k, t in enumerate(board.trials, 1)]
+    lines = [format_table(["#", "trial", "val error", "epochs", *keys], rows)]
+    versus = board.best_vs_next
+    if versus is not None:
+        a, b = board.trials[0].name, board.trials[1].name
+        verdict = (f"{a} is better at the 5% level" if versus.p_value < 0.05
+                   else "not distinguishable on validation")
+        lines += ["", f"best two on the same {board.trials[0].val.n} validation images: {versus.only_a} wrong only "
+                      f"in {a}, {versus.only_b} only in {b}; McNemar exact p = {versus.p_value:.3g} ({verdict})"]
+    return "\n".join(lines)

@@ -35,6 +35,7 @@ from .threads import build_thread_env, configure_threads
 from .train import evaluate_checkpoint, find_last_errors, record_checkpoint
 
 __all__ = ["TransientStorageError", "build_gpu_memory_env", "check_run_dir_shared", "check_ray_device", "import_ray",
+           "init_ray",
            "train_segment", "evaluate_segment", "find_ready_evaluations", "resolve_ray_fused", "train_ensembles_on_ray",
            "train_and_evaluate_on_ray"]
 
@@ -170,7 +171,9 @@ def evaluate_segment(run_dir: str, config: TrainConfig, data: PreparedData, drop
         _raise_transient_or_original(exc)
 
 
-def _init_ray(ray, scaleout: ScaleOutConfig) -> None:
+def init_ray(ray, scaleout: ScaleOutConfig) -> None:
+    """Start or join the Ray cluster `scaleout` names, its workers started with this process's backend settings
+    and `scaleout.task_threads` threads; one RunDirError when it cannot connect."""
     env = {k: os.environ[k] for k in _PASSED_ENV if k in os.environ}
     env.update(build_thread_env(scaleout.task_threads))
     env.update(build_gpu_memory_env(scaleout.gpus_per_member, env.get("KERAS_BACKEND", "tensorflow")))
@@ -326,7 +329,7 @@ def train_ensembles_on_ray(config: TrainConfig, run: RunDir, data: PreparedData,
     with open_session(run, config, data, options, scheduler="ray", runtime=runtime, record_runtime=False,
                       fused=fused, ray=scaleout.ray_address, threads=scaleout.task_threads,
                       gpus_per_member=scaleout.gpus_per_member) as session:
-        _init_ray(ray, scaleout)
+        init_ray(ray, scaleout)
         try:
             resources = ray.cluster_resources()
             log.info("ray: %d node(s), %g CPUs, %g GPUs; %d thread(s) per task", len(ray.nodes()),

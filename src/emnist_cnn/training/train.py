@@ -11,6 +11,7 @@ rate has a checkpoint's weights.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 from ..config import DataSource, TrainConfig, TrainOptions
 from .device import describe_runtime, format_runtime
@@ -27,6 +28,9 @@ from .tracking import Tracker
 __all__ = ["evaluate_checkpoint", "record_checkpoint", "train_ensembles", "train_and_evaluate", "find_last_errors"]
 
 log = logging.getLogger(__name__)
+
+# Called with (dropout, epoch, records) once a checkpoint's evaluation is recorded (a search reports it).
+OnCheckpoint = Callable[[float, int, list[ErrorRecord]], None]
 
 
 def evaluate_checkpoint(run: RunDir, config: TrainConfig, data: PreparedData, dropout: float,
@@ -57,7 +61,8 @@ def evaluate_checkpoint(run: RunDir, config: TrainConfig, data: PreparedData, dr
     held = all(members.get(i) is not None and members[i].model is models[i] for i in range(config.models))
     predictor = find_member_predictor(predictors, models) if held and predictors is not None \
         else build_member_predictor(models)
-    probs = {"test": list(predict_members(predictor, data.x_test))}
+    # A search's trials carry no test images (training.search): nothing to predict there.
+    probs = {"test": list(predict_members(predictor, data.x_test)) if len(data.y_test) else []}
     missing = [i for i in range(config.models) if i not in val]
     if len(data.y_val) and missing:
         # Reuse the predictor when every member needs its validation pass (all loaded from files).
@@ -88,10 +93,11 @@ def record_checkpoint(run: RunDir, dropout: float, epoch: int, records: list[Err
     run.write_errors(dropout, old + records)
 
 
-def train_ensembles(config: TrainConfig, run: RunDir, data: PreparedData,
-                    options: TrainOptions | None = None) -> dict[float, list[ErrorRecord]]:
+def train_ensembles(config: TrainConfig, run: RunDir, data: PreparedData, options: TrainOptions | None = None,
+                    on_checkpoint: OnCheckpoint | None = None) -> dict[float, list[ErrorRecord]]:
     """Train (or resume) every ensemble of the run in this process; returns each dropout rate's
-    last-checkpoint errors. See `TrainOptions` for how (a fixed rate, fused members, XLA, tracking)."""
+    last-checkpoint errors. See `TrainOptions` for how (a fixed rate, fused members, XLA, tracking).
+    `on_checkpoint(dropout, epoch, records)` is called after each checkpoint's evaluation is on disk."""
     from ..core.model import use_jit_compile  # deferred: imports the backend
 
     options = options or TrainOptions()
@@ -105,10 +111,11 @@ def train_ensembles(config: TrainConfig, run: RunDir, data: PreparedData,
                            options.verbose, fused, on_epoch=lambda m: tracker.sync(members=[(m.dropout, m.index)]),
                            fixed_lr=options.fixed_lr, jit_compile=runtime["xla"],
                            steps_per_call=runtime["steps_per_call"], loop=runtime["loop"])
-        return {dropout: _train_ensemble(ctx, dropout, tracker) for dropout in session.config.dropouts}
+        return {dropout: _train_ensemble(ctx, dropout, tracker, on_checkpoint) for dropout in session.config.dropouts}
 
 
-def _train_ensemble(ctx: TrainContext, dropout: float, tracker: Tracker) -> list[ErrorRecord]:
+def _train_ensemble(ctx: TrainContext, dropout: float, tracker: Tracker,
+                    on_checkpoint: OnCheckpoint | None = None) -> list[ErrorRecord]:
     """Train one dropout rate's members checkpoint by checkpoint, evaluating each complete checkpoint."""
     run, config = ctx.run, ctx.config
     members: dict[int, Member] = {}
@@ -125,6 +132,8 @@ def _train_ensemble(ctx: TrainContext, dropout: float, tracker: Tracker) -> list
             tracker.sync(dropouts=[dropout])
             done.add(target)
             log_checkpoint(dropout, target, records)
+            if on_checkpoint is not None:
+                on_checkpoint(dropout, target, records)
     ctx.trainers.clear()
     ctx.predictors.clear()
     return find_last_errors(run, config, dropout)
@@ -140,11 +149,12 @@ def find_last_errors(run: RunDir, config: TrainConfig, dropout: float) -> list[E
 
 
 def train_and_evaluate(config: TrainConfig, run_dir, source: DataSource | None = None,
-                       options: TrainOptions | None = None) -> TrainedRun:
+                       options: TrainOptions | None = None, on_checkpoint: OnCheckpoint | None = None) -> TrainedRun:
     """Load (or download) the data, then train and evaluate every ensemble in `run_dir`, in this process.
 
     This process is configured (`options.scaleout.threads`, `options.device`) before its backend starts.
     Returns the run, its config and data, and each dropout rate's errors at the last checkpoint.
+    `on_checkpoint(dropout, epoch, records)` is called after each checkpoint's evaluation is on disk.
     """
     options = options or TrainOptions()
     run = RunDir.of(run_dir)
@@ -153,5 +163,5 @@ def train_and_evaluate(config: TrainConfig, run_dir, source: DataSource | None =
     check_compatible(run, config, options.fixed_lr)
     configure_process(options, options.scaleout.threads)
     data = load_training_data(config, source or DataSource())
-    errors = train_ensembles(config, run, data, options)
+    errors = train_ensembles(config, run, data, options, on_checkpoint)
     return TrainedRun(run, run.read_config(), data, errors)

@@ -1,0 +1,276 @@
+"""`emnist-cnn tune`: successive halving (Ray Tune's ASHA scheduler) over experiment settings, on validation.
+
+Every trial is a run directory (io.searchdir), trained by this package's own loop on a dataset that carries no
+test images, with a checkpoint every epoch; after each it reports its ensemble's validation error, and ASHA
+stops the trials that trail at its rungs. Tune samples the configurations (seeded) and schedules the trials;
+a trial stopped or interrupted is an ordinary run that resumes from its last finished epoch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import shutil
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from ..config import DataSource, SearchSettings, TrainConfig, TrainOptions
+from ..core.metrics import ErrorRate
+from ..core.stats import McNemarResult, mcnemar_exact
+from ..errors import ConfigError
+from ..io.config_files import format_config_toml
+from ..io.download import load_or_download
+from ..io.search_space import TUNABLE, SearchSpace, apply_sample
+from ..io.searchdir import SearchDir
+from .scaleout import import_ray, init_ray
+
+__all__ = ["METRIC", "TrialResult", "Leaderboard", "run_search", "run_trial", "read_leaderboard",
+           "build_trial_config", "build_final_config"]
+
+log = logging.getLogger(__name__)
+
+METRIC = "val_error_pct"  # what a trial reports after each epoch and ASHA ranks on (lower is better)
+
+
+@dataclass(frozen=True)
+class TrialResult:
+    """One trial at its last evaluated epoch: the settings it varied and its ensemble's validation error."""
+
+    name: str
+    settings: dict[str, Any]
+    epochs: int
+    val: ErrorRate
+    wrong: frozenset[int]  # validation images its ensemble gets wrong at that epoch
+
+    def to_json(self) -> dict[str, Any]:
+        lo, hi = self.val.interval_pct
+        return {"trial": self.name, "settings": self.settings, "epochs": self.epochs, "val_error_pct": self.val.pct,
+                "val_errors": self.val.n_errors, "val_n": self.val.n, "val_error_ci_pct": [lo, hi]}
+
+
+@dataclass(frozen=True)
+class Leaderboard:
+    """The trials, best first on validation (ties: fewer epochs, then name), and the best against the next."""
+
+    trials: tuple[TrialResult, ...]
+    max_epochs: int
+    best_vs_next: McNemarResult | None  # on the same validation images; None with fewer than two trials
+
+    @property
+    def best(self) -> TrialResult | None:
+        return self.trials[0] if self.trials else None
+
+    def to_json(self) -> dict[str, Any]:
+        versus = self.best_vs_next
+        return {"max_epochs": self.max_epochs, "trials": [t.to_json() for t in self.trials],
+                "best_vs_next": None if versus is None else
+                {"only_best": versus.only_a, "only_next": versus.only_b, "p_value": versus.p_value}}
+
+
+def build_trial_config(base: TrainConfig, settings: SearchSettings, sample: dict[str, Any]) -> TrainConfig:
+    """A trial's experiment: the base with the sampled settings, its members, and one checkpoint per epoch."""
+    trial = base.replace(models=settings.members_per_trial, epochs=settings.max_epochs, checkpoint_every=1)
+    return apply_sample(trial, sample)
+
+
+def build_final_config(base: TrainConfig, settings: SearchSettings, best: TrialResult) -> TrainConfig:
+    """The winner as a run of its own: the base's members and checkpoints, the best trial's settings, trained for
+    the search's longest trial length."""
+    return apply_sample(base.replace(epochs=settings.max_epochs), best.settings)
+
+
+def _without_test(dataset):
+    """The dataset a trial sees: training images only (its validation split is cut from them)."""
+    empty = np.zeros((0, *dataset.x_test.shape[1:]), dataset.x_test.dtype)
+    return dataclasses.replace(dataset, x_test=empty, y_test=np.zeros((0,), dataset.y_test.dtype))
+
+
+def run_trial(sample: dict[str, Any], *, base: TrainConfig, settings: SearchSettings, search_dir: str, dataset,
+              options: TrainOptions) -> None:
+    """Ray Tune's trainable: train (or resume) this trial's run directory, reporting after every epoch.
+
+    A trial first reports again the epochs already on its disk (a resumed search's scheduler starts empty): with
+    one trial at a time the scheduler sees the same results in the same order, so it decides as before."""
+    from ray import tune
+
+    name = "trial_" + tune.get_context().get_trial_id().rsplit("_", 1)[-1]
+    config = build_trial_config(base, settings, sample)
+    run = SearchDir(search_dir).trial(name)
+
+    def send(epoch: int, val: ErrorRate) -> None:
+        tune.report({"epoch": epoch, METRIC: val.pct, "val_errors": val.n_errors, "trial": name})
+
+    if run.exists():
+        done = [r for r in run.read_errors(config.dropouts[0]) if r.is_ensemble and r.split == "val"]
+        for r in sorted(done, key=lambda r: r.epoch):
+            send(r.epoch, r.rate)
+
+    from .train import train_and_evaluate  # after the replay: a trial the scheduler stops there never loads Keras
+
+    def on_checkpoint(dropout: float, epoch: int, records) -> None:
+        send(epoch, next(r.rate for r in records if r.is_ensemble and r.split == "val"))
+
+    train_and_evaluate(config, run, DataSource(dataset=dataset), options, on_checkpoint=on_checkpoint)
+
+
+def _record(base: TrainConfig, space: SearchSpace, settings: SearchSettings, fingerprint: str) -> dict[str, Any]:
+    return {"base": base.to_dict(), "space": space.to_dict(), "settings": dataclasses.asdict(settings),
+            "data": {"dataset": base.dataset, "fingerprint": fingerprint}}
+
+
+def _check_same_search(search: SearchDir, saved: dict[str, Any], new: dict[str, Any]) -> None:
+    """A resumed search must be the one on disk: name the first setting that differs."""
+    for part in ("space", "settings", "base", "data"):
+        old, now = saved.get(part), new[part]
+        if old == now:
+            continue
+        keys = sorted(set(old or {}) | set(now)) if isinstance(now, dict) else []
+        key = next((k for k in keys if (old or {}).get(k) != now.get(k)), part)
+        flag = "--search-seed" if key == "seed" else f"--{key.replace('_', '-')}"
+        what = {"space": f"space key {key}", "settings": flag, "base": f"base setting {key}",
+                "data": f"data ({key})"}[part]
+        raise ConfigError(f"{search.path} holds a search whose {what} differs; run the same command to resume it, "
+                          f"or use a new --search-dir")
+
+
+def run_search(base: TrainConfig, space: SearchSpace, search_dir, settings: SearchSettings,
+               source: DataSource | None = None, options: TrainOptions | None = None) -> Leaderboard:
+    """Run (or resume) a search in `search_dir`; returns its leaderboard and writes it with best.toml."""
+    source, options = source or DataSource(), options or TrainOptions()
+    search = SearchDir(search_dir)
+    if search.holds_something_else():
+        raise ConfigError(f"--search-dir {search.path} holds files but no search.json: not a search directory")
+    saved = search.read_record()
+    if saved is not None:  # the settings before the data is read, the data's fingerprint after
+        _check_same_search(search, saved, _record(base, space, settings, saved.get("data", {}).get("fingerprint")))
+    # Data is read once, here; the trials get it without its test images.
+    dataset, _ = load_or_download(base.dataset, source.data_dir, mirror=source.mirror, download=source.download)
+    record = _record(base, space, settings, dataset.fingerprint)
+    if saved is not None:
+        _check_same_search(search, saved, record)
+    ray = import_ray()
+    threads = options.scaleout.threads or max(1, (os.cpu_count() or 1) // settings.concurrent)
+    scaleout = dataclasses.replace(options.scaleout, ray_address=options.scaleout.ray_address or "local",
+                                   threads=threads)
+    init_ray(ray, scaleout)
+    try:
+        search.write_record(record)
+        _fit(search, base, space, settings, _without_test(dataset),
+             dataclasses.replace(options, scaleout=dataclasses.replace(scaleout, ray_address=None)))
+    finally:
+        ray.shutdown()
+    board = read_leaderboard(search)
+    search.write_leaderboard(board.to_json())
+    if board.best is not None:
+        final = build_final_config(base, settings, board.best)
+        search.write_best_config(format_config_toml(
+            final, f"best trial of {search.path}: {board.best.name}, validation error {board.best.val} "
+                   f"after {board.best.epochs} epochs"))
+    return board
+
+
+def _fit(search: SearchDir, base: TrainConfig, space: SearchSpace, settings: SearchSettings, dataset,
+         options: TrainOptions) -> None:
+    from ray import tune
+    from ray.tune.logger import JsonLoggerCallback
+    from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+
+    # Not Tune's console tables, nor its TensorBoard logger (it warns without tensorboardX): the trials are run
+    # directories with histories and TensorBoard files of their own, and the driver logs one line per trial epoch.
+    # Its JSON logger stays: Tune reads each trial's results back from it.
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
+    trainable = tune.with_resources(
+        tune.with_parameters(run_trial, base=base, settings=settings, search_dir=str(search.path.resolve()),
+                             dataset=dataset, options=options),
+        {"cpu": options.scaleout.task_threads})
+    # Tune's saved state is not what resumes a search: it leaves out the scheduler's rungs. Every start is a new
+    # Tuner with the same seeded sampler, so trial N gets the same settings and run directory; each trial first
+    # reports again what it has on disk, which rebuilds the rungs, and stops where the scheduler stopped it.
+    shutil.rmtree(search.tune_dir, ignore_errors=True)
+    scheduler = ASHAScheduler(time_attr="epoch", max_t=settings.max_epochs, grace_period=settings.grace_epochs,
+                              reduction_factor=settings.reduction_factor)
+    tuner = tune.Tuner(
+        trainable, param_space=_to_tune(space),
+        tune_config=tune.TuneConfig(metric=METRIC, mode="min", scheduler=scheduler, num_samples=settings.trials,
+                                    reuse_actors=True,
+                                    search_alg=BasicVariantGenerator(random_state=settings.seed,
+                                                                     max_concurrent=settings.concurrent)),
+        run_config=tune.RunConfig(name="experiment", storage_path=str(search.tune_dir.resolve()), verbose=0,
+                                  callbacks=[_progress_lines(settings.max_epochs), JsonLoggerCallback()]))
+    results = tuner.fit()
+    failed = [r for r in results if r.error is not None]
+    if failed:
+        log.warning("%d of %d trials failed; the first: %s", len(failed), len(results), failed[0].error)
+
+
+def _to_tune(space: SearchSpace) -> dict[str, Any]:
+    from ray import tune
+
+    make = {"choice": lambda v: tune.choice(list(v)), "uniform": lambda v: tune.uniform(*v),
+            "loguniform": lambda v: tune.loguniform(*v)}
+    return {d.key: make[d.kind](d.values) for d in space.dimensions}
+
+
+def _progress_lines(max_epochs: int):
+    """A Tune callback: one log line per trial epoch reported and per trial ended, on the driver's console."""
+    from ray.tune import Callback
+
+    class ProgressLines(Callback):
+        def on_trial_result(self, iteration, trials, trial, result, **info):
+            log.info("%s epoch %d: val error %.3f%% (%s)", result.get("trial", trial.trial_id), result["epoch"],
+                     result[METRIC], _format_settings(trial.config))
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            result = trial.last_result or {}
+            epoch = result.get("epoch", 0)
+            how = "done" if epoch >= max_epochs else "stopped by ASHA"
+            log.info("%s %s at epoch %s of %d", result.get("trial", trial.trial_id), how, epoch, max_epochs)
+
+    return ProgressLines()
+
+
+def _format_settings(sample: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in sample.items())
+
+
+def read_leaderboard(search: SearchDir) -> Leaderboard:
+    """The trials on disk ranked by their ensemble's validation error at their last evaluated epoch, each with
+    the values of the settings the search varies."""
+    record = search.read_record() or {}
+    varied = list(record.get("space", {}))
+    results = []
+    for name in search.trial_names():
+        run = search.trial(name)
+        config = run.read_config()
+        dropout = config.dropouts[0]
+        rows = [r for r in run.read_errors(dropout) if r.is_ensemble and r.split == "val"]
+        if not rows:
+            continue
+        last = max(rows, key=lambda r: r.epoch)
+        wrong = frozenset(m.index for m in run.read_checkpoint_misclassified(dropout, last.epoch, "val"))
+        values = _tunable_values(config)
+        results.append(TrialResult(name, {k: values[k] for k in varied}, last.epoch, last.rate, wrong))
+    results.sort(key=lambda t: (t.val.n_errors / max(t.val.n, 1), t.epochs, t.name))
+    versus = None
+    if len(results) >= 2:
+        n = results[0].val.n
+        versus = mcnemar_exact(*(np.isin(np.arange(n), sorted(t.wrong)) for t in results[:2]))
+    return Leaderboard(tuple(results), int(record.get("settings", {}).get("max_epochs", 0)), versus)
+
+
+def _tunable_values(config: TrainConfig) -> dict[str, Any]:
+    """A config's value of every setting a search may vary."""
+    out = {}
+    for key in TUNABLE:
+        if key == "dropout":
+            out[key] = config.dropouts[0]
+        elif key.startswith("augment."):
+            out[key] = getattr(config.augment, key.split(".", 1)[1])
+        else:
+            out[key] = getattr(config, key)
+    return out

@@ -132,6 +132,48 @@ def test_device_gpu_reaches_the_workers_and_fails_there_in_one_line(cluster, dat
     assert "Traceback" not in r.stderr and not list((tmp_path / "run").glob("dropout_*/state/*.npz"))
 
 
+SPACE = "dropout = [0.2, 0.5]\nlr = {loguniform = [1e-4, 3e-3]}\n"
+
+
+def test_a_search_trial_whose_worker_is_killed_resumes_on_a_retry(cluster, data, tmp_path):
+    """`tune --ray ADDRESS` on the cluster: SIGKILL the worker of the first trial after its first epoch. Tune
+    starts the trial again in another process, which resumes from the trial's run directory: the epoch finished
+    before the kill is not trained again, and the search ends with every trial at its epochs. (Before the
+    killed-worker test, which removes a node.)"""
+    cluster, _ = cluster
+    space = tmp_path / "space.toml"
+    space.write_text(SPACE)
+    folder = tmp_path / "search"
+    driver = warmstart.start([sys.executable, "-m", "emnist_cnn", "tune", "--search-dir", str(folder), "--space",
+                              str(space), "--data-dir", str(data), "--dataset", "mnist", "--trials", "2",
+                              "--max-epochs", "3", "--grace-epochs", "3", "--threads", "1", "--ray",
+                              cluster.address], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    trial = folder / "trials" / "trial_00000"
+    try:
+        deadline = time.monotonic() + 300
+        first = None
+        while first is None and time.monotonic() < deadline and driver.poll() is None:
+            history = list(trial.glob("dropout_*/history/model_0.csv"))
+            rows = history[0].read_text().splitlines() if history else []
+            if len(rows) == 2:  # the header and epoch 1
+                first = rows[1]
+                pid = json.loads((trial / "invocations.jsonl").read_text().splitlines()[-1])["pid"]
+                os.kill(pid, signal.SIGKILL)
+            time.sleep(0.02)
+        assert first is not None, driver.communicate()[1][-3000:]
+        out, err = driver.communicate(timeout=600)
+    finally:
+        driver.kill()
+    assert driver.returncode == 0, err[-3000:]
+    rows = next(trial.glob("dropout_*/history/model_0.csv")).read_text().splitlines()
+    assert [row.split(",")[0] for row in rows[1:]] == ["1", "2", "3"] and rows[1] == first
+    pids = [json.loads(line)["pid"] for line in (trial / "invocations.jsonl").read_text().splitlines()]
+    assert len(pids) == 2 and pids[0] == pid != pids[1]
+    board = json.loads((folder / "leaderboard.json").read_text())
+    assert sorted(t["trial"] for t in board["trials"]) == ["trial_00000", "trial_00001"]
+    assert all(t["epochs"] == 3 for t in board["trials"])
+
+
 def test_a_killed_worker_and_a_dead_node_are_retried_and_the_result_stays_identical(cluster, data, local_run,
                                                                                    tmp_path):
     """Remove the other node (raylet and all) while its first segment runs, and SIGKILL the worker training a

@@ -191,3 +191,30 @@ def test_a_changed_space_is_refused_naming_its_key(search, inputs, tmp_path):
     lines = [line for line in r.stderr.splitlines() if line.strip()]
     assert r.returncode == 2 and len(lines) == 1, r.stderr
     assert "holds a search whose space key dropout differs" in lines[0], r.stderr
+
+
+def test_final_members_trains_the_winner_on_the_whole_dataset_and_retrains_no_trial(search, inputs):
+    """`--final-members 2` on the finished search: every trial replays from its disk (none trains again), then
+    the best settings train as SEARCH/final with the test split, whose test error is printed. Catches a final run
+    with other settings than best.toml's, one that still lacks the test images, and a rerun that retrains."""
+    folder, _ = search
+    data, space = inputs
+    histories = {p: p.read_text() for p in folder.glob("trials/*/dropout_*/history/model_0.csv")}
+    r = tune(folder, data, space, "--final-members", "2")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert {p: p.read_text() for p in histories} == histories
+    best = json.loads((folder / "leaderboard.json").read_text())["trials"][0]
+    record = json.loads((folder / "final" / "config.json").read_text())
+    config = record["config"]
+    assert config["dropouts"] == [best["settings"]["dropout"]] and config["lr"] == best["settings"]["lr"]
+    assert (config["models"], config["epochs"], record["data"]["n_test"]) == (2, 3, 100)
+    from emnist_cnn.config import TrainConfig
+    from emnist_cnn.io.config_files import apply_config_file, read_config_file
+
+    path = folder / "best.toml"
+    assert TrainConfig().replace(**apply_config_file(TrainConfig(), read_config_file(path), path)) == \
+        TrainConfig.from_dict(config)
+    tests = [row for row in read_csv(next((folder / "final").glob("dropout_*/history/errors.csv")))
+             if row["split"] == "test" and row["model"] == "ensemble"]
+    assert [int(row["epoch"]) for row in tests] == [2, 3]  # the quick preset's checkpoints: every 2 epochs, the last
+    assert f"the winner, {best['trial']}'s settings with 2 members" in r.stdout and "test error" in r.stdout

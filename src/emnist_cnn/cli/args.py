@@ -345,4 +345,9 @@ def add_tune_args(p: argparse.ArgumentParser) -> None:
                    help="backend threads per trial, and the CPUs it reserves (default: the cores / --concurrent)")
     s.add_argument("--ray", default=None, metavar="ADDRESS",
                    help="run the trials on this Ray cluster: 'auto' or HOST:PORT (default: Ray on this machine)")
+    s.add_argument("--max-retries", type=int, default=3, metavar="N",
+                   help="times a trial whose worker or node died is started again; it resumes (default: 3)")
+    s.add_argument("--final-members", type=int, default=None, metavar="N",
+                   help="then train the best settings with N members in SEARCH/final, on the whole dataset, and "
+                        "report its test error (default: off; best.toml and the printed command do it later)")
     p.add_argument("--json", action="store_true", help="print the leaderboard as JSON (default: a table)")

@@ -310,17 +310,28 @@ def cmd_tune(args: argparse.Namespace) -> int:
     settings = SearchSettings(trials=args.trials, max_epochs=args.max_epochs, grace_epochs=args.grace_epochs,
                               reduction_factor=args.reduction_factor, members_per_trial=args.members_per_trial,
                               concurrent=args.concurrent, seed=args.search_seed)
-    options = TrainOptions(verbose=0, scaleout=ScaleOutConfig(ray_address=args.ray, threads=args.threads))
-    from ..training.search import run_search
+    if args.final_members is not None and args.final_members < 1:
+        raise ConfigError(f"--final-members must be >= 1, got {args.final_members}")
+    options = TrainOptions(verbose=0, scaleout=ScaleOutConfig(ray_address=args.ray, threads=args.threads,
+                                                              max_retries=args.max_retries))
+    source = DataSource(data_dir=args.data_dir, mirror=args.mirror, download=args.download)
+    from ..training.search import run_search, train_winner
 
-    board = run_search(base, space, args.search_dir, settings,
-                       DataSource(data_dir=args.data_dir, mirror=args.mirror, download=args.download), options)
+    board = run_search(base, space, args.search_dir, settings, source, options)
     if args.json:
         print(json.dumps(board.to_json(), indent=2))
-        return 0
-    print(format_leaderboard(board))
-    if board.best is not None:
+    else:
+        print(format_leaderboard(board))
+    if args.final_members is not None:
+        from ..present.tables import format_results
+
+        trained = train_winner(args.search_dir, base, settings, board, args.final_members, source,
+                               TrainOptions(verbose=0, scaleout=ScaleOutConfig(threads=args.threads)))
+        if not args.json:
+            print(f"\nthe winner, {board.best.name}'s settings with {args.final_members} members "
+                  f"(run directory {trained.run}):\n{format_results(trained.errors)}")
+    elif board.best is not None and not args.json:
         data = f" --data-dir {args.data_dir}" if args.data_dir is not None else ""
         print(f"\nbest settings: {args.search_dir / 'best.toml'}\ntrain the winner: emnist-cnn train --run-dir "
-              f"RUN --config {args.search_dir / 'best.toml'}{data}")
+              f"RUN --config {args.search_dir / 'best.toml'}{data} (or tune again with --final-members N)")
     return 0

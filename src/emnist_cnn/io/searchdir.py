@@ -5,6 +5,7 @@
     SEARCH/tune/             Ray Tune's experiment state (the scheduler's and the sampler's, for a resume)
     SEARCH/leaderboard.json  the trials ranked on validation, as `tune --json` prints them
     SEARCH/best.toml         the best trial's settings as a config file, for `train --config`
+    SEARCH/final/            the winner trained with --final-members members: an ordinary run directory
 """
 
 from __future__ import annotations
@@ -48,6 +49,9 @@ class SearchDir:
 
     def trial(self, name: str) -> RunDir:
         return RunDir(self.trials_dir / name)
+
+    def final_run(self) -> RunDir:
+        return RunDir(self.path / "final")
 
     def trial_names(self) -> list[str]:
         """Trials that have started (a config.json), in name order."""

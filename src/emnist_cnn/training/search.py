@@ -27,7 +27,7 @@ from ..io.search_space import TUNABLE, SearchSpace, apply_sample
 from ..io.searchdir import SearchDir
 from .scaleout import import_ray, init_ray
 
-__all__ = ["METRIC", "TrialResult", "Leaderboard", "run_search", "run_trial", "read_leaderboard",
+__all__ = ["METRIC", "TrialResult", "Leaderboard", "run_search", "run_trial", "read_leaderboard", "train_winner",
            "build_trial_config", "build_final_config"]
 
 log = logging.getLogger(__name__)
@@ -172,6 +172,18 @@ def run_search(base: TrainConfig, space: SearchSpace, search_dir, settings: Sear
     return board
 
 
+def train_winner(search_dir, base: TrainConfig, settings: SearchSettings, board: Leaderboard, members: int,
+                 source: DataSource | None = None, options: TrainOptions | None = None):
+    """Train (or resume) the best trial's settings with `members` members in SEARCH/final, in this process, on
+    the whole dataset: the one place a search's test error is measured. Returns the engine's TrainedRun."""
+    from .train import train_and_evaluate
+
+    if board.best is None:
+        raise ConfigError(f"{search_dir}: no trial has finished an epoch, so there is no winner to train")
+    final = build_final_config(base, settings, board.best).replace(models=members)
+    return train_and_evaluate(final, SearchDir(search_dir).final_run(), source, options)
+
+
 def _fit(search: SearchDir, base: TrainConfig, space: SearchSpace, settings: SearchSettings, dataset,
          options: TrainOptions) -> None:
     from ray import tune
@@ -200,7 +212,9 @@ def _fit(search: SearchDir, base: TrainConfig, space: SearchSpace, settings: Sea
                                     reuse_actors=True,
                                     search_alg=BasicVariantGenerator(random_state=settings.seed,
                                                                      max_concurrent=settings.concurrent)),
+        # A trial whose worker or node dies is started again, and resumes from its run directory.
         run_config=tune.RunConfig(name="experiment", storage_path=str(search.tune_dir.resolve()), verbose=0,
+                                  failure_config=tune.FailureConfig(max_failures=options.scaleout.max_retries),
                                   callbacks=[_progress_lines(settings.max_epochs), JsonLoggerCallback()]))
     results = tuner.fit()
     failed = [r for r in results if r.error is not None]

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -132,7 +133,7 @@ def record_session(run: RunDir, config: TrainConfig, data: PreparedData, options
     of its own). Returns the config to train with."""
     run.remove_stale_temporaries()
     config = open_run(run, config, data, options.fixed_lr, runtime if record_runtime else None)
-    run.append_invocation({"time": format_utc_now(), "argv": sys.argv, "scheduler": scheduler,
+    run.append_invocation({"time": format_utc_now(), "pid": os.getpid(), "argv": sys.argv, "scheduler": scheduler,
                            "epochs": config.epochs, "fixed_lr": options.fixed_lr, "fused": fused,
                            "runtime": runtime, **invocation, "versions": collect_versions()})
     return config

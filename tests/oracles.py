@@ -78,10 +78,12 @@ def assert_same_arrays(a: dict, b: dict, what: str) -> None:
 
 def result_files(run: Path) -> dict[str, Path]:
     """Every result file of a run, by its path in the run: not the logs of when, where and how it ran
-    (config.json, invocations, locks, Ray segments) and not TensorBoard (compared by its values)."""
+    (config.json, invocations, locks, Ray segments, what a tracking sink such as MLflow received) and not
+    TensorBoard (compared by its values)."""
     skip = {"config.json", "invocations.jsonl", ".lock"}
     return {str(p.relative_to(run)): p for p in sorted(Path(run).rglob("*"))
-            if p.is_file() and p.name not in skip and not {".locks", "tensorboard"} & set(p.relative_to(run).parts)
+            if p.is_file() and p.name not in skip
+            and not {".locks", "tensorboard", "tracking"} & set(p.relative_to(run).parts)
             and "segments_" not in p.name}
 
 

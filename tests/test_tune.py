@@ -50,10 +50,11 @@ def inputs(tmp_path_factory) -> tuple[Path, Path]:
 @pytest.fixture(scope="module")
 @trains_a_model
 def search(tmp_path_factory, inputs) -> tuple[Path, subprocess.CompletedProcess]:
-    """The uninterrupted search, 6 trials of up to 3 epochs."""
+    """The uninterrupted search, 6 trials of up to 3 epochs, logged into a local MLflow store (sqlite)."""
     require_module("ray", "tune runs its trials with Ray Tune")
+    require_module("mlflow", "the search logs into MLflow")
     folder = tmp_path_factory.mktemp("tune-search") / "search"
-    r = tune(folder, *inputs)
+    r = tune(folder, *inputs, "--mlflow", f"sqlite:///{folder.parent / 'mlflow.db'}")
     assert r.returncode == 0, r.stderr[-3000:]
     return folder, r
 
@@ -218,3 +219,27 @@ def test_final_members_trains_the_winner_on_the_whole_dataset_and_retrains_no_tr
              if row["split"] == "test" and row["model"] == "ensemble"]
     assert [int(row["epoch"]) for row in tests] == [2, 3]  # the quick preset's checkpoints: every 2 epochs, the last
     assert f"the winner, {best['trial']}'s settings with 2 members" in r.stdout and "test error" in r.stdout
+
+
+def test_the_search_is_an_mlflow_run_with_each_trial_nested_under_it(search):
+    """One parent run named after the search directory, finished, with the best validation error and the
+    leaderboard; one run per trial under it (MLflow's parentRunId tag) with the trial's settings and its
+    validation error per epoch. Catches trials logged as unrelated top-level runs, or a parent left RUNNING."""
+    from mlflow.tracking import MlflowClient
+
+    folder, _ = search
+    client = MlflowClient(tracking_uri=f"sqlite:///{folder.parent / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("emnist-cnn").experiment_id], max_results=100)
+    [parent] = [r for r in runs if r.info.run_name == "search"]
+    board = json.loads((folder / "leaderboard.json").read_text())
+    assert parent.info.status == "FINISHED"
+    assert parent.data.metrics["best_val_error_pct"] == pytest.approx(board["trials"][0]["val_error_pct"])
+    assert {a.path for a in client.list_artifacts(parent.info.run_id)} == {"leaderboard.json", "best.toml"}
+    children = {r.info.run_name: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
+    assert set(children) == {t["trial"] for t in board["trials"]} and len(runs) == 7
+    for t in board["trials"]:
+        child = children[t["trial"]]
+        assert float(child.data.params["lr"]) == pytest.approx(t["settings"]["lr"])
+        key = f"dropout_{t['settings']['dropout']:g}/ensemble/checkpoint/val_error"
+        history = client.get_metric_history(child.info.run_id, key)
+        assert [m.step for m in history] == list(range(1, t["epochs"] + 1)), t

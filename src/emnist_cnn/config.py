@@ -320,6 +320,7 @@ class TrackingConfig:
     mlflow_experiment: str = "emnist-cnn"  # MLflow experiment the run's MLflow run is created in
     request_timeout: float = 5.0  # seconds an MLflow request may take before it counts as an outage
     retry_after: float = 30.0  # seconds between attempts while the MLflow server is unreachable
+    parent_run_id: str | None = None  # an MLflow run a new run's MLflow run is created under (a search's trials)
 
     def __post_init__(self) -> None:
         if self.mlflow_uri is not None:

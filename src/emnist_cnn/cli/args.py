@@ -350,4 +350,7 @@ def add_tune_args(p: argparse.ArgumentParser) -> None:
     s.add_argument("--final-members", type=int, default=None, metavar="N",
                    help="then train the best settings with N members in SEARCH/final, on the whole dataset, and "
                         "report its test error (default: off; best.toml and the printed command do it later)")
+    g = p.add_argument_group("tracking", "With --mlflow, the search is one MLflow run and each trial a run nested "
+                             "under it (TensorBoard files are in each trial's run directory).")
+    _add_mlflow_args(g)
     p.add_argument("--json", action="store_true", help="print the leaderboard as JSON (default: a table)")

@@ -312,8 +312,9 @@ def cmd_tune(args: argparse.Namespace) -> int:
                               concurrent=args.concurrent, seed=args.search_seed)
     if args.final_members is not None and args.final_members < 1:
         raise ConfigError(f"--final-members must be >= 1, got {args.final_members}")
-    options = TrainOptions(verbose=0, scaleout=ScaleOutConfig(ray_address=args.ray, threads=args.threads,
-                                                              max_retries=args.max_retries))
+    options = TrainOptions(verbose=0, tracking=tracking_from_args(args),
+                           scaleout=ScaleOutConfig(ray_address=args.ray, threads=args.threads,
+                                                   max_retries=args.max_retries))
     source = DataSource(data_dir=args.data_dir, mirror=args.mirror, download=args.download)
     from ..training.search import run_search, train_winner
 

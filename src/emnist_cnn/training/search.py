@@ -26,6 +26,7 @@ from ..io.download import load_or_download
 from ..io.search_space import TUNABLE, SearchSpace, apply_sample
 from ..io.searchdir import SearchDir
 from .scaleout import import_ray, init_ray
+from .tracking import close_search_run, open_search_run
 
 __all__ = ["METRIC", "TrialResult", "Leaderboard", "run_search", "run_trial", "read_leaderboard", "train_winner",
            "build_trial_config", "build_final_config"]
@@ -155,20 +156,34 @@ def run_search(base: TrainConfig, space: SearchSpace, search_dir, settings: Sear
     threads = options.scaleout.threads or max(1, (os.cpu_count() or 1) // settings.concurrent)
     scaleout = dataclasses.replace(options.scaleout, ray_address=options.scaleout.ray_address or "local",
                                    threads=threads)
+    tracking = options.tracking
+    if tracking.mlflow_uri is not None:  # one parent run for the search, its trials' runs under it
+        parent = open_search_run(search.path, tracking, (saved or {}).get("mlflow_run_id"))
+        record["mlflow_run_id"] = parent
+        tracking = dataclasses.replace(tracking, parent_run_id=parent)
     init_ray(ray, scaleout)
+    status = "FAILED"
     try:
         search.write_record(record)
         _fit(search, base, space, settings, _without_test(dataset),
-             dataclasses.replace(options, scaleout=dataclasses.replace(scaleout, ray_address=None)))
+             dataclasses.replace(options, tracking=tracking,
+                                 scaleout=dataclasses.replace(scaleout, ray_address=None)))
+        status = "FINISHED"
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
     finally:
         ray.shutdown()
-    board = read_leaderboard(search)
-    search.write_leaderboard(board.to_json())
-    if board.best is not None:
-        final = build_final_config(base, settings, board.best)
-        search.write_best_config(format_config_toml(
-            final, f"best trial of {search.path}: {board.best.name}, validation error {board.best.val} "
-                   f"after {board.best.epochs} epochs"))
+        board = read_leaderboard(search)
+        search.write_leaderboard(board.to_json())
+        if board.best is not None:
+            final = build_final_config(base, settings, board.best)
+            search.write_best_config(format_config_toml(
+                final, f"best trial of {search.path}: {board.best.name}, validation error {board.best.val} "
+                       f"after {board.best.epochs} epochs"))
+        if tracking.parent_run_id is not None:
+            close_search_run(tracking, tracking.parent_run_id, board.best.val.pct if board.best else None,
+                             [search.leaderboard_path, search.best_config_path], status)
     return board
 
 

@@ -39,7 +39,7 @@ from .prepare import PreparedData, load_run_data
 
 __all__ = ["Point", "member_writer", "ensemble_writer", "collect_epoch_points", "collect_checkpoint_points",
            "build_checkpoint_images", "find_local_artifact_root", "import_mlflow", "Tracker", "log_run_artifacts",
-           "log_export", "track_run"]
+           "log_export", "track_run", "open_search_run", "close_search_run"]
 
 log = logging.getLogger(__name__)
 
@@ -296,9 +296,10 @@ class _MlflowSink:
             if found:
                 run_id = found[0].info.run_id
             else:
-                run_id = self.client.create_run(exp_id, run_name=self.run.path.name, tags={
-                    "emnist_cnn.run_key": self.state["run_key"], "emnist_cnn.run_dir": str(self.run.path.resolve())
-                }).info.run_id
+                tags = {"emnist_cnn.run_key": self.state["run_key"], "emnist_cnn.run_dir": str(self.run.path.resolve())}
+                if self.tracking.parent_run_id is not None:  # MLflow's own tag for a nested run
+                    tags["mlflow.parentRunId"] = self.tracking.parent_run_id
+                run_id = self.client.create_run(exp_id, run_name=self.run.path.name, tags=tags).info.run_id
             self.state.update(run_id=run_id, experiment_id=exp_id)
             self._save()
             log.info("mlflow: logging into run %s of experiment %r at %s", run_id, name, self.uri)
@@ -602,3 +603,36 @@ def log_export(run_dir, tracking: TrackingConfig, out_dir, meta: dict) -> str:
     if "mlflow" in tracker.failed:
         raise RunDirError(f"--mlflow {tracking.mlflow_uri}: {tracker.failed['mlflow']}")
     return f"runs:/{tracker.mlflow_run_id}/model"
+
+
+def open_search_run(search_dir, tracking: TrackingConfig, run_id: str | None) -> str:
+    """The MLflow run of a search, the parent of its trials' runs: `run_id` when the search has one, else a new
+    run named after the search directory. Returns its id."""
+    import_mlflow()
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracking.mlflow_uri)
+    if run_id is None:
+        name = tracking.mlflow_experiment
+        exp = client.get_experiment_by_name(name)
+        exp_id = exp.experiment_id if exp is not None else client.create_experiment(
+            name, artifact_location=find_local_artifact_root(tracking.mlflow_uri))
+        run_id = client.create_run(exp_id, run_name=Path(search_dir).name, tags={
+            "emnist_cnn.search_dir": str(Path(search_dir).resolve())}).info.run_id
+        log.info("mlflow: the search logs into run %s of experiment %r at %s", run_id, name, tracking.mlflow_uri)
+    client.update_run(run_id, status="RUNNING")
+    return run_id
+
+
+def close_search_run(tracking: TrackingConfig, run_id: str, best_val_pct: float | None, files: list[Path],
+                     status: str = "FINISHED") -> None:
+    """The search's leaderboard and best.toml as artifacts, the best validation error as a metric, its status."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracking.mlflow_uri)
+    if best_val_pct is not None:
+        client.log_metric(run_id, "best_val_error_pct", best_val_pct)
+    for path in files:
+        if path.is_file():
+            client.log_artifact(run_id, str(path))
+    client.update_run(run_id, status=status)

@@ -109,3 +109,30 @@ def test_tune_refuses_a_bad_space_or_setting_in_one_line_and_writes_nothing(tmp_
 def test_search_settings_name_their_flag(changes, flag):
     with pytest.raises(ConfigError, match=f"^{flag} must be"):
         SearchSettings(**changes)
+
+
+def test_a_trial_and_the_winner_train_one_dropout_rate_whatever_the_base_has():
+    """A base with four rates (the reference preset) gives each trial its first rate unless the space varies
+    it: a trial reports one ensemble's validation error per epoch. Catches a trial training four ensembles, whose
+    reports would run epochs 1..E four times over."""
+    from emnist_cnn.training.search import TrialResult, build_final_config, build_trial_config
+
+    base = TrainConfig.from_preset("reference")
+    settings = SearchSettings(trials=4, max_epochs=3, grace_epochs=1)
+    trial = build_trial_config(base, settings, {"lr": 5e-4})
+    assert (trial.dropouts, trial.models, trial.epochs, trial.checkpoint_every, trial.lr) == ((0.2,), 1, 3, 1, 5e-4)
+    assert build_trial_config(base, settings, {"dropout": 0.4}).dropouts == (0.4,)
+    best = TrialResult("trial_00001", {"lr": 5e-4}, 3, None, frozenset())
+    final = build_final_config(base, settings, best)
+    assert (final.dropouts, final.models, final.epochs, final.lr) == ((0.2,), 10, 3, 5e-4)
+
+
+def test_a_second_tune_on_a_search_directory_in_use_is_refused_in_one_line(tmp_path, capsys):
+    from emnist_cnn.io.searchdir import SearchDir
+
+    search = tmp_path / "search"
+    space = write(tmp_path, GOOD)
+    with SearchDir(search).lock():
+        code = run_cli(["tune", "--search-dir", search, "--space", space, "--dataset", "mnist"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1 and len(err) == 1 and "another emnist-cnn tune process is searching" in err[0], err

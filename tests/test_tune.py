@@ -77,14 +77,19 @@ def test_asha_stops_trailing_trials_and_the_leaderboard_ranks_the_rest_on_valida
     assert len(stopped) >= 2, trials
     errors = [t["val_errors"] / t["val_n"] for t in trials]
     assert errors == sorted(errors)
+    # What Tune sampled for each trial (its own params.json), by the trial's index.
+    sampled = {p.parent.name.split("_")[3]: json.loads(p.read_text())
+               for p in (folder / "tune" / "experiment").glob("run_trial_*/params.json")}
     for t in trials:
         run = folder / "trials" / t["trial"]
         assert epochs_trained(run) == list(range(1, t["epochs"] + 1))
         config = json.loads((run / "config.json").read_text())["config"]
-        assert config["dropouts"] == [t["settings"]["dropout"]] and t["settings"]["dropout"] in (0.2, 0.5)
-        assert config["lr"] == t["settings"]["lr"] and 1e-4 <= config["lr"] <= 3e-3
-        assert config["augment"]["rotation_deg"] == t["settings"]["augment.rotation_deg"]
+        sample = sampled[t["trial"].split("_")[1]]
+        assert config["dropouts"] == [sample["dropout"]] and sample["dropout"] in (0.2, 0.5)
+        assert config["lr"] == sample["lr"] and 1e-4 <= sample["lr"] <= 3e-3
+        assert config["augment"]["rotation_deg"] == sample["augment.rotation_deg"]
         assert (config["models"], config["epochs"], config["checkpoint_every"]) == (1, 3, 1)
+        assert t["settings"] == sample
     lines = r.stdout.splitlines()
     assert [line.split()[1] for line in lines[2:8]] == [t["trial"] for t in trials]
     assert "McNemar exact p =" in r.stdout and "train the winner: emnist-cnn train --run-dir RUN --config" in r.stdout
@@ -168,7 +173,11 @@ def test_a_changed_search_is_refused_in_one_line_and_nothing_changes(search, inp
     or its samples."""
     folder, _ = search
     data, space = inputs
-    before = {p: p.stat().st_mtime_ns for p in folder.rglob("*") if p.is_file() and "tune" not in p.parts}
+    def stamps():  # every file but Tune's scratch and the lock (which notes who holds it)
+        return {p: p.stat().st_mtime_ns for p in folder.rglob("*")
+                if p.is_file() and "tune" not in p.parts and p.name != ".lock"}
+
+    before = stamps()
     args = list(SEARCH)
     for flag, value in zip(change[::2], change[1::2]):
         if flag in args:
@@ -179,7 +188,7 @@ def test_a_changed_search_is_refused_in_one_line_and_nothing_changes(search, inp
                        str(space), "--data-dir", str(data), *args], capture_output=True, text=True, timeout=300)
     lines = [line for line in r.stderr.splitlines() if line.strip()]
     assert r.returncode == 2 and len(lines) == 1 and words in lines[0], r.stderr
-    assert {p: p.stat().st_mtime_ns for p in folder.rglob("*") if p.is_file() and "tune" not in p.parts} == before
+    assert stamps() == before
 
 
 def test_a_changed_space_is_refused_naming_its_key(search, inputs, tmp_path):
@@ -195,30 +204,30 @@ def test_a_changed_space_is_refused_naming_its_key(search, inputs, tmp_path):
 
 
 def test_final_members_trains_the_winner_on_the_whole_dataset_and_retrains_no_trial(search, inputs):
-    """`--final-members 2` on the finished search: every trial replays from its disk (none trains again), then
+    """`--final-members 3` on the finished search: every trial replays from its disk (none trains again), then
     the best settings train as SEARCH/final with the test split, whose test error is printed. Catches a final run
     with other settings than best.toml's, one that still lacks the test images, and a rerun that retrains."""
     folder, _ = search
     data, space = inputs
     histories = {p: p.read_text() for p in folder.glob("trials/*/dropout_*/history/model_0.csv")}
-    r = tune(folder, data, space, "--final-members", "2")
+    r = tune(folder, data, space, "--final-members", "3")
     assert r.returncode == 0, r.stderr[-3000:]
     assert {p: p.read_text() for p in histories} == histories
     best = json.loads((folder / "leaderboard.json").read_text())["trials"][0]
     record = json.loads((folder / "final" / "config.json").read_text())
     config = record["config"]
     assert config["dropouts"] == [best["settings"]["dropout"]] and config["lr"] == best["settings"]["lr"]
-    assert (config["models"], config["epochs"], record["data"]["n_test"]) == (2, 3, 100)
+    assert (config["models"], config["epochs"], record["data"]["n_test"]) == (3, 3, 100)
     from emnist_cnn.config import TrainConfig
     from emnist_cnn.io.config_files import apply_config_file, read_config_file
 
-    path = folder / "best.toml"
+    path = folder / "best.toml"  # the same settings, with the base's members
     assert TrainConfig().replace(**apply_config_file(TrainConfig(), read_config_file(path), path)) == \
-        TrainConfig.from_dict(config)
+        TrainConfig.from_dict(config).replace(models=2)
     tests = [row for row in read_csv(next((folder / "final").glob("dropout_*/history/errors.csv")))
              if row["split"] == "test" and row["model"] == "ensemble"]
     assert [int(row["epoch"]) for row in tests] == [2, 3]  # the quick preset's checkpoints: every 2 epochs, the last
-    assert f"the winner, {best['trial']}'s settings with 2 members" in r.stdout and "test error" in r.stdout
+    assert f"the winner, {best['trial']}'s settings with 3 members" in r.stdout and "test error" in r.stdout
 
 
 def test_the_search_is_an_mlflow_run_with_each_trial_nested_under_it(search):

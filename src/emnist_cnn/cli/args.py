@@ -26,11 +26,13 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
-def _add_data_group(p: argparse.ArgumentParser, *, dataset_default: str | None = None) -> None:
+def _add_data_group(p: argparse.ArgumentParser, *, dataset_default: str | None = None,
+                    dataset_help: str | None = None) -> None:
     g = p.add_argument_group("data")
     g.add_argument("--dataset", choices=DATASETS, default=dataset_default,
-                   help="dataset to train on (default: emnist-digits, or the run's own when resuming)"
-                   if dataset_default is None else f"data the run is built on (default: {dataset_default})")
+                   help=dataset_help or ("dataset to train on (default: emnist-digits, or the run's own when "
+                                         "resuming)" if dataset_default is None else
+                                         f"data the run is built on (default: {dataset_default})"))
     g.add_argument("--data-dir", type=Path, default=None,
                    help="folder with the dataset files (default: $EMNIST_CNN_DATA, else ~/.cache/emnist-cnn/data)")
     g.add_argument("--mirror", default=None,
@@ -324,7 +326,7 @@ def add_tune_args(p: argparse.ArgumentParser) -> None:
                    help="base settings (default: quick)")
     b.add_argument("--config", type=Path, default=None, metavar="FILE",
                    help="base settings from a TOML file or a run's config.json, over the preset (default: none)")
-    _add_data_group(p)
+    _add_data_group(p, dataset_help="dataset to search on (default: the --config file's, else emnist-digits)")
     s = p.add_argument_group("the search", "Successive halving (ASHA) on the trials' validation error; the test "
                              "split is never loaded by a trial.")
     s.add_argument("--trials", type=int, default=16, metavar="N",

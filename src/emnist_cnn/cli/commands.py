@@ -327,7 +327,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
         from ..present.tables import format_results
 
         trained = train_winner(args.search_dir, base, settings, board, args.final_members, source,
-                               TrainOptions(verbose=0, scaleout=ScaleOutConfig(threads=args.threads)))
+                               dataclasses.replace(options, scaleout=ScaleOutConfig(threads=args.threads)))
         if not args.json:
             print(f"\nthe winner, {board.best.name}'s settings with {args.final_members} members "
                   f"(run directory {trained.run}):\n{format_results(trained.errors)}")

@@ -20,7 +20,7 @@ from ..config import AugmentConfig, TrainConfig
 from ..errors import ConfigError
 from .config_files import read_toml_file
 
-__all__ = ["TUNABLE", "DISTRIBUTIONS", "Dimension", "SearchSpace", "read_search_space", "apply_sample"]
+__all__ = ["TUNABLE", "DISTRIBUTIONS", "Dimension", "SearchSpace", "read_search_space", "apply_sample", "read_sample"]
 
 # The settings a search may vary, with their type. The rest define the data and the trial (dataset, split,
 # seed, members, epochs) and come from the base config.
@@ -173,3 +173,16 @@ def apply_sample(base: TrainConfig, sample: dict[str, Any]) -> TrainConfig:
     if augment:
         top["augment"] = dataclasses.replace(base.augment, **augment)
     return base.replace(**top)
+
+
+def read_sample(config: TrainConfig) -> dict[str, Any]:
+    """`config`'s value of every tunable setting: what `apply_sample` sets, read back."""
+    out: dict[str, Any] = {}
+    for key in TUNABLE:
+        if key == "dropout":
+            out[key] = config.dropouts[0]
+        elif key.startswith("augment."):
+            out[key] = getattr(config.augment, key.split(".", 1)[1])
+        else:
+            out[key] = getattr(config, key)
+    return out

@@ -2,7 +2,8 @@
 
     SEARCH/search.json       what the search is: base config, space, settings, data (a resume must match)
     SEARCH/trials/trial_N/   one run directory per trial
-    SEARCH/tune/             Ray Tune's experiment state (the scheduler's and the sampler's, for a resume)
+    SEARCH/tune/             Ray Tune's own files for the current start (replaced on every start: a search resumes
+                             from its trials' run directories)
     SEARCH/leaderboard.json  the trials ranked on validation, as `tune --json` prints them
     SEARCH/best.toml         the best trial's settings as a config file, for `train --config`
     SEARCH/final/            the winner trained with --final-members members: an ordinary run directory
@@ -15,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import RunDirError
-from .files import atomic_write_json, atomic_write_text
+from .files import RunLock, atomic_write_json, atomic_write_text
 from .rundir import RunDir
 
 __all__ = ["SearchDir"]
@@ -60,8 +61,13 @@ class SearchDir:
         return sorted(p.name for p in self.trials_dir.iterdir() if (p / "config.json").is_file())
 
     def holds_something_else(self) -> bool:
-        """A non-empty folder that is not a search directory (no search.json)."""
-        return self.path.is_dir() and any(self.path.iterdir()) and not self.record_path.is_file()
+        """A folder with files but no search.json (its lock file aside: a first start may die before writing it)."""
+        return (self.path.is_dir() and any(p.name != ".lock" for p in self.path.iterdir())
+                and not self.record_path.is_file())
+
+    def lock(self) -> RunLock:
+        """Held while a `tune` process works here: a second one is refused."""
+        return RunLock(self.path, busy=f"{self.path}: another emnist-cnn tune process is searching in this directory")
 
     def read_record(self) -> dict[str, Any] | None:
         if not self.record_path.is_file():

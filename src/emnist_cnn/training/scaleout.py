@@ -87,12 +87,12 @@ def check_ray_device(device: str, jit_compile: str, scaleout: ScaleOutConfig) ->
                           "tasks that reserve none")
 
 
-def import_ray():
-    """The ray module, or one clear error when the `ray` extra is not installed."""
+def import_ray(what: str = "--ray"):
+    """The ray module, or one clear error naming `what` needs it when the `ray` extra is not installed."""
     try:
         import ray
     except ImportError as exc:
-        raise ConfigError("--ray needs Ray, which is not installed: pip install 'emnist-cnn[ray]'") from exc
+        raise ConfigError(f"{what} needs Ray, which is not installed: pip install 'emnist-cnn[ray]'") from exc
     return ray
 
 

@@ -20,10 +20,10 @@ import numpy as np
 from ..config import DataSource, SearchSettings, TrainConfig, TrainOptions
 from ..core.metrics import ErrorRate
 from ..core.stats import McNemarResult, mcnemar_exact
-from ..errors import ConfigError
+from ..errors import ConfigError, RunDirError, format_one_line
 from ..io.config_files import format_config_toml
 from ..io.download import load_or_download
-from ..io.search_space import TUNABLE, SearchSpace, apply_sample
+from ..io.search_space import SearchSpace, apply_sample, read_sample
 from ..io.searchdir import SearchDir
 from .scaleout import import_ray, init_ray
 from .tracking import close_search_run, open_search_run
@@ -72,15 +72,17 @@ class Leaderboard:
 
 
 def build_trial_config(base: TrainConfig, settings: SearchSettings, sample: dict[str, Any]) -> TrainConfig:
-    """A trial's experiment: the base with the sampled settings, its members, and one checkpoint per epoch."""
-    trial = base.replace(models=settings.members_per_trial, epochs=settings.max_epochs, checkpoint_every=1)
+    """A trial's experiment: the base with the sampled settings, its members, one checkpoint per epoch, and one
+    dropout rate (the base's first, unless the space varies it)."""
+    trial = base.replace(dropouts=base.dropouts[:1], models=settings.members_per_trial, epochs=settings.max_epochs,
+                         checkpoint_every=1)
     return apply_sample(trial, sample)
 
 
 def build_final_config(base: TrainConfig, settings: SearchSettings, best: TrialResult) -> TrainConfig:
-    """The winner as a run of its own: the base's members and checkpoints, the best trial's settings, trained for
-    the search's longest trial length."""
-    return apply_sample(base.replace(epochs=settings.max_epochs), best.settings)
+    """The winner as a run of its own: the base's members and checkpoints, the best trial's settings (its one
+    dropout rate too), trained for the search's longest trial length."""
+    return apply_sample(base.replace(dropouts=base.dropouts[:1], epochs=settings.max_epochs), best.settings)
 
 
 def _without_test(dataset):
@@ -105,20 +107,26 @@ def run_trial(sample: dict[str, Any], *, base: TrainConfig, settings: SearchSett
         tune.report({"epoch": epoch, METRIC: val.pct, "val_errors": val.n_errors, "trial": name})
 
     if run.exists():
-        done = [r for r in run.read_errors(config.dropouts[0]) if r.is_ensemble and r.split == "val"]
-        for r in sorted(done, key=lambda r: r.epoch):
+        for r in sorted(_ensemble_val(run.read_errors(config.dropouts[0])), key=lambda r: r.epoch):
             send(r.epoch, r.rate)
 
     from .train import train_and_evaluate  # after the replay: a trial the scheduler stops there never loads Keras
 
     def on_checkpoint(dropout: float, epoch: int, records) -> None:
-        send(epoch, next(r.rate for r in records if r.is_ensemble and r.split == "val"))
+        send(epoch, _ensemble_val(records)[0].rate)
 
     train_and_evaluate(config, run, DataSource(dataset=dataset), options, on_checkpoint=on_checkpoint)
 
 
+def _ensemble_val(records) -> list:
+    """The ensemble's validation records, what a trial reports and is ranked by."""
+    return [r for r in records if r.is_ensemble and r.split == "val"]
+
+
 def _record(base: TrainConfig, space: SearchSpace, settings: SearchSettings, fingerprint: str) -> dict[str, Any]:
-    return {"base": base.to_dict(), "space": space.to_dict(), "settings": dataclasses.asdict(settings),
+    # The space as [key, spec] pairs: Tune samples in this order, so a reordered file samples other trials.
+    return {"base": base.to_dict(), "space": [[k, v] for k, v in space.to_dict().items()],
+            "settings": dataclasses.asdict(settings),
             "data": {"dataset": base.dataset, "fingerprint": fingerprint}}
 
 
@@ -128,8 +136,12 @@ def _check_same_search(search: SearchDir, saved: dict[str, Any], new: dict[str, 
         old, now = saved.get(part), new[part]
         if old == now:
             continue
-        keys = sorted(set(old or {}) | set(now)) if isinstance(now, dict) else []
-        key = next((k for k in keys if (old or {}).get(k) != now.get(k)), part)
+        if part == "space":
+            pairs = list(zip(old or [], now))
+            key = next((b[0] for a, b in pairs if a != b), now[-1][0] if len(now) > len(old or []) else part)
+        else:
+            keys = sorted(set(old or {}) | set(now))
+            key = next((k for k in keys if (old or {}).get(k) != now.get(k)), part)
         flag = "--search-seed" if key == "seed" else f"--{key.replace('_', '-')}"
         what = {"space": f"space key {key}", "settings": flag, "base": f"base setting {key}",
                 "data": f"data ({key})"}[part]
@@ -139,51 +151,66 @@ def _check_same_search(search: SearchDir, saved: dict[str, Any], new: dict[str, 
 
 def run_search(base: TrainConfig, space: SearchSpace, search_dir, settings: SearchSettings,
                source: DataSource | None = None, options: TrainOptions | None = None) -> Leaderboard:
-    """Run (or resume) a search in `search_dir`; returns its leaderboard and writes it with best.toml."""
+    """Run (or resume) a search in `search_dir`; returns its leaderboard and writes it with best.toml. Raises
+    RunDirError when a trial failed (after writing what the others found)."""
     source, options = source or DataSource(), options or TrainOptions()
     search = SearchDir(search_dir)
     if search.holds_something_else():
         raise ConfigError(f"--search-dir {search.path} holds files but no search.json: not a search directory")
-    saved = search.read_record()
-    if saved is not None:  # the settings before the data is read, the data's fingerprint after
-        _check_same_search(search, saved, _record(base, space, settings, saved.get("data", {}).get("fingerprint")))
-    # Data is read once, here; the trials get it without its test images.
-    dataset, _ = load_or_download(base.dataset, source.data_dir, mirror=source.mirror, download=source.download)
-    record = _record(base, space, settings, dataset.fingerprint)
-    if saved is not None:
-        _check_same_search(search, saved, record)
-    ray = import_ray()
-    threads = options.scaleout.threads or max(1, (os.cpu_count() or 1) // settings.concurrent)
-    scaleout = dataclasses.replace(options.scaleout, ray_address=options.scaleout.ray_address or "local",
-                                   threads=threads)
-    tracking = options.tracking
-    if tracking.mlflow_uri is not None:  # one parent run for the search, its trials' runs under it
-        parent = open_search_run(search.path, tracking, (saved or {}).get("mlflow_run_id"))
-        record["mlflow_run_id"] = parent
-        tracking = dataclasses.replace(tracking, parent_run_id=parent)
-    init_ray(ray, scaleout)
-    status = "FAILED"
-    try:
-        search.write_record(record)
-        _fit(search, base, space, settings, _without_test(dataset),
-             dataclasses.replace(options, tracking=tracking,
-                                 scaleout=dataclasses.replace(scaleout, ray_address=None)))
-        status = "FINISHED"
-    except KeyboardInterrupt:
-        status = "KILLED"
-        raise
-    finally:
-        ray.shutdown()
-        board = read_leaderboard(search)
-        search.write_leaderboard(board.to_json())
-        if board.best is not None:
-            final = build_final_config(base, settings, board.best)
-            search.write_best_config(format_config_toml(
-                final, f"best trial of {search.path}: {board.best.name}, validation error {board.best.val} "
-                       f"after {board.best.epochs} epochs"))
-        if tracking.parent_run_id is not None:
-            close_search_run(tracking, tracking.parent_run_id, board.best.val.pct if board.best else None,
-                             [search.leaderboard_path, search.best_config_path], status)
+    ray = import_ray("tune")  # before the data is read: a missing extra is one line, not a late failure
+    with search.lock():
+        saved = search.read_record()
+        if saved is not None:  # the settings before the data is read, the data's fingerprint after
+            _check_same_search(search, saved, _record(base, space, settings,
+                                                      saved.get("data", {}).get("fingerprint")))
+        # Data is read once, here; the trials get it without its test images.
+        dataset, _ = load_or_download(base.dataset, source.data_dir, mirror=source.mirror,
+                                      download=source.download)
+        record = _record(base, space, settings, dataset.fingerprint)
+        if saved is not None:
+            _check_same_search(search, saved, record)
+        if saved is not None and saved.get("mlflow_run_id"):
+            record["mlflow_run_id"] = saved["mlflow_run_id"]  # kept for a later start with --mlflow
+        threads = options.scaleout.threads or max(1, (os.cpu_count() or 1) // settings.concurrent)
+        scaleout = dataclasses.replace(options.scaleout, ray_address=options.scaleout.ray_address or "local",
+                                       threads=threads)
+        init_ray(ray, scaleout)
+        tracking, status, failed = options.tracking, "FAILED", []
+        try:
+            if tracking.mlflow_uri is not None:  # one parent run for the search, its trials' runs under it
+                parent = open_search_run(search.path, tracking, record.get("mlflow_run_id"))
+                if parent is not None:
+                    record["mlflow_run_id"] = parent
+                    tracking = dataclasses.replace(tracking, parent_run_id=parent)
+            search.write_record(record)
+            failed = _fit(search, base, space, settings, _without_test(dataset),
+                          dataclasses.replace(options, tracking=tracking,
+                                              scaleout=dataclasses.replace(scaleout, ray_address=None)))
+            status = "FAILED" if failed else "FINISHED"
+        except KeyboardInterrupt:
+            status = "KILLED"
+            raise
+        finally:
+            ray.shutdown()
+            board = _write_results(search, base, settings)
+            if tracking.parent_run_id is not None:
+                close_search_run(tracking, tracking.parent_run_id, board.best.val.pct if board.best else None,
+                                 [search.leaderboard_path, search.best_config_path], status)
+    if failed:
+        raise RunDirError(f"{len(failed)} trial(s) failed, the first: {failed[0]}; run the same command to "
+                          "resume them")
+    return board
+
+
+def _write_results(search: SearchDir, base: TrainConfig, settings: SearchSettings) -> Leaderboard:
+    """The leaderboard and best.toml, from the trials on disk."""
+    board = read_leaderboard(search)
+    search.write_leaderboard(board.to_json())
+    if board.best is not None:
+        final = build_final_config(base, settings, board.best)
+        search.write_best_config(format_config_toml(
+            final, f"best trial of {search.path}: {board.best.name}, validation error {board.best.val} "
+                   f"after {board.best.epochs} epochs"))
     return board
 
 
@@ -193,14 +220,24 @@ def train_winner(search_dir, base: TrainConfig, settings: SearchSettings, board:
     the whole dataset: the one place a search's test error is measured. Returns the engine's TrainedRun."""
     from .train import train_and_evaluate
 
+    search = SearchDir(search_dir)
     if board.best is None:
         raise ConfigError(f"{search_dir}: no trial has finished an epoch, so there is no winner to train")
     final = build_final_config(base, settings, board.best).replace(models=members)
-    return train_and_evaluate(final, SearchDir(search_dir).final_run(), source, options)
+    run = search.final_run()
+    if run.exists() and run.read_config().models != members:
+        raise ConfigError(f"--final-members {members}: {run} holds the winner trained with "
+                          f"{run.read_config().models} members; give that number to resume it, or remove {run}")
+    options = options or TrainOptions()
+    parent = (search.read_record() or {}).get("mlflow_run_id")
+    if options.tracking.mlflow_uri is not None and parent:  # the winner beside its trials, under the search
+        options = dataclasses.replace(options, tracking=dataclasses.replace(options.tracking, parent_run_id=parent))
+    return train_and_evaluate(final, run, source, options)
 
 
 def _fit(search: SearchDir, base: TrainConfig, space: SearchSpace, settings: SearchSettings, dataset,
-         options: TrainOptions) -> None:
+         options: TrainOptions) -> list[str]:
+    """Run every trial with a new Tuner; returns one line per failed trial."""
     from ray import tune
     from ray.tune.logger import JsonLoggerCallback
     from ray.tune.schedulers import ASHAScheduler
@@ -210,6 +247,9 @@ def _fit(search: SearchDir, base: TrainConfig, space: SearchSpace, settings: Sea
     # directories with histories and TensorBoard files of their own, and the driver logs one line per trial epoch.
     # Its JSON logger stays: Tune reads each trial's results back from it.
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    # Ctrl-C as everywhere else in this tool: KeyboardInterrupt (Tune's own handler would stop the trials and
+    # return as if the search had ended).
+    os.environ.setdefault("TUNE_DISABLE_SIGINT_HANDLER", "1")
     os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, base=base, settings=settings, search_dir=str(search.path.resolve()),
@@ -232,9 +272,7 @@ def _fit(search: SearchDir, base: TrainConfig, space: SearchSpace, settings: Sea
                                   failure_config=tune.FailureConfig(max_failures=options.scaleout.max_retries),
                                   callbacks=[_progress_lines(settings.max_epochs), JsonLoggerCallback()]))
     results = tuner.fit()
-    failed = [r for r in results if r.error is not None]
-    if failed:
-        log.warning("%d of %d trials failed; the first: %s", len(failed), len(results), failed[0].error)
+    return [format_one_line(r.error) for r in results if r.error is not None]
 
 
 def _to_tune(space: SearchSpace) -> dict[str, Any]:
@@ -271,18 +309,18 @@ def read_leaderboard(search: SearchDir) -> Leaderboard:
     """The trials on disk ranked by their ensemble's validation error at their last evaluated epoch, each with
     the values of the settings the search varies."""
     record = search.read_record() or {}
-    varied = list(record.get("space", {}))
+    varied = [key for key, _ in record.get("space", [])]
     results = []
     for name in search.trial_names():
         run = search.trial(name)
         config = run.read_config()
         dropout = config.dropouts[0]
-        rows = [r for r in run.read_errors(dropout) if r.is_ensemble and r.split == "val"]
+        rows = _ensemble_val(run.read_errors(dropout))
         if not rows:
             continue
         last = max(rows, key=lambda r: r.epoch)
         wrong = frozenset(m.index for m in run.read_checkpoint_misclassified(dropout, last.epoch, "val"))
-        values = _tunable_values(config)
+        values = read_sample(config)
         results.append(TrialResult(name, {k: values[k] for k in varied}, last.epoch, last.rate, wrong))
     results.sort(key=lambda t: (t.val.n_errors / max(t.val.n, 1), t.epochs, t.name))
     versus = None
@@ -290,16 +328,3 @@ def read_leaderboard(search: SearchDir) -> Leaderboard:
         n = results[0].val.n
         versus = mcnemar_exact(*(np.isin(np.arange(n), sorted(t.wrong)) for t in results[:2]))
     return Leaderboard(tuple(results), int(record.get("settings", {}).get("max_epochs", 0)), versus)
-
-
-def _tunable_values(config: TrainConfig) -> dict[str, Any]:
-    """A config's value of every setting a search may vary."""
-    out = {}
-    for key in TUNABLE:
-        if key == "dropout":
-            out[key] = config.dropouts[0]
-        elif key.startswith("augment."):
-            out[key] = getattr(config.augment, key.split(".", 1)[1])
-        else:
-            out[key] = getattr(config, key)
-    return out

@@ -233,6 +233,24 @@ def find_local_artifact_root(uri: str) -> str | None:
     return (Path(uri[len("sqlite:///"):]).resolve().parent / "mlartifacts").as_uri()
 
 
+def _configure_mlflow_client(tracking: TrackingConfig) -> None:
+    """MLflow's client settings for this process, once: bounded requests, no links on stdout, quiet loggers."""
+    import_mlflow()
+    # Bounded requests: an outage must cost seconds, not the client's default minutes of retries.
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(max(1, math.ceil(tracking.request_timeout))))
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    # Closing a run prints "View run ..." links to stdout, where `export` prints its own result.
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+    for name in ("mlflow", "alembic"):  # their INFO lines (store migrations, links) would interleave with ours
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def _find_or_create_experiment(client, name: str, uri: str) -> str:
+    exp = client.get_experiment_by_name(name)
+    return exp.experiment_id if exp is not None else client.create_experiment(
+        name, artifact_location=find_local_artifact_root(uri))
+
+
 class _MlflowSink:
     """One MLflow run per run directory, found again through RUN/tracking/mlflow.json.
 
@@ -246,14 +264,7 @@ class _MlflowSink:
     name = "mlflow"
 
     def __init__(self, run: RunDir, config: TrainConfig, tracking: TrackingConfig, training: bool):
-        import_mlflow()
-        # Bounded requests: an outage must cost seconds, not the client's default minutes of retries.
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(max(1, math.ceil(tracking.request_timeout))))
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-        # Closing a run prints "View run ..." links to stdout, where `export` prints its own result.
-        os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
-        for name in ("mlflow", "alembic"):  # their INFO lines (store migrations, links) would interleave with ours
-            logging.getLogger(name).setLevel(logging.WARNING)
+        _configure_mlflow_client(tracking)
         self.run, self.config, self.tracking = run, config, tracking
         self.uri = tracking.mlflow_uri
         self.client = None  # made on first use: a store MLflow refuses is an outage like any other
@@ -287,9 +298,7 @@ class _MlflowSink:
                 self.state["run_key"] = uuid.uuid4().hex
                 self._save()
             name = self.tracking.mlflow_experiment
-            exp = self.client.get_experiment_by_name(name)
-            exp_id = exp.experiment_id if exp is not None else self.client.create_experiment(
-                name, artifact_location=find_local_artifact_root(self.uri))
+            exp_id = _find_or_create_experiment(self.client, name, self.uri)
             # Created but not recorded (killed in between): found again by its key, not created twice.
             found = self.client.search_runs([exp_id], f"tags.`emnist_cnn.run_key` = '{self.state['run_key']}'",
                                             max_results=1)
@@ -605,34 +614,42 @@ def log_export(run_dir, tracking: TrackingConfig, out_dir, meta: dict) -> str:
     return f"runs:/{tracker.mlflow_run_id}/model"
 
 
-def open_search_run(search_dir, tracking: TrackingConfig, run_id: str | None) -> str:
+def open_search_run(search_dir, tracking: TrackingConfig, run_id: str | None) -> str | None:
     """The MLflow run of a search, the parent of its trials' runs: `run_id` when the search has one, else a new
-    run named after the search directory. Returns its id."""
-    import_mlflow()
+    run named after the search directory. Returns its id, or None (one warning) when MLflow cannot be reached:
+    the search goes on, its trials log without a parent."""
+    _configure_mlflow_client(tracking)
     from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(tracking_uri=tracking.mlflow_uri)
-    if run_id is None:
-        name = tracking.mlflow_experiment
-        exp = client.get_experiment_by_name(name)
-        exp_id = exp.experiment_id if exp is not None else client.create_experiment(
-            name, artifact_location=find_local_artifact_root(tracking.mlflow_uri))
-        run_id = client.create_run(exp_id, run_name=Path(search_dir).name, tags={
-            "emnist_cnn.search_dir": str(Path(search_dir).resolve())}).info.run_id
-        log.info("mlflow: the search logs into run %s of experiment %r at %s", run_id, name, tracking.mlflow_uri)
-    client.update_run(run_id, status="RUNNING")
-    return run_id
+    try:
+        client = MlflowClient(tracking_uri=tracking.mlflow_uri)
+        if run_id is None:
+            exp_id = _find_or_create_experiment(client, tracking.mlflow_experiment, tracking.mlflow_uri)
+            run_id = client.create_run(exp_id, run_name=Path(search_dir).name, tags={
+                "emnist_cnn.search_dir": str(Path(search_dir).resolve())}).info.run_id
+            log.info("mlflow: the search logs into run %s of experiment %r at %s", run_id,
+                     tracking.mlflow_experiment, tracking.mlflow_uri)
+        client.update_run(run_id, status="RUNNING")
+        return run_id
+    except Exception as exc:  # an outage or a store that refuses: tracking never stops a search
+        log.warning("mlflow: %s unreachable (%s); the trials log without a parent run", tracking.mlflow_uri,
+                    format_one_line(exc))
+        return None
 
 
 def close_search_run(tracking: TrackingConfig, run_id: str, best_val_pct: float | None, files: list[Path],
                      status: str = "FINISHED") -> None:
-    """The search's leaderboard and best.toml as artifacts, the best validation error as a metric, its status."""
+    """The search's leaderboard and best.toml as artifacts, the best validation error as a metric, its status;
+    one warning when MLflow cannot be reached."""
     from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(tracking_uri=tracking.mlflow_uri)
-    if best_val_pct is not None:
-        client.log_metric(run_id, "best_val_error_pct", best_val_pct)
-    for path in files:
-        if path.is_file():
-            client.log_artifact(run_id, str(path))
-    client.update_run(run_id, status=status)
+    try:
+        client = MlflowClient(tracking_uri=tracking.mlflow_uri)
+        if best_val_pct is not None:
+            client.log_metric(run_id, "best_val_error_pct", best_val_pct)
+        for path in files:
+            if path.is_file():
+                client.log_artifact(run_id, str(path))
+        client.update_run(run_id, status=status)
+    except Exception as exc:
+        log.warning("mlflow: could not close the search's run %s (%s)", run_id, format_one_line(exc))

@@ -132,6 +132,22 @@ def test_device_gpu_reaches_the_workers_and_fails_there_in_one_line(cluster, dat
     assert "Traceback" not in r.stderr and not list((tmp_path / "run").glob("dropout_*/state/*.npz"))
 
 
+@pytest.mark.trains
+def test_ray_local_starts_its_own_instance_beside_a_running_cluster(cluster, data, tmp_path):
+    """`--ray local` (and `tune`, which uses it) while another Ray cluster runs on this machine: the members
+    train on a Ray instance of the command's own, not on the other cluster's nodes (Ray's default would join
+    it, and the other cluster's end would take the command down with it)."""
+    cluster, worker = cluster
+    run = tmp_path / "run"
+    r = cli("train", "--run-dir", run, "--data-dir", data, "--dataset", "mnist", "--dropout", "0.2", "--models",
+            "1", "--epochs", "1", "--batch-size", "64", "--val-fraction", "0.2", "--bn-recalibration", "100",
+            "--threads", "1", "--ray", "local")
+    assert r.returncode == 0, r.stderr[-3000:]
+    [segment] = [json.loads(line) for line in (run / "dropout_0.2" / "history" / "segments_model_0.jsonl")
+                 .read_text().splitlines()]
+    assert segment["node"].split("/")[1] not in {cluster.head_node.node_id[:8], worker.node_id[:8]}
+
+
 SPACE = "dropout = [0.2, 0.5]\nlr = {loguniform = [1e-4, 3e-3]}\n"
 
 

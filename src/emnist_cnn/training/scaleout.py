@@ -180,8 +180,8 @@ def init_ray(ray, scaleout: ScaleOutConfig) -> None:
     kwargs = dict(runtime_env={"env_vars": env}, log_to_driver=False, logging_level=logging.WARNING)
     address = scaleout.ray_address
     try:
-        if address == "local":
-            ray.init(include_dashboard=False, **kwargs)
+        if address == "local":  # a new instance of our own: Ray's default joins any cluster already running here
+            ray.init(address="local", include_dashboard=False, **kwargs)
         else:
             ray.init(address=address, **kwargs)
     except (ConnectionError, RuntimeError, ValueError) as exc:

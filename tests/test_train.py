@@ -375,11 +375,11 @@ def test_training_validates_on_writers_it_never_trains_on(tmp_path, monkeypatch,
     seen = []
     real = train_module.train_ensembles
 
-    def spy(config, run_dir, data, options=None):
+    def spy(config, run_dir, data, options=None, on_checkpoint=None):
         seen.append(data)
         if limit is None:
             raise _Captured  # the split without --limit-train: no need to train on it
-        return real(config, run_dir, data, options)
+        return real(config, run_dir, data, options, on_checkpoint)
 
     monkeypatch.setattr(train_module, "train_ensembles", spy)
     run = tmp_path / "run"
